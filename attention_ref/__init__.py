@@ -1,0 +1,87 @@
+"""attention_ref: a readable, tested NumPy reference implementation of attention.
+
+The course builds up one stage at a time; every public function lives in the module of its
+stage and is importable from here:
+
+====================  =====================================================
+module                stage
+====================  =====================================================
+``bahdanau``          01 additive (Bahdanau) and Luong attention
+``date_translator``   01 a trained toy translator whose alignments you can see
+``softmax``           02 stable softmax, logsumexp, masked and online softmax
+``masks``             02 boolean masks (True = attend)
+``dot_product``       02 scaled dot-product attention (Vaswani et al. 2017)
+``self_attention``    03 positional encoding, self- and cross-attention
+``multi_head``        04 multi-head attention with GQA / MQA
+``flash``             05 tiled FlashAttention (FA-1, FA-2), backward, IO counts
+``flash_numba``       06 Numba-jitted tiled kernels (optional dependency)
+``bert``              08 a real pretrained encoder (MiniLM) in NumPy
+``plotting``          heatmaps of attention weights used by every notebook
+``backends``          choosing NumPy or CuPy for the notebooks
+====================  =====================================================
+
+Names are resolved lazily, so ``import attention_ref`` needs only NumPy and array-api-compat;
+optional dependencies (Numba, matplotlib, tokenizers) are imported when first used.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+# public name -> module (relative to this package) that defines it
+_EXPORTS: dict[str, str] = {
+    # backends
+    "get_array_module": "backends",
+    "to_numpy": "backends",
+    # softmax (stage 02, reused by stage 05)
+    "softmax": "softmax",
+    "logsumexp": "softmax",
+    "masked_softmax": "softmax",
+    "softmax_stats": "softmax",
+    "merge_softmax_stats": "softmax",
+    "online_softmax": "softmax",
+    # masks (stage 02)
+    "causal_mask": "masks",
+    "sliding_window_mask": "masks",
+    "padding_mask": "masks",
+    # scaled dot-product attention (stage 02)
+    "scaled_dot_product_attention": "dot_product",
+    # self- and cross-attention (stage 03)
+    "sinusoidal_positional_encoding": "self_attention",
+    "AttentionParams": "self_attention",
+    "init_attention_params": "self_attention",
+    "self_attention": "self_attention",
+    "cross_attention": "self_attention",
+    # multi-head attention (stage 04)
+    "split_heads": "multi_head",
+    "merge_heads": "multi_head",
+    "init_multi_head_params": "multi_head",
+    "multi_head_attention": "multi_head",
+    "multi_head_params_from_torch": "multi_head",
+    # plotting
+    "plot_attention": "plotting",
+    "plot_heads": "plotting",
+    "save_figure": "plotting",
+    # --- stage 01: Bahdanau (issue 3) ---
+    # --- stage 05: flash (issue 4) ---
+    # --- stage 06: numba (issue 5) ---
+    # --- stage 08: bert (issue 7) ---
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module_name = _EXPORTS.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'attention_ref' has no attribute {name!r}")
+    module = importlib.import_module(f".{module_name}", __name__)
+    value = getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
