@@ -20,8 +20,11 @@ module                stage
 ``backends``          choosing NumPy or CuPy for the notebooks
 ====================  =====================================================
 
-Names are resolved lazily, so ``import attention_ref`` needs only NumPy and array-api-compat;
-optional dependencies (Numba, matplotlib, tokenizers) are imported when first used.
+The core stages (02–04) are imported eagerly; everything else is resolved lazily, so
+``import attention_ref`` needs only NumPy and array-api-compat, and optional dependencies (Numba,
+matplotlib, tokenizers) are imported when first used. (``attention_ref.softmax`` and
+``attention_ref.self_attention`` are the functions; their modules are reached with
+``from attention_ref.softmax import ...``.)
 """
 
 from __future__ import annotations
@@ -71,6 +74,34 @@ _EXPORTS: dict[str, str] = {
 }
 
 __all__ = sorted(_EXPORTS)
+
+# Eager imports of the core. Binding the functions after the submodules load keeps
+# ``attention_ref.softmax`` / ``attention_ref.self_attention`` the functions, not the modules.
+from .backends import get_array_module, to_numpy  # noqa: E402
+from .dot_product import scaled_dot_product_attention  # noqa: E402
+from .masks import causal_mask, padding_mask, sliding_window_mask  # noqa: E402
+from .multi_head import (  # noqa: E402
+    init_multi_head_params,
+    merge_heads,
+    multi_head_attention,
+    multi_head_params_from_torch,
+    split_heads,
+)
+from .self_attention import (  # noqa: E402
+    AttentionParams,
+    cross_attention,
+    init_attention_params,
+    self_attention,
+    sinusoidal_positional_encoding,
+)
+from .softmax import (  # noqa: E402
+    logsumexp,
+    masked_softmax,
+    merge_softmax_stats,
+    online_softmax,
+    softmax,
+    softmax_stats,
+)
 
 
 def __getattr__(name: str):

@@ -1,0 +1,168 @@
+"""Stage 03: positions, self-attention and cross-attention with explicit parameters.
+
+Weights are stored as (in_features, out_features), so a projection reads ``x @ W + b`` exactly
+as the equations do. (PyTorch's ``nn.Linear`` stores the transpose, (out, in).)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+from array_api_compat import array_namespace
+
+from .dot_product import scaled_dot_product_attention
+
+Array = Any
+
+
+def sinusoidal_positional_encoding(
+    num_positions: int,
+    d_model: int,
+    *,
+    base: float = 10000.0,
+    dtype: Any = None,
+    xp: ModuleType | None = None,
+) -> Array:
+    """Sinusoidal positional encoding (Vaswani et al. 2017, §3.5):
+
+        PE(pos, 2i) = sin(pos / base^(2i / d_model)),  PE(pos, 2i+1) = cos(pos / base^(2i / d_model)).
+
+    Returns a (num_positions, d_model) array (float64 unless ``dtype`` says otherwise; created with
+    NumPy unless ``xp`` names another array module). An odd d_model drops the last cosine column.
+    """
+    if xp is None:
+        import numpy as xp
+    if num_positions < 0 or d_model < 1:
+        raise ValueError(f"need num_positions >= 0 and d_model >= 1, got {num_positions}, {d_model}")
+    dtype = xp.float64 if dtype is None else dtype
+    pos = xp.reshape(xp.arange(num_positions, dtype=dtype), (num_positions, 1))
+    two_i = xp.arange(0, d_model, 2, dtype=dtype)  # the even feature indices 2i
+    angle = pos / (base ** (two_i / d_model))  # (num_positions, ceil(d_model / 2))
+    pe = xp.stack([xp.sin(angle), xp.cos(angle)], axis=-1)  # interleave sin, cos
+    return xp.reshape(pe, (num_positions, 2 * angle.shape[1]))[:, :d_model]
+
+
+@dataclass(frozen=True)
+class AttentionParams:
+    """Parameters of one attention layer (single- or multi-head), stored as (in, out) matrices.
+
+    W_q: (d_model, H·d_k), W_k: (d_key_in, Hkv·d_k), W_v: (d_value_in, Hkv·d_v),
+    W_o: (H·d_v, d_out); biases b_q, b_k, b_v, b_o are 1-D (out,) or None.
+    """
+
+    W_q: Array
+    W_k: Array
+    W_v: Array
+    W_o: Array
+    b_q: Array | None = None
+    b_k: Array | None = None
+    b_v: Array | None = None
+    b_o: Array | None = None
+
+
+def init_attention_params(
+    rng: Any,
+    d_model: int,
+    d_k: int | None = None,
+    d_v: int | None = None,
+    *,
+    kdim: int | None = None,
+    vdim: int | None = None,
+    d_out: int | None = None,
+    bias: bool = True,
+    dtype: Any = None,
+) -> AttentionParams:
+    """Random parameters for a single-head attention layer (Glorot/Xavier uniform weights,
+    zero biases).
+
+    rng: a ``numpy.random.Generator``. Query projection (d_model → d_k), key (kdim → d_k),
+    value (vdim → d_v), output (d_v → d_out). Defaults: d_k = d_v = d_out = kdim = vdim = d_model.
+    Returns NumPy arrays of ``dtype`` (float64 by default).
+    """
+    import numpy as np
+
+    d_k = d_model if d_k is None else d_k
+    d_v = d_model if d_v is None else d_v
+    kdim = d_model if kdim is None else kdim
+    vdim = d_model if vdim is None else vdim
+    d_out = d_model if d_out is None else d_out
+    dtype = np.float64 if dtype is None else dtype
+
+    def glorot(fan_in: int, fan_out: int) -> np.ndarray:
+        limit = math.sqrt(6.0 / (fan_in + fan_out))
+        return rng.uniform(-limit, limit, size=(fan_in, fan_out)).astype(dtype)
+
+    def zeros(n: int) -> np.ndarray | None:
+        return np.zeros(n, dtype=dtype) if bias else None
+
+    return AttentionParams(
+        W_q=glorot(d_model, d_k),
+        W_k=glorot(kdim, d_k),
+        W_v=glorot(vdim, d_v),
+        W_o=glorot(d_v, d_out),
+        b_q=zeros(d_k),
+        b_k=zeros(d_k),
+        b_v=zeros(d_v),
+        b_o=zeros(d_out),
+    )
+
+
+def _project(x: Array, W: Array, b: Array | None, name: str) -> Array:
+    """x @ W + b with a clear error when the feature sizes disagree."""
+    if x.shape[-1] != W.shape[0]:
+        raise ValueError(
+            f"{name}: input has {x.shape[-1]} features but the weight expects {W.shape[0]} "
+            f"(input {tuple(x.shape)}, weight {tuple(W.shape)})"
+        )
+    y = x @ W
+    return y if b is None else y + b
+
+
+def cross_attention(
+    x: Array,
+    context: Array,
+    params: AttentionParams,
+    *,
+    attn_mask: Array | None = None,
+    is_causal: bool = False,
+    return_weights: bool = False,
+) -> Array | tuple[Array, Array]:
+    """Single-head cross-attention: queries from ``x``, keys and values from ``context``.
+
+        Q = x W_q + b_q,  K = c W_k + b_k,  V = c W_v + b_v,
+        out = softmax(Q Kᵀ / √d_k) V W_o + b_o        (Vaswani et al. 2017, eq. 1).
+
+    x: (..., L, d_model), context: (..., S, d_ctx). ``attn_mask`` broadcasts to (..., L, S)
+    (True = attend). Returns (..., L, d_out), and the weights (..., L, S) with ``return_weights``.
+    """
+    xp = array_namespace(x, context)
+    q = _project(x, params.W_q, params.b_q, "query projection W_q")
+    k = _project(context, params.W_k, params.b_k, "key projection W_k")
+    v = _project(context, params.W_v, params.b_v, "value projection W_v")
+    out, weights = scaled_dot_product_attention(
+        q, k, v, attn_mask=attn_mask, is_causal=is_causal, return_weights=True
+    )
+    out = xp.astype(_project(out, params.W_o, params.b_o, "output projection W_o"), x.dtype)
+    return (out, weights) if return_weights else out
+
+
+def self_attention(
+    x: Array,
+    params: AttentionParams,
+    *,
+    attn_mask: Array | None = None,
+    is_causal: bool = False,
+    return_weights: bool = False,
+) -> Array | tuple[Array, Array]:
+    """Single-head self-attention: cross-attention of a sequence with itself.
+
+    x: (..., L, d_model). Returns (..., L, d_out), and the weights (..., L, L) with
+    ``return_weights``. Without positional information the result is permutation-equivariant:
+    permuting the tokens permutes the output rows the same way.
+    """
+    return cross_attention(
+        x, x, params, attn_mask=attn_mask, is_causal=is_causal, return_weights=return_weights
+    )
