@@ -73,7 +73,7 @@ def _check_sdpa_inputs(
         mask_shape = tuple(attn_mask.shape)
         trailing = logits_shape[len(logits_shape) - len(mask_shape):] if mask_shape else ()
         if len(mask_shape) > len(logits_shape) or any(
-            m not in (1, t) for m, t in zip(mask_shape, trailing)
+            m not in (1, t) for m, t in zip(mask_shape, trailing, strict=False)
         ):
             raise ValueError(
                 f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to the logits' shape "
