@@ -71,6 +71,20 @@ _EXPORTS: dict[str, str] = {
     # --- stage 05: flash (issue 4) ---
     # --- stage 06: numba (issue 5) ---
     # --- stage 08: bert (issue 7) ---
+    "load_bert": "bert",
+    "encode": "bert",
+    "encode_ids": "bert",
+    "sentence_embedding": "bert",
+    "tokenize": "bert",
+    "mean_pooling": "bert",
+    "bert_embeddings": "bert",
+    "bert_layer": "bert",
+    "layer_norm": "bert",
+    "gelu": "bert",
+    "BertConfig": "bert",
+    "BertLayerParams": "bert",
+    "BertModel": "bert",
+    "BertOutput": "bert",
 }
 
 __all__ = sorted(_EXPORTS)
