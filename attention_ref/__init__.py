@@ -69,6 +69,21 @@ _EXPORTS: dict[str, str] = {
     "save_figure": "plotting",
     # --- stage 01: Bahdanau (issue 3) ---
     # --- stage 05: flash (issue 4) ---
+    "flash_attention": "flash",
+    "flash_attention_backward": "flash",
+    "attention_backward": "flash",
+    "merge_attention_partials": "flash",
+    "attention_weights_from_lse": "flash",
+    "expand_block_mask": "flash",
+    "TileStats": "flash",
+    "io_standard_forward": "io_model",
+    "io_standard_backward": "io_model",
+    "io_flash_forward": "io_model",
+    "io_flash_backward": "io_model",
+    "io_closed_form": "io_model",
+    "sram_block_sizes": "io_model",
+    "IOCount": "io_model",
+    "SlowMemory": "io_model",
     # --- stage 06: numba (issue 5) ---
     # --- stage 08: bert (issue 7) ---
     "load_bert": "bert",
