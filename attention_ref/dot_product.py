@@ -169,7 +169,10 @@ def scaled_dot_product_attention(
         keep = _dropout_keep_mask(xp, rng, logits_shape, dropout_p)
         weights = xp.where(keep, weights / (1.0 - dropout_p), xp.zeros_like(weights))
 
-    out = xp.astype(xp.matmul(weights, v), in_dtype)
+    out = xp.matmul(weights, v)
+    if fully_masked == "nan":  # also covers S = 0, where the matmul alone gives zeros
+        out = xp.where(empty_row, xp.asarray(xp.nan, dtype=work_dtype), out)
+    out = xp.astype(out, in_dtype)
     if return_weights:
         return out, xp.astype(weights, in_dtype)
     return out

@@ -12,6 +12,7 @@ Masks are created with NumPy unless ``xp`` names another array module (for examp
 
 from __future__ import annotations
 
+import operator
 from types import ModuleType
 from typing import Any
 
@@ -28,10 +29,19 @@ def _query_positions(L: int, S: int, alignment: str, xp: ModuleType) -> Array:
     return xp.reshape(xp.arange(L) + offset, (L, 1))
 
 
-def _check_lengths(L: int, S: int) -> None:
-    for name, value in (("L", L), ("S", S)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+def _as_count(name: str, value: Any, allow_none: bool = False) -> int | None:
+    """An int-like (Python or NumPy integer, not bool) that is >= 0, else ValueError."""
+    if value is None and allow_none:
+        return None
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        count = operator.index(value)
+    except TypeError:
+        count = -1
+    if count < 0:
+        raise ValueError(f"{name} must be a non-negative int{' or None' if allow_none else ''}, got {value!r}")
+    return count
 
 
 def causal_mask(L: int, S: int, alignment: str = "top_left", *, xp: ModuleType | None = None) -> Array:
@@ -43,7 +53,7 @@ def causal_mask(L: int, S: int, alignment: str = "top_left", *, xp: ModuleType |
     """
     if xp is None:
         import numpy as xp
-    _check_lengths(L, S)
+    L, S = _as_count("L", L), _as_count("S", S)
     query_pos = _query_positions(L, S, alignment, xp)
     key_pos = xp.reshape(xp.arange(S), (1, S))
     return key_pos <= query_pos
@@ -67,10 +77,8 @@ def sliding_window_mask(
     """
     if xp is None:
         import numpy as xp
-    _check_lengths(L, S)
-    for name, value in (("left", left), ("right", right)):
-        if value is not None and (not isinstance(value, int) or value < 0):
-            raise ValueError(f"{name} must be None or a non-negative int, got {value!r}")
+    L, S = _as_count("L", L), _as_count("S", S)
+    left, right = _as_count("left", left, allow_none=True), _as_count("right", right, allow_none=True)
     query_pos = _query_positions(L, S, alignment, xp)
     key_pos = xp.reshape(xp.arange(S), (1, S))
     mask = xp.ones((L, S), dtype=xp.bool)
@@ -90,7 +98,7 @@ def padding_mask(lengths: Array, S: int, *, xp: ModuleType | None = None) -> Arr
     """
     if xp is None:
         import numpy as xp
-    _check_lengths(0, S)
+    S = _as_count("S", S)
     lengths = xp.asarray(lengths)
     if lengths.ndim != 1:
         raise ValueError(f"lengths must be 1-D (B,), got shape {tuple(lengths.shape)}")

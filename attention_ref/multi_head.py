@@ -167,7 +167,7 @@ def multi_head_attention(
         )
     out = _project(merge_heads(heads), params.W_o, params.b_o, "output (W_o)")
     out = xp.astype(out, query.dtype)
-    return (out, weights) if return_weights else out
+    return (out, xp.astype(weights, query.dtype)) if return_weights else out
 
 
 def multi_head_params_from_torch(state_dict: Mapping[str, Any], num_heads: int) -> AttentionParams:

@@ -146,7 +146,7 @@ def cross_attention(
         q, k, v, attn_mask=attn_mask, is_causal=is_causal, return_weights=True
     )
     out = xp.astype(_project(out, params.W_o, params.b_o, "output projection W_o"), x.dtype)
-    return (out, weights) if return_weights else out
+    return (out, xp.astype(weights, x.dtype)) if return_weights else out
 
 
 def self_attention(

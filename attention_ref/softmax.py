@@ -21,14 +21,15 @@ def softmax(x: Array, axis: int = -1) -> Array:
     changes nothing mathematically but keeps every exponent ≤ 0, so nothing overflows.
 
     x: (..., n) floating array. Returns an array of the same shape and dtype. A row of all −∞
-    has no defined softmax; use :func:`masked_softmax` when rows may be fully masked.
+    (nothing to attend to) gives zeros; :func:`masked_softmax` takes an explicit boolean mask.
     """
     xp = array_namespace(x)
     m = xp.max(x, axis=axis, keepdims=True)
     # A row that is all −inf would give (−inf) − (−inf) = NaN: shift it by 0 instead.
     m = xp.where(xp.isfinite(m), m, xp.zeros_like(m))
     e = xp.exp(x - m)
-    return e / xp.sum(e, axis=axis, keepdims=True)
+    total = xp.sum(e, axis=axis, keepdims=True)
+    return e / xp.where(total > 0, total, xp.ones_like(total))
 
 
 def logsumexp(x: Array, axis: int = -1, keepdims: bool = False) -> Array:
@@ -57,6 +58,8 @@ def masked_softmax(x: Array, mask: Array, axis: int = -1) -> Array:
     Returns an array with x's shape and dtype.
     """
     xp = array_namespace(x, mask)
+    if x.shape[axis] == 0:  # no keys at all: every row is fully masked
+        return xp.zeros_like(x)
     attend = xp.logical_and(mask, x != -xp.inf)
     logits = xp.where(attend, x, -xp.inf)
     m = xp.max(logits, axis=axis, keepdims=True)
@@ -113,5 +116,5 @@ def online_softmax(x: Array, chunk_size: int, axis: int = -1) -> Array:
         m_chunk, l_chunk = softmax_stats(x_last[..., start : min(start + chunk_size, n)])
         m, ell = merge_softmax_stats(m, ell, m_chunk, l_chunk)
     m_safe = xp.where(xp.isfinite(m), m, xp.zeros_like(m))
-    out = xp.exp(x_last - m_safe) / ell
+    out = xp.exp(x_last - m_safe) / xp.where(ell > 0, ell, xp.ones_like(ell))
     return xp.moveaxis(out, -1, axis)

@@ -154,3 +154,10 @@ def test_matches_torch_when_installed(rng):
             *(torch.from_numpy(t) for t in (q, k, v)), enable_gqa=True, **tkwargs
         ).numpy()
         np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_no_keys_gives_zeros_or_nan(rng):
+    q = rng.standard_normal((3, 4))
+    out = scaled_dot_product_attention(q, np.zeros((0, 4)), np.zeros((0, 2)))
+    np.testing.assert_array_equal(out, np.zeros((3, 2)))
+    assert np.all(np.isnan(scaled_dot_product_attention(q, np.zeros((0, 4)), np.zeros((0, 2)), fully_masked="nan")))

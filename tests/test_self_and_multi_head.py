@@ -166,3 +166,11 @@ def test_reproduces_torch_multihead_attention(rng, kdim):
     got, got_w = multi_head_attention(q, kv, kv, params, H, attn_mask=~key_padding[:, None, None, :], return_weights=True)
     np.testing.assert_allclose(got, want.detach().numpy(), rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(got_w, want_w.detach().numpy(), rtol=1e-10, atol=1e-12)
+
+
+def test_weights_follow_input_dtype_even_with_float64_params(rng):
+    params = init_multi_head_params(rng, 8, 2)  # float64 parameters
+    x = rng.standard_normal((3, 8)).astype(np.float32)
+    _, w = multi_head_attention(x, x, x, params, 2, return_weights=True)
+    _, w1 = self_attention(x, init_attention_params(rng, 8), return_weights=True)
+    assert w.dtype == np.float32 and w1.dtype == np.float32

@@ -80,3 +80,16 @@ def test_merge_rule_with_empty_chunks(xp):
 def test_online_softmax_rejects_bad_chunk():
     with pytest.raises(ValueError, match="chunk_size"):
         online_softmax(np.ones((2, 3)), 0)
+
+
+def test_all_minus_inf_rows_give_zero_without_warning(xp):
+    row = xp.asarray([[-np.inf, -np.inf, -np.inf], [0.0, 1.0, -np.inf]])
+    for got in (softmax(row), online_softmax(row, 2)):
+        got = to_numpy(got)
+        np.testing.assert_array_equal(got[0], 0.0)
+        np.testing.assert_allclose(got[1].sum(), 1.0)
+
+
+def test_masked_softmax_with_no_keys(xp):
+    got = masked_softmax(xp.zeros((3, 0)), xp.ones((3, 0), dtype=xp.bool))
+    assert tuple(got.shape) == (3, 0)
