@@ -369,40 +369,33 @@ def layer_norm(x: Array, weight: Array, bias: Array, eps: float = 1e-12) -> Arra
     return centred / xp.sqrt(var + eps) * weight + bias
 
 
-# Abramowitz & Stegun 7.1.26: erf(x) = 1 − (a1 t + … + a5 t⁵) e^{−x²}, t = 1/(1 + p x), x ≥ 0;
-# |error| ≤ 1.5e-7, about float32's resolution. Used where no exact erf is at hand.
-_AS_P = 0.3275911
-_AS_A = (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429)
+# erf without SciPy, to float64 precision (|error| < 2e-15), from exp and arithmetic only:
+#   |x| < 2.5:  erf(x) = 2/√π · e^{−x²} · Σ_n 2ⁿ x^{2n+1} / (1·3·5···(2n+1))   (all terms positive)
+#   |x| ≥ 2.5:  erfc(x) = e^{−x²} / (√π · (x + (1/2)/(x + 1/(x + (3/2)/(x + …)))))   (continued fraction)
+# (Abramowitz & Stegun 7.1.6 and 7.1.14.) Each branch sees its argument clipped to its own range
+# so neither overflows; the float32 path computes in float64 and rounds once at the end.
+_ERF_SPLIT = 2.5
+_ERF_SERIES_TERMS = 40
+_ERF_FRACTION_DEPTH = 40
 
 
 def _erf(x: Array) -> Array:
-    """erf(x) elementwise: SciPy's (NumPy) or CuPy's exact erf when present, else A&S 7.1.26."""
+    """erf(x) elementwise, namespace-neutral, to float64 precision; returns x's dtype."""
     xp = array_namespace(x)
-    module = type(x).__module__.split(".")[0]
-    try:
-        if module == "numpy":
-            from scipy.special import erf
-
-            return xp.astype(xp.asarray(erf(x)), x.dtype)
-        if module == "cupy":
-            from cupyx.scipy.special import erf
-
-            return erf(x)
-    except ImportError:
-        pass
-    return _erf_approx(x)
-
-
-def _erf_approx(x: Array) -> Array:
-    """Namespace-neutral erf with |error| ≤ 1.5e-7 (Abramowitz & Stegun 7.1.26)."""
-    xp = array_namespace(x)
-    a = xp.abs(x)
-    t = 1.0 / (1.0 + _AS_P * a)
-    poly = xp.zeros_like(x)
-    for coefficient in reversed(_AS_A):  # Horner: ((a5 t + a4) t + …) t
-        poly = (poly + coefficient) * t
-    y = 1.0 - poly * xp.exp(-a * a)
-    return xp.where(x < 0, -y, y)
+    a = xp.abs(xp.astype(x, xp.float64))
+    s = xp.minimum(a, xp.asarray(_ERF_SPLIT, dtype=xp.float64))
+    term, total = s, s
+    for n in range(1, _ERF_SERIES_TERMS):
+        term = term * (2.0 * s * s) / (2 * n + 1)
+        total = total + term
+    series = (2.0 / math.sqrt(math.pi)) * xp.exp(-s * s) * total
+    c = xp.maximum(a, xp.asarray(_ERF_SPLIT, dtype=xp.float64))
+    f = c
+    for k in range(_ERF_FRACTION_DEPTH, 0, -1):
+        f = c + (k / 2.0) / f
+    tail = 1.0 - xp.exp(-c * c) / (math.sqrt(math.pi) * f)
+    y = xp.where(a < _ERF_SPLIT, series, tail)
+    return xp.astype(xp.where(x < 0, -y, y), x.dtype)
 
 
 def gelu(x: Array) -> Array:
