@@ -200,6 +200,14 @@ def test_tokenize_rejects_bad_input(minilm):
 
 
 @needs_model
+def test_long_sentences_are_truncated_to_max_seq_length(minilm):
+    assert minilm.max_length == 256  # sentence_bert_config.json of all-MiniLM-L6-v2
+    ids, mask, tokens = tokenize(minilm, ["word " * 400, "short"])
+    assert ids.shape == (2, 256) and tokens[0][-1] == "[SEP]"
+    assert mask.sum(1).tolist() == [256, 3]
+
+
+@needs_model
 def test_transformers_direct_comparison(minilm):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
