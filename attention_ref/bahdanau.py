@@ -144,6 +144,17 @@ def additive_score(
         )
     if v_a.ndim != 1 or v_a.shape[0] != A:
         raise ValueError(f"v_a must have shape (A={A},), got shape {tuple(v_a.shape)}")
+    if not _broadcastable(tuple(query.shape[:-1]), tuple(keys.shape[:-2])):
+        raise ValueError(
+            f"the leading dimensions of query {tuple(query.shape)} (..., Dq) and keys "
+            f"{tuple(keys.shape)} (..., S, Dk) do not broadcast"
+        )
+    dtypes = {a.dtype for a in (query, keys, W_a, U_a, v_a)}
+    if len(dtypes) > 1:
+        raise TypeError(
+            "query, keys, W_a, U_a and v_a must share one dtype, got "
+            f"{[str(a.dtype) for a in (query, keys, W_a, U_a, v_a)]}"
+        )
     if projected_keys is None:
         projected_keys = xp.matmul(keys, U_a)  # U_a h_j for every j: (..., S, A)
     elif tuple(projected_keys.shape) != tuple(keys.shape[:-1]) + (A,):

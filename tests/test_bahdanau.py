@@ -198,6 +198,10 @@ def test_bad_shapes_name_the_argument(rng):
         additive_attention(s, H, W_a, U_a, v_a, mask=np.ones(3))
     with pytest.raises(TypeError, match="query"):
         additive_attention(np.ones((2, 4), dtype=np.int64), H, W_a, U_a, v_a)
+    with pytest.raises(ValueError, match=r"query \(3, 4\).*keys \(2, 3, 5\)"):
+        additive_attention(np.ones((3, 4)), H, W_a, U_a, v_a)
+    with pytest.raises(TypeError, match="one dtype"):
+        additive_attention(s.astype(np.float32), H, W_a, U_a, v_a)
     with pytest.raises(ValueError, match="same D"):
         luong_dot_score(s, H)
     with pytest.raises(ValueError, match="W_a"):
