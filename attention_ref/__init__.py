@@ -103,6 +103,8 @@ _EXPORTS: dict[str, str] = {
     "IOCount": "io_model",
     "SlowMemory": "io_model",
     # --- stage 06: numba (issue 5) ---
+    "numba_flash_forward": "flash_numba",
+    "numba_flash_backward": "flash_numba",
     # --- stage 08: bert (issue 7) ---
     "load_bert": "bert",
     "encode": "bert",

@@ -1,0 +1,739 @@
+"""Stage 06: FlashAttention-2 as Numba-jitted loops, in two tiers.
+
+``numba_flash_forward`` returns ``(out, lse)`` and ``numba_flash_backward`` returns
+``(dq, dk, dv)``, with the semantics of :func:`attention_ref.dot_product.scaled_dot_product_attention`
+(PyTorch's SDPA): shapes ``q (..., Hq, L, E)``, ``k (..., H, S, E)``, ``v (..., H, S, Ev)``, default
+scale ``1/sqrt(E)``, causal masks aligned top-left (``tril(ones(L, S))``) or bottom-right
+(``tril(ones(L, S), S - L)``), sliding windows aligned the same way, key-padding lengths per batch
+entry, grouped-query attention (query head ``n`` uses KV head ``n // (Hq / H)``) and **rows with
+every key masked give 0** (``lse = -inf``, zero gradients).
+
+Every mask this module supports is a *band*: query row ``i`` (at aligned position ``p = i``, or
+``i + S - L`` bottom-right) sees exactly the keys ``lo(i) <= j < hi(i)`` with::
+
+    lo(i) = max(0, p - left)                       (left = None -> 0)
+    hi(i) = min(S, length[b], p + 1 if causal, p + right + 1)
+
+Both bounds grow with ``i``, so a block of query rows sees one contiguous range of key blocks and
+the kernels skip every tile outside it (Dao 2023, §3.1.1: causal tiles above the diagonal are never
+computed); only tiles that straddle a bound are masked element by element.
+
+Two tiers, selected by ``kernel=``:
+
+``"readable"``
+    FlashAttention-2, Algorithm 1 (forward) and FlashAttention Algorithm 4 with FA-2's
+    ``D = rowsum(dO * O)`` pre-pass (backward), written loop for loop like the NumPy
+    ``attention_ref.flash`` code: one query block against one key block at a time, the tile
+    ``S = tau Q_i K_j^T`` as plain loops, ``-inf`` for masked logits and natural ``exp``.
+
+``"fast"``
+    The same algorithm reorganised for the CPU. Each optimisation is named in a comment at the
+    place it is applied, with the gain measured on a 2-core Zen 4 (float32, N = 4096, d = 64,
+    no mask; ``benchmarks/ablation.py`` reproduces the steps).
+
+Numba is an optional dependency: ``import attention_ref`` never imports this module; the first call
+compiles the kernels (seconds) and ``cache=True`` stores them on disk (``NUMBA_CACHE_DIR``), so a
+second process loads them in a fraction of a second.
+
+Fast-math: the kernels use ``fastmath={"reassoc", "contract", "arcp", "nsz"}`` (not ``True``,
+which also assumes no infinities and would silently break ``-inf`` masks). The fast tier masks with
+a large finite negative number and guards fully masked rows explicitly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any
+
+import numba as nb
+import numpy as np
+from numba import prange
+
+__all__ = ["numba_flash_forward", "numba_flash_backward"]
+
+# Fast-math subset that keeps inf/NaN semantics (no "nnan", "ninf"): lets LLVM reassociate sums
+# (vectorised reductions), fuse multiply-adds and use reciprocals, but -inf stays -inf.
+_FASTMATH = {"reassoc", "contract", "arcp", "nsz"}
+
+# Readable tier: square tiles, as in the NumPy reference.
+READABLE_BLOCK = 64
+
+
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+# Masked logit in the fast tier (log2 units): finite, so that fast-math cannot assume it away;
+# any exponent below -126 is flushed to exactly 0 by _exp2_*.
+_NEG = -1.0e30
+
+
+# ---------------------------------------------------------------------------------------------
+# shared helper: the band of keys a query row sees
+# ---------------------------------------------------------------------------------------------
+@nb.njit(cache=True, inline="always")
+def _key_range(i, L, S, offset, causal, left, right, length):
+    """Keys ``lo <= j < hi`` visible to query row ``i`` (``left``/``right`` < 0 mean unbounded)."""
+    p = i + offset  # aligned position: offset = 0 (top-left) or S - L (bottom-right)
+    lo = 0
+    if left >= 0:
+        lo = max(lo, p - left)
+    hi = min(S, length)
+    if causal:
+        hi = min(hi, p + 1)
+    if right >= 0:
+        hi = min(hi, p + right + 1)
+    return lo, max(hi, lo)
+
+
+# ---------------------------------------------------------------------------------------------
+# readable tier: FlashAttention-2 loop for loop
+# ---------------------------------------------------------------------------------------------
+@nb.njit(parallel=True, cache=True)
+def _fwd_readable(q, k, v, scale, lengths, offset, causal, left, right, out, lse):
+    """q (B, Hq, L, E), k (B, H, S, E), v (B, H, S, Ev) -> out (B, Hq, L, Ev), lse (B, Hq, L)."""
+    B, Hq, L, E = q.shape
+    H, S, Ev = k.shape[1], k.shape[2], v.shape[3]
+    group = Hq // H
+    Br = READABLE_BLOCK
+    Bc = READABLE_BLOCK
+    Tr = (L + Br - 1) // Br
+    Tc = (S + Bc - 1) // Bc
+    # FA-2: the outer loop over query blocks is the parallel one (one (b, h, i) per work item)
+    for item in prange(B * Hq * Tr):
+        b = item // (Hq * Tr)
+        h = (item // Tr) % Hq
+        i = item % Tr
+        hk = h // group  # GQA: query head h reads KV head h // (Hq / H)
+        r0 = i * Br
+        r1 = min(L, r0 + Br)
+        m = np.full(r1 - r0, -np.inf, dtype=q.dtype)  # running row max
+        ell = np.zeros(r1 - r0, dtype=q.dtype)  # running row sum (relative to m)
+        acc = np.zeros((r1 - r0, Ev), dtype=q.dtype)  # unnormalised output
+        s_tile = np.empty((r1 - r0, Bc), dtype=q.dtype)
+        lo_blk, _ = _key_range(r0, L, S, offset, causal, left, right, lengths[b])
+        _, hi_blk = _key_range(r1 - 1, L, S, offset, causal, left, right, lengths[b])
+        for j in range(Tc):
+            c0 = j * Bc
+            c1 = min(S, c0 + Bc)
+            if c1 <= lo_blk or c0 >= hi_blk:
+                continue  # tile wholly masked: skipped
+            # S_ij = tau Q_i K_j^T, masked logits -> -inf
+            for r in range(r1 - r0):
+                lo, hi = _key_range(r0 + r, L, S, offset, causal, left, right, lengths[b])
+                for c in range(c1 - c0):
+                    if lo <= c0 + c < hi:
+                        dot = 0.0
+                        for e in range(E):
+                            dot += q[b, h, r0 + r, e] * k[b, hk, c0 + c, e]
+                        s_tile[r, c] = scale * dot
+                    else:
+                        s_tile[r, c] = -np.inf
+            # online softmax: m_new = max(m, rowmax S); P = exp(S - m_new);
+            # ell = exp(m - m_new) ell + rowsum P; O = diag(exp(m - m_new)) O + P V_j
+            for r in range(r1 - r0):
+                m_new = m[r]
+                for c in range(c1 - c0):
+                    m_new = max(m_new, s_tile[r, c])
+                if m_new == -np.inf:
+                    continue  # every key so far masked: nothing to add
+                alpha = math.exp(m[r] - m_new)  # exp(-inf) = 0 on the first visible tile
+                row_sum = 0.0
+                for e in range(Ev):
+                    acc[r, e] *= alpha
+                for c in range(c1 - c0):
+                    p = math.exp(s_tile[r, c] - m_new)  # masked: exp(-inf) = 0
+                    row_sum += p
+                    for e in range(Ev):
+                        acc[r, e] += p * v[b, hk, c0 + c, e]
+                ell[r] = alpha * ell[r] + row_sum
+                m[r] = m_new
+        # O_i = diag(ell)^-1 O_i;  L_i = m_i + log(ell_i);  fully masked rows: O = 0, L = -inf
+        for r in range(r1 - r0):
+            if ell[r] > 0.0:
+                for e in range(Ev):
+                    out[b, h, r0 + r, e] = acc[r, e] / ell[r]
+                lse[b, h, r0 + r] = m[r] + math.log(ell[r])
+            else:
+                for e in range(Ev):
+                    out[b, h, r0 + r, e] = 0.0
+                lse[b, h, r0 + r] = -np.inf
+
+
+@nb.njit(parallel=True, cache=True)
+def _bwd_readable(q, k, v, do, lse, delta, scale, lengths, offset, causal, left, right, dq, dk, dv):
+    """Recompute P = exp(S - L) tile by tile; dV += P^T dO; dS = P (dO V^T - D); dQ += tau dS K;
+    dK += tau dS^T Q.  One work item per (b, KV head): the query heads of a GQA group are summed
+    inside it, so no two threads write the same dK, dV (and dQ rows belong to one item)."""
+    B, Hq, L, E = q.shape
+    H, S, Ev = k.shape[1], k.shape[2], v.shape[3]
+    group = Hq // H
+    Br = READABLE_BLOCK
+    Bc = READABLE_BLOCK
+    Tr = (L + Br - 1) // Br
+    Tc = (S + Bc - 1) // Bc
+    for item in prange(B * H):
+        b = item // H
+        hk = item % H
+        p_tile = np.empty((Br, Bc), dtype=q.dtype)
+        ds_tile = np.empty((Br, Bc), dtype=q.dtype)
+        for h in range(hk * group, (hk + 1) * group):
+            for j in range(Tc):  # outer loop over key blocks (FA-1 Algorithm 4)
+                c0 = j * Bc
+                c1 = min(S, c0 + Bc)
+                for i in range(Tr):
+                    r0 = i * Br
+                    r1 = min(L, r0 + Br)
+                    lo_blk, _ = _key_range(r0, L, S, offset, causal, left, right, lengths[b])
+                    _, hi_blk = _key_range(r1 - 1, L, S, offset, causal, left, right, lengths[b])
+                    if c1 <= lo_blk or c0 >= hi_blk:
+                        continue  # tile wholly masked: skipped
+                    for r in range(r1 - r0):
+                        lo, hi = _key_range(r0 + r, L, S, offset, causal, left, right, lengths[b])
+                        for c in range(c1 - c0):
+                            if lo <= c0 + c < hi:
+                                dot = 0.0
+                                for e in range(E):
+                                    dot += q[b, h, r0 + r, e] * k[b, hk, c0 + c, e]
+                                p = math.exp(scale * dot - lse[b, h, r0 + r])  # P = exp(S - L)
+                                dp = 0.0  # dP = dO V^T
+                                for e in range(Ev):
+                                    dp += do[b, h, r0 + r, e] * v[b, hk, c0 + c, e]
+                                p_tile[r, c] = p
+                                ds_tile[r, c] = p * (dp - delta[b, h, r0 + r])  # dS = P (dP - D)
+                            else:
+                                p_tile[r, c] = 0.0
+                                ds_tile[r, c] = 0.0
+                    for r in range(r1 - r0):
+                        for c in range(c1 - c0):
+                            p = p_tile[r, c]
+                            ds = ds_tile[r, c]
+                            for e in range(Ev):  # dV_j += P^T dO_i
+                                dv[b, hk, c0 + c, e] += p * do[b, h, r0 + r, e]
+                            for e in range(E):
+                                # dQ_i += tau dS K_j ;  dK_j += tau dS^T Q_i
+                                dq[b, h, r0 + r, e] += scale * ds * k[b, hk, c0 + c, e]
+                                dk[b, hk, c0 + c, e] += scale * ds * q[b, h, r0 + r, e]
+
+
+# ---------------------------------------------------------------------------------------------
+# fast tier: the same FA-2 loops around BLAS tile products, with a vectorised softmax
+# ---------------------------------------------------------------------------------------------
+# Key block of the fast tier (a compile-time constant: the softmax loops over it have a fixed trip
+# count, so LLVM unrolls and vectorises them) and query rows per parallel work item.
+BLOCK_K = 128
+BLOCK_Q = 32
+# Fixed number of key-block chunks per head in the backward pass: each chunk owns a private dQ
+# partial sum; a fixed count (not the thread count) keeps results bit-identical on any machine.
+BWD_CHUNKS = 4
+
+
+# Optimisation (vectorised 2^x): llvmlite has no vector exp, so `math.exp` stays one scalar libm
+# call per logit; this Horner polynomial plus an exponent built with integer bit operations
+# vectorises. Working in log2 units (log2(e) folded into Q once) makes it exp2.
+@nb.njit(cache=True, inline="always", fastmath=_FASTMATH)
+def _exp2_f32(x, bits, pow2):
+    """x[:] = 2**x[:] in place (float32, rel. error ~1e-7); inputs below -126 give exactly 0."""
+    for c in range(BLOCK_K):
+        xc = max(x[c], np.float32(-126.0))
+        nf = np.floor(xc + np.float32(0.5))
+        bits[c] = (np.int32(nf) + np.int32(127)) << np.int32(23)  # 2^n as IEEE-754 bits
+    for c in range(BLOCK_K):
+        xc = max(x[c], np.float32(-126.0))
+        f = xc - np.floor(xc + np.float32(0.5))  # f in [-0.5, 0.5]
+        # Taylor series of 2^f = e^(f ln 2), degree 7 (error < 5e-9 on [-0.5, 0.5])
+        y = np.float32(1.5252733804059838e-05)
+        y = y * f + np.float32(0.00015403530393381606)
+        y = y * f + np.float32(0.0013333558146428441)
+        y = y * f + np.float32(0.009618129107628477)
+        y = y * f + np.float32(0.055504108664821576)
+        y = y * f + np.float32(0.2402265069591007)
+        y = y * f + np.float32(0.6931471805599453)
+        y = y * f + np.float32(1.0)
+        x[c] = y * pow2[c] if x[c] >= np.float32(-126.0) else np.float32(0.0)
+
+
+@nb.njit(cache=True, inline="always", fastmath=_FASTMATH)
+def _exp2_f64(x, bits, pow2):
+    """x[:] = 2**x[:] in place (float64, rel. error ~2e-16); inputs below -126 give exactly 0."""
+    for c in range(BLOCK_K):
+        xc = max(x[c], -126.0)
+        nf = np.floor(xc + 0.5)
+        bits[c] = (np.int64(nf) + np.int64(1023)) << np.int64(52)
+    for c in range(BLOCK_K):
+        xc = max(x[c], -126.0)
+        f = xc - np.floor(xc + 0.5)
+        # Taylor series of 2^f, degree 12 (error < 3e-16 on [-0.5, 0.5])
+        y = 2.5678435993488196e-11
+        y = y * f + 4.44553827187081e-10
+        y = y * f + 7.054911620801121e-09
+        y = y * f + 1.0178086009239696e-07
+        y = y * f + 1.3215486790144305e-06
+        y = y * f + 1.5252733804059838e-05
+        y = y * f + 0.00015403530393381606
+        y = y * f + 0.0013333558146428441
+        y = y * f + 0.009618129107628477
+        y = y * f + 0.055504108664821576
+        y = y * f + 0.2402265069591007
+        y = y * f + 0.6931471805599453
+        y = y * f + 1.0
+        x[c] = y * pow2[c] if x[c] >= -126.0 else 0.0
+
+
+@nb.njit(cache=True, inline="always", fastmath=_FASTMATH)
+def _exp2_row(x, bits32, pow32, bits64, pow64):
+    """x = 2**x over one row of a tile, in the precision of ``x`` (chosen at compile time)."""
+    if x.itemsize == 4:
+        _exp2_f32(x, bits32, pow32)
+    else:
+        _exp2_f64(x, bits64, pow64)
+
+
+@nb.njit(cache=True, inline="always", fastmath=_FASTMATH)
+def _row_max(x, m16):
+    """max(x) over one row of a tile.
+    Optimisation (vectorised row max): a plain `mx = max(mx, x[c])` is one serial chain of scalar
+    maxima (LLVM may not reorder it without the no-NaN flag); sixteen running maxima updated
+    element-wise are a vector max per 16 logits."""
+    for u in range(16):
+        m16[u] = x[u]
+    for c0 in range(16, BLOCK_K, 16):
+        for u in range(16):
+            m16[u] = max(m16[u], x[c0 + u])
+    mx = m16[0]
+    for u in range(1, 16):
+        mx = max(mx, m16[u])
+    return mx
+
+
+@nb.njit(cache=True, inline="always", fastmath=_FASTMATH)
+def _mask_row(x, j0, lo, hi):
+    """Logits of keys outside [lo, hi) -> a large finite negative (fast-math cannot drop it)."""
+    for c in range(BLOCK_K):
+        j = j0 + c
+        if j < lo or j >= hi:
+            x[c] = _NEG
+
+
+@nb.njit(parallel=True, cache=True, fastmath=_FASTMATH)
+def _fwd_fast(qs, kp, vp, lengths, offset, causal, left, right, L, S, out, lse2):
+    """qs (B, Hq, L, E) = Q tau log2(e); kp (B, H, nkb, BLOCK_K, E) and vp (B, H, nkb, BLOCK_K, Ev):
+    K and V cut into zero-padded key blocks -> out (B, Hq, L, Ev), lse2 (B, Hq, L) in log2 units."""
+    B, Hq, _, E = qs.shape
+    H = kp.shape[1]
+    Ev = vp.shape[4]
+    group = Hq // H
+    nqb = (L + BLOCK_Q - 1) // BLOCK_Q
+    for item in prange(B * Hq * nqb):
+        bh = item // nqb
+        t = item % nqb
+        # Optimisation (causal load balance): prange hands each thread a contiguous range of
+        # items; interleaving the query-block order (first, last, second, second-to-last, ...)
+        # gives every thread a mix of short (top) and long (bottom) causal rows.
+        qb = t // 2 if t % 2 == 0 else nqb - 1 - t // 2
+        b = bh // Hq
+        h = bh % Hq
+        hk = h // group  # GQA: query head h reads KV head h // (Hq / H)
+        i0 = qb * BLOCK_Q
+        nr = min(L, i0 + BLOCK_Q) - i0
+        Qb = qs[b, h, i0 : i0 + nr]
+        # scratch allocated once per work item, never inside the loops
+        s = np.empty((BLOCK_Q, BLOCK_K), dtype=qs.dtype)
+        pv = np.empty((BLOCK_Q, Ev), dtype=qs.dtype)
+        o = np.zeros((BLOCK_Q, Ev), dtype=qs.dtype)
+        m = np.full(BLOCK_Q, _NEG, dtype=qs.dtype)
+        ell = np.zeros(BLOCK_Q, dtype=qs.dtype)
+        alpha = np.ones(BLOCK_Q, dtype=qs.dtype)
+        lo = np.empty(BLOCK_Q, dtype=np.int64)
+        hi = np.empty(BLOCK_Q, dtype=np.int64)
+        m16 = np.empty(16, dtype=qs.dtype)
+        bits32 = np.empty(BLOCK_K, dtype=np.int32)
+        bits64 = np.empty(BLOCK_K, dtype=np.int64)
+        pow32 = bits32.view(np.float32)
+        pow64 = bits64.view(np.float64)
+        for r in range(nr):
+            lo[r], hi[r] = _key_range(i0 + r, L, S, offset, causal, left, right, lengths[b])
+        # tile skipping: the block's rows see keys [lo[0], hi[nr-1]) (both bounds grow with i)
+        jb_start = lo[0] // BLOCK_K
+        jb_stop = (hi[nr - 1] + BLOCK_K - 1) // BLOCK_K if hi[nr - 1] > lo[0] else jb_start
+        for jb in range(jb_start, jb_stop):
+            j0 = jb * BLOCK_K
+            # Optimisation (BLAS tiles): S = Q_i K_j^T and P V_j go to the BLAS gemm through
+            # np.dot (SciPy's OpenBLAS): its register-blocked micro-kernel runs near the FMA
+            # peak, which loops compiled by Numba do not (they store the accumulators each step).
+            np.dot(Qb, kp[b, hk, jb].T, s[:nr])
+            inside = j0 >= lo[nr - 1] and j0 + BLOCK_K <= hi[0]  # no row needs masking
+            for r in range(nr):
+                x = s[r]
+                if not inside:
+                    _mask_row(x, j0, lo[r], hi[r])
+                # online softmax: m_new = max(m, rowmax S); P = 2^(S - m_new);
+                # ell = 2^(m - m_new) ell + rowsum P; O = diag(2^(m - m_new)) O + P V_j
+                m_new = max(m[r], _row_max(x, m16))
+                if m_new < 0.5 * _NEG:  # every key seen so far is masked: P = 0
+                    for c in range(BLOCK_K):
+                        x[c] = 0.0
+                    alpha[r] = 1.0
+                    continue
+                for c in range(BLOCK_K):
+                    x[c] = x[c] - m_new
+                _exp2_row(x, bits32, pow32, bits64, pow64)
+                total = x[0] - x[0]  # a zero of the input dtype
+                for c in range(BLOCK_K):
+                    total += x[c]
+                a = np.exp2(m[r] - m_new) if m[r] > 0.5 * _NEG else total - total
+                alpha[r] = a
+                ell[r] = a * ell[r] + total
+                m[r] = m_new
+            np.dot(s[:nr], vp[b, hk, jb], pv[:nr])
+            for r in range(nr):
+                a = alpha[r]
+                orow = o[r]
+                pvrow = pv[r]
+                for e in range(Ev):
+                    orow[e] = a * orow[e] + pvrow[e]
+        # O_i = diag(ell)^-1 O_i ; lse = m + log2(ell) ; fully masked rows -> 0 and -inf
+        for r in range(nr):
+            orow = out[b, h, i0 + r]
+            if ell[r] > 0.0:
+                for e in range(Ev):
+                    orow[e] = o[r, e] / ell[r]
+                lse2[b, h, i0 + r] = m[r] + np.log2(ell[r])
+            else:
+                for e in range(Ev):
+                    orow[e] = 0.0
+                lse2[b, h, i0 + r] = -np.inf
+
+
+@nb.njit(parallel=True, cache=True, fastmath=_FASTMATH)
+def _bwd_fast(qs, kp, vp, dop, lse2, delta, lengths, offset, causal, left, right, L, S,
+              dq_part, dk, dv):
+    """FA-2 backward, one pass: a work item (b, KV head, chunk t) owns the key blocks
+    t, t + BWD_CHUNKS, ... (interleaved: causal load balance) and, for each, every query block that
+    sees it: P = 2^(S - lse2), dS = P (dO V^T - D), dV_j += P^T dO, dK_j += dS^T Q,
+    dQ_partial[t] += dS K_j.  Scales (tau, ln 2) are applied by the caller."""
+    B, Hq, _, E = qs.shape
+    H, nkb = kp.shape[1], kp.shape[2]
+    Ev = vp.shape[4]
+    group = Hq // H
+    T = dq_part.shape[0]
+    for item in prange(B * H * T):
+        b = item // (H * T)
+        hk = (item // T) % H
+        t = item % T
+        s = np.empty((BLOCK_Q, BLOCK_K), dtype=qs.dtype)
+        dp = np.empty((BLOCK_Q, BLOCK_K), dtype=qs.dtype)
+        tk = np.empty((BLOCK_K, E), dtype=qs.dtype)
+        tv = np.empty((BLOCK_K, Ev), dtype=qs.dtype)
+        tq = np.empty((BLOCK_Q, E), dtype=qs.dtype)
+        bits32 = np.empty(BLOCK_K, dtype=np.int32)
+        bits64 = np.empty(BLOCK_K, dtype=np.int64)
+        pow32 = bits32.view(np.float32)
+        pow64 = bits64.view(np.float64)
+        length = lengths[b]
+        for jb in range(t, nkb, T):
+            j0 = jb * BLOCK_K
+            kb = kp[b, hk, jb]
+            vb = vp[b, hk, jb]
+            dkb = dk[b, hk, jb]
+            dvb = dv[b, hk, jb]
+            # the rows that see this block form one contiguous range (both bounds grow with i)
+            i_first = L
+            i_last = -1
+            for i in range(L):
+                lo, hi = _key_range(i, L, S, offset, causal, left, right, length)
+                if hi > lo and hi > j0 and lo < j0 + BLOCK_K:
+                    i_first = min(i_first, i)
+                    i_last = i
+            for h in range(hk * group, (hk + 1) * group):
+                for i0 in range(i_first, i_last + 1, BLOCK_Q):
+                    nr = min(BLOCK_Q, i_last + 1 - i0)
+                    Qb = qs[b, h, i0 : i0 + nr]
+                    DOb = dop[b, h, i0 : i0 + nr]
+                    np.dot(Qb, kb.T, s[:nr])  # S (log2 units)
+                    np.dot(DOb, vb.T, dp[:nr])  # dP = dO V_j^T
+                    for r in range(nr):
+                        lo, hi = _key_range(i0 + r, L, S, offset, causal, left, right, length)
+                        x = s[r]
+                        y = dp[r]
+                        if j0 < lo or j0 + BLOCK_K > hi:
+                            _mask_row(x, j0, lo, hi)
+                        l2 = lse2[b, h, i0 + r]
+                        for c in range(BLOCK_K):
+                            x[c] = x[c] - l2
+                        _exp2_row(x, bits32, pow32, bits64, pow64)  # P = 2^(S - lse2)
+                        d = delta[b, h, i0 + r]
+                        for c in range(BLOCK_K):
+                            y[c] = x[c] * (y[c] - d)  # dS = P (dP - D)
+                    np.dot(s[:nr].T, DOb, tv)  # dV_j += P^T dO_i
+                    np.dot(dp[:nr].T, Qb, tk)  # dK_j += dS^T Q_i
+                    for c in range(BLOCK_K):
+                        for e in range(Ev):
+                            dvb[c, e] += tv[c, e]
+                        for e in range(E):
+                            dkb[c, e] += tk[c, e]
+                    np.dot(dp[:nr], kb, tq[:nr])  # dQ_i += dS K_j
+                    dqb = dq_part[t, b, h]
+                    for r in range(nr):
+                        for e in range(E):
+                            dqb[i0 + r, e] += tq[r, e]
+
+
+# ---------------------------------------------------------------------------------------------
+# public API: validation, packing, dispatch
+# ---------------------------------------------------------------------------------------------
+_KERNELS = ("fast", "readable")
+_ALIGNMENTS = ("top_left", "bottom_right")
+
+
+_BLAS_CONTROLLER: Any = None
+
+
+def _single_threaded_blas():
+    """Context in which BLAS runs on one thread: the fast tier calls gemm from every Numba
+    thread, and a multi-threaded BLAS inside them spins on the same cores (measured: about 1.5x
+    the CPU time). Uses threadpoolctl when installed; otherwise a no-op."""
+    global _BLAS_CONTROLLER
+    if _BLAS_CONTROLLER is None:
+        try:
+            from threadpoolctl import ThreadpoolController
+        except ImportError:
+            _BLAS_CONTROLLER = False
+        else:
+            _BLAS_CONTROLLER = ThreadpoolController()
+    if _BLAS_CONTROLLER is False:
+        return contextlib.nullcontext()
+    return _BLAS_CONTROLLER.limit(limits=1, user_api="blas")
+
+
+def _check_array(name: str, x: Any) -> np.ndarray:
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"{name} must be a NumPy array (the Numba kernels are CPU-only), got {type(x).__name__}")
+    if x.dtype not in (np.float32, np.float64):
+        raise TypeError(f"{name} must be float32 or float64, got dtype {x.dtype}")
+    if x.ndim < 2:
+        raise ValueError(f"{name} must have shape (..., L, E) with at least 2 dimensions, got shape {x.shape}")
+    return x
+
+
+def _as_4d(x: np.ndarray) -> np.ndarray:
+    """(..., H, L, E) -> contiguous (B, H, L, E); 2-D (L, E) -> (1, 1, L, E)."""
+    if x.ndim == 2:
+        x = x[None, None]
+    elif x.ndim == 3:
+        x = x[None]
+    return np.ascontiguousarray(x.reshape((-1,) + x.shape[-3:]))
+
+
+def _prepare(query, key, value, scale, is_causal, causal_alignment, window, key_lengths,
+             enable_gqa, kernel):
+    """Validate the common arguments; return a dict of normalised inputs."""
+    q = _check_array("query", query)
+    k = _check_array("key", key)
+    v = _check_array("value", value)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"query, key and value must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.ndim == k.ndim == v.ndim):
+        raise ValueError(
+            f"query, key and value must have the same number of dimensions, got shapes "
+            f"{q.shape}, {k.shape}, {v.shape}")
+    if kernel not in _KERNELS:
+        raise ValueError(f"kernel must be one of {_KERNELS}, got {kernel!r}")
+    if causal_alignment not in _ALIGNMENTS:
+        raise ValueError(f"causal_alignment must be one of {_ALIGNMENTS}, got {causal_alignment!r}")
+    L, E = q.shape[-2:]
+    S = k.shape[-2]
+    if k.shape[-1] != E:
+        raise ValueError(f"query and key must share the feature size E, got shapes {q.shape} and {k.shape}")
+    if v.shape[-2] != S:
+        raise ValueError(f"key and value must have the same length S, got shapes {k.shape} and {v.shape}")
+    if q.shape[:-3] != k.shape[:-3] or k.shape[:-2] != v.shape[:-2]:
+        raise ValueError(
+            f"batch dimensions of query, key, value must match, got shapes {q.shape}, {k.shape}, {v.shape}")
+    Hq = q.shape[-3] if q.ndim >= 3 else 1
+    H = k.shape[-3] if k.ndim >= 3 else 1
+    if Hq != H and not (enable_gqa and H > 0 and Hq % H == 0):
+        hint = " (pass enable_gqa=True for grouped-query attention)" if not enable_gqa else ""
+        raise ValueError(
+            f"query has {Hq} heads and key/value {H}: they must be equal, or Hq a multiple of H with "
+            f"enable_gqa=True{hint}; shapes {q.shape}, {k.shape}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(E)
+    scale = float(scale)
+    batch_shape = q.shape[:-3]
+    nbatch = int(np.prod(batch_shape, dtype=np.int64))
+    if key_lengths is None:
+        lengths = np.full(nbatch, S, dtype=np.int64)
+    else:
+        kl = np.asarray(key_lengths)
+        if not np.issubdtype(kl.dtype, np.integer):
+            raise TypeError(f"key_lengths must be integers, got dtype {kl.dtype}")
+        try:
+            kl = np.broadcast_to(kl, batch_shape)
+        except ValueError:
+            raise ValueError(
+                f"key_lengths of shape {kl.shape} does not broadcast to the batch shape "
+                f"{batch_shape} of query {q.shape}") from None
+        if np.any(kl < 0):
+            raise ValueError(f"key_lengths must be >= 0, got {kl}")
+        lengths = np.ascontiguousarray(np.minimum(kl, S).reshape(-1).astype(np.int64))
+    left = right = -1
+    if window is not None:
+        if not (isinstance(window, (tuple, list)) and len(window) == 2):
+            raise ValueError(f"window must be a pair (left, right) with None for unbounded, got {window!r}")
+        bounds = []
+        for side, w in zip(("left", "right"), window, strict=True):
+            if w is None:
+                bounds.append(-1)
+            elif isinstance(w, (int, np.integer)) and w >= 0:
+                bounds.append(int(w))
+            else:
+                raise ValueError(f"window {side} must be None or an int >= 0, got {w!r}")
+        left, right = bounds
+    offset = 0 if causal_alignment == "top_left" else S - L
+    return {
+        "q": _as_4d(q), "k": _as_4d(k), "v": _as_4d(v), "scale": scale, "lengths": lengths,
+        "offset": offset, "causal": bool(is_causal), "left": left, "right": right,
+        "L": L, "S": S, "E": E, "Ev": v.shape[-1], "out_shape": q.shape[:-1] + (v.shape[-1],),
+        "lse_shape": q.shape[:-1], "dtype": q.dtype,
+    }
+
+
+def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
+    """(B, H, S, D) -> (B, H, rows, D), zero rows appended (keys beyond S are masked anyway)."""
+    if x.shape[2] == rows:
+        return x
+    out = np.zeros(x.shape[:2] + (rows,) + x.shape[3:], dtype=x.dtype)
+    out[:, :, : x.shape[2]] = x
+    return out
+
+
+def numba_flash_forward(
+    query: np.ndarray,
+    key: np.ndarray,
+    value: np.ndarray,
+    *,
+    scale: float | None = None,
+    is_causal: bool = False,
+    causal_alignment: str = "top_left",
+    window: tuple[int | None, int | None] | None = None,
+    key_lengths: Any = None,
+    enable_gqa: bool = False,
+    kernel: str = "fast",
+) -> tuple[np.ndarray, np.ndarray]:
+    """FlashAttention-2 forward pass (Dao 2023, Algorithm 1) as a Numba kernel.
+
+    Shapes: ``query (..., Hq, L, E)``, ``key (..., H, S, E)``, ``value (..., H, S, Ev)``
+    (also 2-D ``(L, E)``); float32 or float64 NumPy arrays.
+
+    Computes ``O = softmax(tau Q K^T + mask) V`` one query block at a time with the online
+    softmax: for each visible key block ``m_new = max(m, rowmax S)``, ``P = exp(S - m_new)``,
+    ``l = exp(m - m_new) l + rowsum P``, ``O = diag(exp(m - m_new)) O + P V_j``; at the end
+    ``O = diag(l)^-1 O`` and ``lse = m + log l``.
+
+    ``is_causal`` / ``window = (left, right)`` (``None`` = unbounded) are aligned by
+    ``causal_alignment`` (``"top_left"`` or ``"bottom_right"``); ``key_lengths`` (ints, shape
+    ``query.shape[:-3]`` or broadcastable) masks keys ``j >= key_lengths[b]``; ``enable_gqa`` lets
+    ``Hq`` be a multiple of ``H``. ``kernel="readable"`` runs the loop-for-loop tier.
+
+    Returns ``(out (..., Hq, L, Ev), lse (..., Hq, L))``; rows whose keys are all masked give
+    ``out = 0`` and ``lse = -inf``.
+    """
+    a = _prepare(query, key, value, scale, is_causal, causal_alignment, window, key_lengths,
+                 enable_gqa, kernel)
+    q, k, v, dtype = a["q"], a["k"], a["v"], a["dtype"]
+    B, Hq, L, _ = q.shape
+    S, Ev = a["S"], a["Ev"]
+    args = (a["lengths"], a["offset"], a["causal"], a["left"], a["right"])
+    if kernel == "readable":
+        out = np.empty((B, Hq, L, Ev), dtype=dtype)
+        lse = np.empty((B, Hq, L), dtype=dtype)
+        if L > 0:
+            _fwd_readable(q, k, v, a["scale"], *args, out, lse)
+    else:
+        nkb = max(1, -(-S // BLOCK_K))
+        # Optimisation (fold the scale): Q * tau * log2(e) once, so logits come out in log2 units
+        qs = np.ascontiguousarray(q * dtype.type(a["scale"] * _LOG2E))
+        kp = _pad_rows(k, nkb * BLOCK_K).reshape(B, -1, nkb, BLOCK_K, a["E"])
+        vp = _pad_rows(v, nkb * BLOCK_K).reshape(B, -1, nkb, BLOCK_K, Ev)
+        out = np.empty((B, Hq, L, Ev), dtype=dtype)
+        lse = np.empty((B, Hq, L), dtype=dtype)
+        if L > 0:
+            with _single_threaded_blas():
+                _fwd_fast(qs, kp, vp, *args, L, S, out, lse)
+        lse *= dtype.type(_LN2)  # log2 -> natural log (-inf stays -inf)
+    return (np.ascontiguousarray(out).reshape(a["out_shape"]), lse.reshape(a["lse_shape"]))
+
+
+def numba_flash_backward(
+    query: np.ndarray,
+    key: np.ndarray,
+    value: np.ndarray,
+    out: np.ndarray,
+    lse: np.ndarray,
+    grad_out: np.ndarray,
+    *,
+    scale: float | None = None,
+    is_causal: bool = False,
+    causal_alignment: str = "top_left",
+    window: tuple[int | None, int | None] | None = None,
+    key_lengths: Any = None,
+    enable_gqa: bool = False,
+    kernel: str = "fast",
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """FlashAttention backward pass by recomputation (Dao 2022, Algorithm 4; FA-2's D pre-pass).
+
+    Shapes as :func:`numba_flash_forward`, plus ``out (..., Hq, L, Ev)`` and ``lse (..., Hq, L)``
+    from the forward pass and ``grad_out = dL/dO (..., Hq, L, Ev)``.
+
+    ``D = rowsum(dO * O)``; for every visible tile ``P = exp(tau Q_i K_j^T - lse_i)``,
+    ``dV_j += P^T dO_i``, ``dS = P * (dO_i V_j^T - D_i)``, ``dQ_i += tau dS K_j``,
+    ``dK_j += tau dS^T Q_i``. With GQA the gradients of the query heads sharing a KV head are summed.
+
+    Returns ``(dq (..., Hq, L, E), dk (..., H, S, E), dv (..., H, S, Ev))``; fully masked rows
+    contribute nothing (their ``dq`` is 0).
+    """
+    a = _prepare(query, key, value, scale, is_causal, causal_alignment, window, key_lengths,
+                 enable_gqa, kernel)
+    dtype = a["dtype"]
+    o_arr = _check_array("out", out)
+    g_arr = _check_array("grad_out", grad_out)
+    if o_arr.shape != a["out_shape"] or g_arr.shape != a["out_shape"]:
+        raise ValueError(
+            f"out and grad_out must have shape {a['out_shape']}, got {o_arr.shape} and {g_arr.shape}")
+    lse_arr = np.asarray(lse)
+    if lse_arr.shape != a["lse_shape"]:
+        raise ValueError(f"lse must have shape {a['lse_shape']}, got {lse_arr.shape}")
+    if o_arr.dtype != dtype or g_arr.dtype != dtype:
+        raise TypeError(f"out and grad_out must have dtype {dtype}, got {o_arr.dtype}, {g_arr.dtype}")
+    q, k, v = a["q"], a["k"], a["v"]
+    B, Hq, L, E = q.shape
+    H, S, Ev = k.shape[1], a["S"], a["Ev"]
+    do = _as_4d(g_arr)
+    lse4 = np.ascontiguousarray(lse_arr.astype(dtype, copy=False).reshape(B, Hq, L))
+    # FA-2 pre-pass: D_i = rowsum(dO_i * O_i)
+    delta = np.ascontiguousarray(np.einsum("bhle,bhle->bhl", do, _as_4d(o_arr)))
+    args = (a["lengths"], a["offset"], a["causal"], a["left"], a["right"])
+    if kernel == "readable":
+        dq = np.zeros((B, Hq, L, E), dtype=dtype)
+        dk = np.zeros((B, H, S, E), dtype=dtype)
+        dv = np.zeros((B, H, S, Ev), dtype=dtype)
+        if L > 0 and S > 0:
+            _bwd_readable(q, k, v, do, lse4, delta, a["scale"], *args, dq, dk, dv)
+    else:
+        nkb = max(1, -(-S // BLOCK_K))
+        qs = np.ascontiguousarray(q * dtype.type(a["scale"] * _LOG2E))
+        kp = _pad_rows(k, nkb * BLOCK_K).reshape(B, H, nkb, BLOCK_K, E)
+        vp = _pad_rows(v, nkb * BLOCK_K).reshape(B, H, nkb, BLOCK_K, Ev)
+        lse2 = lse4 * dtype.type(_LOG2E)
+        dq_part = np.zeros((BWD_CHUNKS, B, Hq, L, E), dtype=dtype)
+        dk = np.zeros((B, H, nkb, BLOCK_K, E), dtype=dtype)
+        dv = np.zeros((B, H, nkb, BLOCK_K, Ev), dtype=dtype)
+        if L > 0 and S > 0:
+            with _single_threaded_blas():
+                _bwd_fast(qs, kp, vp, do, lse2, delta, *args, L, S, dq_part, dk, dv)
+        # dQ = tau sum_t dQ_t (fixed order); dK = tau dS^T Q = ln2 dS^T (Q tau log2 e)
+        dq = dq_part.sum(axis=0) * dtype.type(a["scale"])
+        dk = dk.reshape(B, H, -1, E)[:, :, :S] * dtype.type(_LN2)
+        dv = dv.reshape(B, H, -1, Ev)[:, :, :S]
+    return (np.ascontiguousarray(dq).reshape(query.shape), np.ascontiguousarray(dk).reshape(key.shape),
+            np.ascontiguousarray(dv).reshape(value.shape))
