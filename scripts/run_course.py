@@ -37,7 +37,11 @@ def main() -> int:
         start = time.perf_counter()
         nb = nbformat.read(path, as_version=4)
         client = nbclient.NotebookClient(
-            nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}
+            nb,
+            timeout=900,
+            kernel_name="python3",
+            record_timing=False,  # no timestamps in cell metadata: re-runs give quiet diffs
+            resources={"metadata": {"path": str(NOTEBOOKS)}},
         )
         status = "ok"
         try:
