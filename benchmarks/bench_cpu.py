@@ -186,7 +186,7 @@ def _machine_info() -> dict:
         "import json, numpy, scipy.linalg\n"
         "from threadpoolctl import threadpool_info\n"
         "print(json.dumps([{k: d.get(k) for k in ('internal_api', 'architecture', 'num_threads',"
-        " 'version', 'filepath')} for d in threadpool_info()]))"
+        " 'version')} for d in threadpool_info()]))"
     )
     blas = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env())
     cpu = ""
