@@ -130,6 +130,8 @@ def scaled_dot_product_attention(
 
     float16 inputs are computed in float32 and returned as float16. Returns the output, or
     ``(output, weights)`` with weights (..., Hq, L, S) (after dropout) when ``return_weights``.
+
+    Builds on ``attention_ref.softmax.masked_softmax`` (copy it along with this function).
     """
     xp = array_namespace(query, key, value, *(() if attn_mask is None else (attn_mask,)))
     logits_shape = _check_sdpa_inputs(
