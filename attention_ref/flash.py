@@ -31,6 +31,11 @@ from typing import Any
 
 from array_api_compat import array_namespace
 
+from .backends import to_numpy
+from .dot_product import _check_sdpa_inputs
+
+Array = Any  # an array of any array-API namespace (NumPy, CuPy, array-api-strict)
+
 __all__ = [
     "TileStats",
     "attention_backward",
@@ -152,7 +157,11 @@ class _Prepared:
 
 
 def _prepare(query, key, value, attn_mask, enable_gqa: bool) -> _Prepared:
-    xp = array_namespace(query, key, value)
+    xp = array_namespace(query, key, value, *(() if attn_mask is None else (attn_mask,)))
+    # The same input contract as stage 02's scaled_dot_product_attention (shapes, ranks, dtypes,
+    # GQA head counts, a mask that broadcasts without enlarging the output); is_causal may be
+    # combined with attn_mask here, so it is not passed on.
+    _check_sdpa_inputs(xp, query, key, value, attn_mask, 0.0, False, enable_gqa, "zero")
     for name, x in (("query", query), ("key", key), ("value", value)):
         if x.ndim < 2:
             raise ValueError(f"{name} must have shape (..., length, features), got {x.shape}")
@@ -240,6 +249,10 @@ def _plan(p: _Prepared, st: _Structure, block_q: int, block_k: int, block_mask) 
         if not isinstance(b, int) or b < 1:
             raise ValueError(f"{name} must be a positive int, got {b!r}")
     n_q, n_k = -(-p.L // block_q), -(-p.S // block_k)
+    if block_mask is not None:
+        # The block mask is structure, like the causal pattern: read it on the host once, not
+        # one device-to-host copy per tile.
+        block_mask = to_numpy(block_mask)
     if block_mask is not None and tuple(block_mask.shape) != (n_q, n_k):
         raise ValueError(
             f"block_mask must have shape (ceil(L/block_q), ceil(S/block_k)) = ({n_q}, {n_k}) for "
@@ -273,6 +286,7 @@ class TileStats:
     tile_map: tuple[tuple[str, ...], ...]
 
     def count(self, state: str) -> int:
+        """How many tiles are in ``state`` ("full", "partial", "skip" or "block")."""
         return sum(row.count(state) for row in self.tile_map)
 
     @property
@@ -288,6 +302,7 @@ class TileStats:
         return self.count("skip") + self.count("block")
 
     def summary(self) -> str:
+        """One line: tiles computed (full / partially masked) and skipped."""
         return (
             f"{self.computed} of {self.total} tiles computed ({self.count('full')} full, "
             f"{self.count('partial')} partially masked); {self.skipped} skipped "
@@ -391,10 +406,10 @@ def _forward_fa2(p: _Prepared, st: _Structure, plan, scale: float, block_q: int,
 
 
 def flash_attention(
-    query,
-    key,
-    value,
-    attn_mask=None,
+    query: Array,
+    key: Array,
+    value: Array,
+    attn_mask: Array | None = None,
     is_causal: bool = False,
     scale: float | None = None,
     enable_gqa: bool = False,
@@ -404,15 +419,15 @@ def flash_attention(
     window: tuple[int | None, int | None] | None = None,
     causal_alignment: str = "top_left",
     algorithm: str = "fa2",
-    block_mask=None,
+    block_mask: Array | None = None,
     return_lse: bool = False,
     return_stats: bool = False,
     backend: str = "numpy",
-):
+) -> Array | tuple[Any, ...]:
     """Exact attention softmax(τ Q Kᵀ + mask) V computed tile by tile (FlashAttention).
 
     Shapes: ``query (..., Hq, L, E)``, ``key (..., H, S, E)``, ``value (..., H, S, Ev)`` →
-    ``out (..., Hq, L, Ev)``; leading dims broadcast as in ``scaled_dot_product_attention``, whose
+    ``out (..., Hq, L, Ev)``; inputs are checked exactly as by ``scaled_dot_product_attention``, whose
     semantics this follows (boolean ``attn_mask`` True = attend, a float mask is added to the
     logits, τ = ``scale`` or 1/√E, GQA: query head n uses KV head n // (Hq/H)). A row whose keys are
     all masked returns 0 and logsumexp −∞.
@@ -501,13 +516,13 @@ def _grads_back(p: _Prepared, query, key, value, dq, dk, dv):
 
 
 def flash_attention_backward(
-    query,
-    key,
-    value,
-    out,
-    lse,
-    grad_out,
-    attn_mask=None,
+    query: Array,
+    key: Array,
+    value: Array,
+    out: Array,
+    lse: Array,
+    grad_out: Array,
+    attn_mask: Array | None = None,
     is_causal: bool = False,
     scale: float | None = None,
     enable_gqa: bool = False,
@@ -516,9 +531,9 @@ def flash_attention_backward(
     block_k: int = 64,
     window: tuple[int | None, int | None] | None = None,
     causal_alignment: str = "top_left",
-    block_mask=None,
+    block_mask: Array | None = None,
     backend: str = "numpy",
-):
+) -> tuple[Array, Array, Array]:
     """Gradients (dQ, dK, dV) of flash_attention by recomputing P tile by tile from the logsumexp.
 
     Shapes: ``query (..., Hq, L, E)``, ``key (..., H, S, E)``, ``value (..., H, S, Ev)``,
@@ -533,6 +548,17 @@ def flash_attention_backward(
     Only tiles and row vectors are held; rows with lse = −∞ (fully masked) get zero gradients.
     """
     _check_common("fa2", backend)
+    expected = {
+        "out": (*query.shape[:-1], value.shape[-1]),
+        "grad_out": (*query.shape[:-1], value.shape[-1]),
+        "lse": tuple(query.shape[:-1]),
+    }
+    for name, arr in (("out", out), ("grad_out", grad_out), ("lse", lse)):
+        if tuple(arr.shape) != expected[name]:
+            raise ValueError(
+                f"{name} must have shape {expected[name]} for query {tuple(query.shape)} and value "
+                f"{tuple(value.shape)}, got {tuple(arr.shape)}"
+            )
     if backend == "numba":
         if block_mask is not None:
             raise ValueError("backend='numba' does not support block_mask")
@@ -598,18 +624,18 @@ def _materialised_weights(p: _Prepared, st: _Structure, tau: float):
 
 
 def attention_backward(
-    query,
-    key,
-    value,
-    grad_out,
-    attn_mask=None,
+    query: Array,
+    key: Array,
+    value: Array,
+    grad_out: Array,
+    attn_mask: Array | None = None,
     is_causal: bool = False,
     scale: float | None = None,
     enable_gqa: bool = False,
     *,
     window: tuple[int | None, int | None] | None = None,
     causal_alignment: str = "top_left",
-):
+) -> tuple[Array, Array, Array]:
     """Gradients (dQ, dK, dV) of softmax(τ Q Kᵀ + mask) V through the materialised L × S matrices.
 
     Shapes as in :func:`flash_attention`; ``grad_out (..., Hq, L, Ev)``. This is the standard
@@ -636,7 +662,7 @@ def attention_backward(
 # ---------------------------------------------------------------------------------------------
 
 
-def merge_attention_partials(outs: Sequence[Any], lses: Sequence[Any]):
+def merge_attention_partials(outs: Sequence[Array], lses: Sequence[Array]) -> tuple[Array, Array]:
     """Combine attention results computed over disjoint key/value chunks into the full result.
 
     ``outs[s] (..., L, Ev)`` and ``lses[s] (..., L)`` are the outputs and logsumexps of attention
@@ -669,17 +695,17 @@ def merge_attention_partials(outs: Sequence[Any], lses: Sequence[Any]):
 
 
 def attention_weights_from_lse(
-    query,
-    key,
-    lse,
-    attn_mask=None,
+    query: Array,
+    key: Array,
+    lse: Array,
+    attn_mask: Array | None = None,
     is_causal: bool = False,
     scale: float | None = None,
     enable_gqa: bool = False,
     *,
     window: tuple[int | None, int | None] | None = None,
     causal_alignment: str = "top_left",
-):
+) -> Array:
     """Rebuild the full attention weights P = exp(τ Q Kᵀ + mask − L) from the saved logsumexp L.
 
     Shapes: ``query (..., Hq, L, E)``, ``key (..., H, S, E)``, ``lse (..., Hq, L)`` →
@@ -695,7 +721,7 @@ def attention_weights_from_lse(
     return xp.exp(s - lse_col)
 
 
-def expand_block_mask(block_mask, L: int, S: int, block_q: int, block_k: int):
+def expand_block_mask(block_mask: Array, L: int, S: int, block_q: int, block_k: int) -> Array:
     """Element mask (L, S) of a block mask (⌈L/block_q⌉, ⌈S/block_k⌉): True where the tile is on.
 
     Block-sparse FlashAttention (FA-1 §3.3) with ``block_mask`` equals dense attention with this

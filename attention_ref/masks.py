@@ -21,6 +21,16 @@ Array = Any
 ALIGNMENTS = ("top_left", "bottom_right")
 
 
+def _standard(xp: ModuleType | None) -> ModuleType:
+    """The array-API view of an array module (NumPy by default): ``cupy`` or ``numpy`` passed in
+    as ``xp`` become their array_api_compat wrappers, which have ``bool`` and ``isdtype``."""
+    from array_api_compat import array_namespace
+
+    if xp is None:
+        import numpy as xp
+    return array_namespace(xp.asarray(0))
+
+
 def _query_positions(L: int, S: int, alignment: str, xp: ModuleType) -> Array:
     """Position of each query on the key axis: i (top-left) or i + S − L (bottom-right), as (L, 1)."""
     if alignment not in ALIGNMENTS:
@@ -51,8 +61,7 @@ def causal_mask(L: int, S: int, alignment: str = "top_left", *, xp: ModuleType |
     Returns a boolean (L, S) array, True = attend. ``alignment`` is ``"top_left"`` (j ≤ i) or
     ``"bottom_right"`` (j ≤ i + S − L); see the module docstring.
     """
-    if xp is None:
-        import numpy as xp
+    xp = _standard(xp)
     L, S = _as_count("L", L), _as_count("S", S)
     query_pos = _query_positions(L, S, alignment, xp)
     key_pos = xp.reshape(xp.arange(S), (1, S))
@@ -75,8 +84,7 @@ def sliding_window_mask(
     causal mask and ``left=w, right=0`` is causal attention over the last w + 1 keys. p is i
     (``"top_left"``) or i + S − L (``"bottom_right"``). Returns a boolean (L, S) array.
     """
-    if xp is None:
-        import numpy as xp
+    xp = _standard(xp)
     L, S = _as_count("L", L), _as_count("S", S)
     left, right = _as_count("left", left, allow_none=True), _as_count("right", right, allow_none=True)
     query_pos = _query_positions(L, S, alignment, xp)
@@ -92,12 +100,16 @@ def sliding_window_mask(
 def padding_mask(lengths: Array, S: int, *, xp: ModuleType | None = None) -> Array:
     """Key-padding mask: in batch element b only the first ``lengths[b]`` keys are real.
 
-    lengths: (B,) integers in [0, S]. Returns a boolean (B, 1, 1, S) array (True for j <
+    lengths: (B,) integers in [0, S] (an array's own namespace is used unless ``xp`` is given). Returns a boolean (B, 1, 1, S) array (True for j <
     lengths[b]) that broadcasts against attention logits (B, H, L, S). For a single-head call
     with logits (B, L, S) use ``padding_mask(lengths, S)[:, 0]``.
     """
-    if xp is None:
-        import numpy as xp
+    if xp is None and (hasattr(lengths, "__array_namespace__") or type(lengths).__module__.startswith("numpy")):
+        from array_api_compat import array_namespace
+
+        xp = array_namespace(lengths)  # follow the namespace of ``lengths`` when it is an array
+    else:
+        xp = _standard(xp)
     S = _as_count("S", S)
     lengths = xp.asarray(lengths)
     if lengths.ndim != 1:

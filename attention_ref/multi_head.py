@@ -24,6 +24,8 @@ Array = Any
 def split_heads(x: Array, num_heads: int) -> Array:
     """Split the feature axis into heads: (..., L, H·D) → (..., H, L, D)."""
     xp = array_namespace(x)
+    if x.ndim < 2:
+        raise ValueError(f"split_heads needs x of shape (..., L, H·D), got shape {tuple(x.shape)}")
     *batch, L, width = x.shape
     if num_heads < 1 or width % num_heads != 0:
         raise ValueError(
@@ -134,6 +136,13 @@ def multi_head_attention(
     Returns (..., L, d_model), and the per-head weights (..., H, L, S) with ``return_weights``.
     """
     xp = array_namespace(query, key, value)
+    for name, arr in (("query", query), ("key", key), ("value", value)):
+        if not xp.isdtype(arr.dtype, "real floating"):
+            raise TypeError(f"{name} must have a real floating dtype, got {arr.dtype}")
+    if not (query.dtype == key.dtype == value.dtype):
+        raise TypeError(
+            f"query, key and value must share one dtype, got {query.dtype}, {key.dtype}, {value.dtype}"
+        )
     num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
     if num_heads < 1 or num_kv_heads < 1 or num_heads % num_kv_heads != 0:
         raise ValueError(

@@ -139,6 +139,11 @@ def cross_attention(
     (True = attend). Returns (..., L, d_out), and the weights (..., L, S) with ``return_weights``.
     """
     xp = array_namespace(x, context)
+    for name, arr in (("x", x), ("context", context)):
+        if not xp.isdtype(arr.dtype, "real floating"):
+            raise TypeError(f"{name} must have a real floating dtype, got {arr.dtype}")
+    if x.dtype != context.dtype:
+        raise TypeError(f"x and context must share one dtype, got {x.dtype} and {context.dtype}")
     q = _project(x, params.W_q, params.b_q, "query projection W_q")
     k = _project(context, params.W_k, params.b_k, "key projection W_k")
     v = _project(context, params.W_v, params.b_v, "value projection W_v")

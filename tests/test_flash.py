@@ -261,18 +261,27 @@ def test_attention_backward_against_finite_differences(rng):
         np.testing.assert_allclose(g, fd, rtol=1e-6, atol=1e-8)
 
 
-def test_broadcast_batch_dims_get_summed_gradients(rng):
-    q = rng.standard_normal((3, 2, 9, 4))
-    k, v = rng.standard_normal((2, 11, 4)), rng.standard_normal((1, 11, 4))  # broadcast over batch, heads
-    do = rng.standard_normal((3, 2, 9, 4))
-    out, lse = flash_attention(q, k, v, return_lse=True, block_q=4, block_k=4)
-    ref = scaled_dot_product_attention(q, np.broadcast_to(k, (3, 2, 11, 4)), np.broadcast_to(v, (3, 2, 11, 4)))
-    np.testing.assert_allclose(out, ref, rtol=1e-12)
-    grads = flash_attention_backward(q, k, v, out, lse, do, block_q=4, block_k=4)
-    ref = attention_backward(q, k, v, do)
-    for g, r, x in zip(grads, ref, (q, k, v), strict=True):
-        assert g.shape == x.shape
-        np.testing.assert_allclose(g, r, rtol=1e-11, atol=1e-13)
+@pytest.mark.parametrize(
+    "shapes,mask_shape,enable_gqa,exc",
+    [
+        (((3, 2, 9, 4), (2, 11, 4), (1, 11, 4)), None, False, ValueError),  # ranks differ
+        (((2, 2, 9, 4), (1, 2, 11, 4), (1, 2, 11, 4)), None, False, ValueError),  # batch needs broadcast
+        (((2, 4, 9, 4), (2, 1, 11, 4), (2, 1, 11, 4)), None, False, ValueError),  # 1 KV head without GQA
+        (((2, 3, 9, 4), (2, 2, 11, 4), (2, 2, 11, 4)), None, True, ValueError),  # 2 does not divide 3
+        (((2, 3, 9, 4), (2, 3, 11, 4), (2, 3, 11, 4)), (4, 2, 3, 9, 11), False, ValueError),  # mask enlarges
+        (((2, 3, 9, 4), (2, 3, 11, 4), (2, 3, 11, 4)), "int", False, TypeError),  # integer mask
+    ],
+)
+def test_rejects_what_sdpa_rejects(rng, shapes, mask_shape, enable_gqa, exc):
+    q, k, v = (rng.standard_normal(s) for s in shapes)
+    mask = None
+    if mask_shape == "int":
+        mask = np.ones((9, 11), dtype=np.int64)
+    elif mask_shape is not None:
+        mask = np.ones(mask_shape, dtype=bool)
+    for fn in (scaled_dot_product_attention, flash_attention):
+        with pytest.raises(exc):
+            fn(q, k, v, attn_mask=mask, enable_gqa=enable_gqa)
 
 
 def test_float32_backward_within_tolerance(rng):
@@ -444,7 +453,7 @@ def test_bad_inputs_raise(rng):
         flash_attention(q[:3], k, v, enable_gqa=True)
     with pytest.raises(ValueError, match="feature size"):
         flash_attention(q[:2], k[..., :3], v)
-    with pytest.raises(ValueError, match="length S"):
+    with pytest.raises(ValueError, match=r"key and value must share \(..., S\)"):
         flash_attention(q[:2], k, v[:, :9])
     with pytest.raises(TypeError, match="dtype"):
         flash_attention(q[:2], k.astype(np.float32), v)
@@ -510,3 +519,13 @@ def test_numba_backend_rejects_general_masks(rng):
         flash_attention(q, q, q, attn_mask=np.ones((5, 5), dtype=bool), backend="numba")
     with pytest.raises(ValueError, match="boolean"):
         flash_attention(q, q, q, attn_mask=np.zeros((1, 1, 1, 5)), backend="numba")
+
+
+@pytest.mark.parametrize("which", ["out", "grad_out", "lse"])
+def test_backward_names_a_misshapen_argument(rng, which):
+    q, k, v = rng.standard_normal((2, 7, 4)), rng.standard_normal((2, 9, 4)), rng.standard_normal((2, 9, 3))
+    out, lse = flash_attention(q, k, v, return_lse=True)
+    args = dict(out=out, grad_out=rng.standard_normal(out.shape), lse=lse)
+    args[which] = args[which][..., :-1]
+    with pytest.raises(ValueError, match=rf"{which} must have shape"):
+        flash_attention_backward(q, k, v, args["out"], args["lse"], args["grad_out"])
