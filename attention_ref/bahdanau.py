@@ -206,6 +206,9 @@ def additive_attention(
 # ----------------------------------------------------------------------------------------------
 def _check_luong(h_t: Array, h_s: Array, xp: Any) -> None:
     _check_float("h_t", h_t, xp)
+    _check_float("h_s", h_s, xp)
+    if h_t.dtype != h_s.dtype:
+        raise TypeError(f"h_t and h_s must share one dtype, got {h_t.dtype} and {h_s.dtype}")
     _check_ndim("h_t", h_t, 1, "(..., Dt)")
     _check_ndim("h_s", h_s, 2, "(..., S, Ds)")
 

@@ -649,6 +649,8 @@ def exact_match_accuracy(
     model: DateTranslator, pairs: Sequence[tuple[str, str]], batch_size: int = 1000
 ) -> float:
     """Fraction of (input, target) pairs whose whole ISO translation is right."""
+    if len(pairs) == 0:
+        raise ValueError("pairs is empty: accuracy over no examples is undefined")
     correct = 0
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]

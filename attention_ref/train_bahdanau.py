@@ -16,6 +16,7 @@ import contextlib
 import math
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
@@ -118,8 +119,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--output",
-        default="attention_ref/data/date_translator.npz",
-        help="where to write the weights (.npz; default: the committed model's path)",
+        default=str(Path(__file__).resolve().parent / "data" / "date_translator.npz"),
+        help="where to write the weights (.npz; default: the committed model inside the package)",
     )
     parser.add_argument("--batch-size", type=int, default=96)
     parser.add_argument("--lr", type=float, default=1e-2, help="initial Adam learning rate")
