@@ -102,6 +102,13 @@ _EXPORTS: dict[str, str] = {
     "sram_block_sizes": "io_model",
     "IOCount": "io_model",
     "SlowMemory": "io_model",
+    # --- stage 07: KV cache ---
+    "KVCache": "kv_cache",
+    "empty_kv_cache": "kv_cache",
+    "append_kv": "kv_cache",
+    "truncate_kv": "kv_cache",
+    "decode_step": "kv_cache",
+    "split_kv_attention": "kv_cache",
     # --- stage 06: numba (issue 5) ---
     "numba_flash_forward": "flash_numba",
     "numba_flash_backward": "flash_numba",
