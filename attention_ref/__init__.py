@@ -15,6 +15,7 @@ module                stage
 ``multi_head``        04 multi-head attention with GQA / MQA
 ``flash``             05 tiled FlashAttention (FA-1, FA-2), backward, IO counts
 ``flash_numba``       06 Numba-jitted tiled kernels (optional dependency)
+``kv_cache``          07 KV-cache decoding, split-KV (Flash-Decoding)
 ``bert``              08 a real pretrained encoder (MiniLM) in NumPy
 ``plotting``          heatmaps of attention weights used by every notebook
 ``backends``          choosing NumPy or CuPy for the notebooks
