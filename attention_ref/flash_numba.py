@@ -61,7 +61,10 @@ import numba as nb
 import numpy as np
 from numba import prange
 
-__all__ = ["numba_flash_forward", "numba_flash_backward"]
+__all__ = [
+    "numba_flash_forward", "numba_flash_backward", "tile_sizes", "tune_tile_sizes",
+    "reset_tile_sizes",
+]
 
 # Fast-math subset that keeps inf/NaN semantics (no "nnan", "ninf"): lets LLVM reassociate sums
 # (vectorised reductions), fuse multiply-adds and use reciprocals, but -inf stays -inf.
@@ -72,10 +75,6 @@ READABLE_BLOCK = 64
 
 
 _LOG2E = 1.4426950408889634
-_LN2 = 0.6931471805599453
-# Masked logit in the fast tier (log2 units): finite, so that fast-math cannot assume it away;
-# any exponent below -126 is flushed to exactly 0 by _exp2_*.
-_NEG = -1.0e30
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,180 +228,166 @@ def _bwd_readable(q, k, v, do, lse, delta, scale, lengths, offset, causal, left,
 # ---------------------------------------------------------------------------------------------
 # fast tier: the same FA-2 loops around BLAS tile products, with a vectorised softmax
 # ---------------------------------------------------------------------------------------------
-# Key block of the fast tier (a compile-time constant: the softmax loops over it have a fixed trip
-# count, so LLVM unrolls and vectorises them) and query rows per parallel work item.
-# Optimisation (tile size): 32 query rows x 128 keys keeps a thread's tiles (Q_i, K_j, V_j, S, O:
-# about 100 KiB in float32) well inside the 1 MiB L2; 64 x 128 tiles ran at 134 GFLOP/s, these
-# at 222 (+65%, ablation step 5 -> 6; float32 forward, N = 4096, 2 threads). 128 x 256 and
-# 64 x 256 were slower still in the tuning runs.
-BLOCK_K = 128
-BLOCK_Q = 32
+# Tile sizes are run-time arguments (B_q query rows per work item, B_k keys per tile): they are
+# chosen per machine and dtype by ``tile_sizes`` below, not fixed here. B_k is a power of two
+# >= 32 (the row maximum halves it).
 # Fixed number of key-block chunks per head in the backward pass: each chunk owns a private dQ
 # partial sum; a fixed count (not the thread count) keeps results bit-identical on any machine.
 BWD_CHUNKS = 4
 
 
 # Optimisation (vectorised 2^x): llvmlite has no vector exp, so `math.exp` stays one scalar libm
-# call per logit; this Horner polynomial plus an exponent built with integer bit operations
-# vectorises. Working in log2 units (log2(e) folded into Q once) makes it exp2. Measured on the
-# loop kernel: 54 -> 79 GFLOP/s (+46%, ablation step 1 -> 2).
+# call per logit; 2^t = 2^n * 2^f with n = round(t), f in [-1/2, 1/2], a polynomial for 2^f and
+# 2^n written as IEEE-754 exponent bits vectorises. Measured on the loop kernel: 54 -> 79 GFLOP/s
+# (+46%, ablation step 1 -> 2). Clamping t at the smallest exponent makes n + bias = 0, i.e.
+# 2^n = +0.0 exactly: masked logits (-inf) and anything below 2^-126.5 give exactly 0 without a
+# compare-and-select.
 @nb.njit(cache=True, inline="always", fastmath=_FASTMATH)
-def _exp2_f32(x, bits, pow2):
-    """x[:] = 2**x[:] in place (float32, rel. error ~1e-7); inputs below -126 give exactly 0."""
-    for c in range(BLOCK_K):
-        xc = max(x[c], np.float32(-126.0))
-        nf = np.floor(xc + np.float32(0.5))
-        bits[c] = (np.int32(nf) + np.int32(127)) << np.int32(23)  # 2^n as IEEE-754 bits
-    for c in range(BLOCK_K):
-        xc = max(x[c], np.float32(-126.0))
-        f = xc - np.floor(xc + np.float32(0.5))  # f in [-0.5, 0.5]
-        # Taylor series of 2^f = e^(f ln 2), degree 7 (error < 5e-9 on [-0.5, 0.5])
-        y = np.float32(1.5252733804059838e-05)
-        y = y * f + np.float32(0.00015403530393381606)
-        y = y * f + np.float32(0.0013333558146428441)
-        y = y * f + np.float32(0.009618129107628477)
-        y = y * f + np.float32(0.055504108664821576)
-        y = y * f + np.float32(0.2402265069591007)
-        y = y * f + np.float32(0.6931471805599453)
-        y = y * f + np.float32(1.0)
-        x[c] = y * pow2[c] if x[c] >= np.float32(-126.0) else np.float32(0.0)
+def _exp2_f32(t):
+    """2**t for float32 t <= 0 (rel. error ~1e-7; t < -126.5, -inf included, gives 0)."""
+    t = max(t, np.float32(-127.0))
+    n = np.floor(t + np.float32(0.5))
+    f = t - n
+    # near-minimax polynomial for 2^f on [-1/2, 1/2], degree 6 (rel. error 2e-9)
+    y = np.float32(0.00015345806050626236)
+    y = y * f + np.float32(0.001339993117627704)
+    y = y * f + np.float32(0.009618488979378073)
+    y = y * f + np.float32(0.05550328777102344)
+    y = y * f + np.float32(0.2402264689042772)
+    y = y * f + np.float32(0.6931472057371781)
+    y = y * f + np.float32(1.0000000005541958)
+    return y * np.int32((np.int32(n) + np.int32(127)) << np.int32(23)).view(np.float32)
 
 
 @nb.njit(cache=True, inline="always", fastmath=_FASTMATH)
-def _exp2_f64(x, bits, pow2):
-    """x[:] = 2**x[:] in place (float64, rel. error ~2e-16); inputs below -126 give exactly 0."""
-    for c in range(BLOCK_K):
-        xc = max(x[c], -126.0)
-        nf = np.floor(xc + 0.5)
-        bits[c] = (np.int64(nf) + np.int64(1023)) << np.int64(52)
-    for c in range(BLOCK_K):
-        xc = max(x[c], -126.0)
-        f = xc - np.floor(xc + 0.5)
-        # Taylor series of 2^f, degree 12 (error < 3e-16 on [-0.5, 0.5])
-        y = 2.5678435993488196e-11
-        y = y * f + 4.44553827187081e-10
-        y = y * f + 7.054911620801121e-09
-        y = y * f + 1.0178086009239696e-07
-        y = y * f + 1.3215486790144305e-06
-        y = y * f + 1.5252733804059838e-05
-        y = y * f + 0.00015403530393381606
-        y = y * f + 0.0013333558146428441
-        y = y * f + 0.009618129107628477
-        y = y * f + 0.055504108664821576
-        y = y * f + 0.2402265069591007
-        y = y * f + 0.6931471805599453
-        y = y * f + 1.0
-        x[c] = y * pow2[c] if x[c] >= -126.0 else 0.0
+def _exp2_f64(t):
+    """2**t for float64 t <= 0 (rel. error ~2e-16; t < -1022.5, -inf included, gives 0)."""
+    t = max(t, -1023.0)
+    n = np.floor(t + 0.5)
+    f = t - n
+    # Taylor series of 2^f = e^(f ln 2), degree 12 (error < 3e-16 on [-1/2, 1/2])
+    y = 2.5678435993488196e-11
+    y = y * f + 4.44553827187081e-10
+    y = y * f + 7.054911620801121e-09
+    y = y * f + 1.0178086009239696e-07
+    y = y * f + 1.3215486790144305e-06
+    y = y * f + 1.5252733804059838e-05
+    y = y * f + 0.00015403530393381606
+    y = y * f + 0.0013333558146428441
+    y = y * f + 0.009618129107628477
+    y = y * f + 0.055504108664821576
+    y = y * f + 0.2402265069591007
+    y = y * f + 0.6931471805599453
+    y = y * f + 1.0
+    return y * np.int64((np.int64(n) + np.int64(1023)) << np.int64(52)).view(np.float64)
 
 
 @nb.njit(cache=True, inline="always", fastmath=_FASTMATH)
-def _exp2_row(x, bits32, pow32, bits64, pow64):
-    """x = 2**x over one row of a tile, in the precision of ``x`` (chosen at compile time)."""
-    if x.itemsize == 4:
-        _exp2_f32(x, bits32, pow32)
-    else:
-        _exp2_f64(x, bits64, pow64)
+def _exp2_sum(x, m, c):
+    """x[:] = 2^((x[:] - m) c) in place and return its sum: P and rowsum(P) of one tile row in
+    one pass. (x - m) is exact where it matters (near the maximum), so large logits lose nothing."""
+    total = c - c  # a zero of the row's dtype (c is finite; x[0] may be -inf)
+    for j in range(x.shape[0]):
+        if x.itemsize == 4:  # resolved at compile time
+            p = _exp2_f32((x[j] - m) * c)
+        else:
+            p = _exp2_f64((x[j] - m) * c)
+        x[j] = p
+        total += p
+    return total
 
 
 @nb.njit(cache=True, inline="always", fastmath=_FASTMATH)
-def _row_max(x, m16):
-    """max(x) over one row of a tile.
-    Optimisation (vectorised row max): a plain `mx = max(mx, x[c])` is one serial chain of scalar
-    maxima (LLVM may not reorder it without the no-NaN flag); sixteen running maxima updated
-    element-wise are a vector max per 16 logits. Measured: 116 -> 134 GFLOP/s (+16%, ablation
-    step 4 -> 5)."""
-    for u in range(16):
-        m16[u] = x[u]
-    for c0 in range(16, BLOCK_K, 16):
-        for u in range(16):
-            m16[u] = max(m16[u], x[c0 + u])
-    mx = m16[0]
-    for u in range(1, 16):
-        mx = max(mx, m16[u])
+def _row_max(x, tmp):
+    """max(x) for a row whose length is a power of two >= 32.
+    Optimisation (vectorised row max): `mx = max(mx, x[c])` is one serial chain of scalar maxima
+    (LLVM may not reorder it without the no-NaN flag), and running maxima kept in a small array
+    are stored and reloaded every step (LLVM cannot prove the array does not alias x). Halving
+    the row into `tmp` (element-wise maxima of the two halves, then of the halves of `tmp`) is
+    a few independent vector loops. Measured: 0.20 -> 0.13 ns per logit (float32, 512 keys)."""
+    h = x.shape[0] // 2
+    for j in range(h):
+        tmp[j] = max(x[j], x[j + h])
+    while h > 16:
+        h //= 2
+        for j in range(h):
+            tmp[j] = max(tmp[j], tmp[j + h])
+    mx = tmp[0]
+    for j in range(1, 16):
+        mx = max(mx, tmp[j])
     return mx
 
 
 @nb.njit(cache=True, inline="always", fastmath=_FASTMATH)
-def _mask_row(x, j0, lo, hi):
-    """Logits of keys outside [lo, hi) -> a large finite negative (fast-math cannot drop it)."""
-    for c in range(BLOCK_K):
+def _mask_row(x, j0, lo, hi, value):
+    """Entries of keys outside [lo, hi) -> value (-inf for logits, 0 for probabilities)."""
+    for c in range(x.shape[0]):
         j = j0 + c
         if j < lo or j >= hi:
-            x[c] = _NEG
+            x[c] = value
 
 
 @nb.njit(parallel=True, cache=True, fastmath=_FASTMATH)
-def _fwd_fast(qs, kp, vp, lengths, offset, causal, left, right, L, S, out, lse2):
-    """qs (B, Hq, L, E) = Q tau log2(e); kp (B, H, nkb, BLOCK_K, E) and vp (B, H, nkb, BLOCK_K, Ev):
-    K and V cut into zero-padded key blocks -> out (B, Hq, L, Ev), lse2 (B, Hq, L) in log2 units."""
-    B, Hq, _, E = qs.shape
-    H = kp.shape[1]
+def _fwd_fast(q, kp, vp, tau, c, lengths, offset, causal, left, right, L, S, block_q, out, lse):
+    """q (B, Hq, L, E) with the sign of the scale folded in; kp (B, H, nkb, B_k, E) and
+    vp (B, H, nkb, B_k, Ev): K and V cut into zero-padded key blocks; tau = |scale|,
+    c = tau log2(e) (> 0) -> out (B, Hq, L, Ev), lse (B, Hq, L)."""
+    B, Hq, _, E = q.shape
+    H, block_k = kp.shape[1], kp.shape[3]
     Ev = vp.shape[4]
     group = Hq // H
-    nqb = (L + BLOCK_Q - 1) // BLOCK_Q
+    nqb = (L + block_q - 1) // block_q
+    neg_inf = q.dtype.type(-np.inf)
     for item in prange(B * Hq * nqb):
         bh = item // nqb
         t = item % nqb
         # Optimisation (causal load balance): prange hands each thread a contiguous range of
         # items; interleaving the query-block order (first, last, second, second-to-last, ...)
-        # gives every thread a mix of short (top) and long (bottom) causal rows. Not measured
-        # separately here; with it, causal runs 1.8x faster than no mask at N = 4096 (10.8 vs
-        # 19.6 ms float32), close to the ideal 2x of skipping half the tiles.
+        # gives every thread a mix of short (top) and long (bottom) causal rows.
         qb = t // 2 if t % 2 == 0 else nqb - 1 - t // 2
         b = bh // Hq
         h = bh % Hq
         hk = h // group  # GQA: query head h reads KV head h // (Hq / H)
-        i0 = qb * BLOCK_Q
-        nr = min(L, i0 + BLOCK_Q) - i0
-        Qb = qs[b, h, i0 : i0 + nr]
+        i0 = qb * block_q
+        nr = min(L, i0 + block_q) - i0
+        Qb = q[b, h, i0 : i0 + nr]
         # scratch allocated once per work item, never inside the loops
-        s = np.empty((BLOCK_Q, BLOCK_K), dtype=qs.dtype)
-        pv = np.empty((BLOCK_Q, Ev), dtype=qs.dtype)
-        o = np.zeros((BLOCK_Q, Ev), dtype=qs.dtype)
-        m = np.full(BLOCK_Q, _NEG, dtype=qs.dtype)
-        ell = np.zeros(BLOCK_Q, dtype=qs.dtype)
-        alpha = np.ones(BLOCK_Q, dtype=qs.dtype)
-        lo = np.empty(BLOCK_Q, dtype=np.int64)
-        hi = np.empty(BLOCK_Q, dtype=np.int64)
-        m16 = np.empty(16, dtype=qs.dtype)
-        bits32 = np.empty(BLOCK_K, dtype=np.int32)
-        bits64 = np.empty(BLOCK_K, dtype=np.int64)
-        pow32 = bits32.view(np.float32)
-        pow64 = bits64.view(np.float64)
+        s = np.empty((block_q, block_k), dtype=q.dtype)
+        pv = np.empty((block_q, Ev), dtype=q.dtype)
+        o = np.zeros((block_q, Ev), dtype=q.dtype)
+        m = np.full(block_q, neg_inf, dtype=q.dtype)  # running row max of the raw logits q.k
+        ell = np.zeros(block_q, dtype=q.dtype)
+        alpha = np.ones(block_q, dtype=q.dtype)
+        lo = np.empty(block_q, dtype=np.int64)
+        hi = np.empty(block_q, dtype=np.int64)
+        tmp = np.empty(block_k // 2, dtype=q.dtype)
         for r in range(nr):
             lo[r], hi[r] = _key_range(i0 + r, L, S, offset, causal, left, right, lengths[b])
         # tile skipping: the block's rows see keys [lo[0], hi[nr-1]) (both bounds grow with i)
-        jb_start = lo[0] // BLOCK_K
-        jb_stop = (hi[nr - 1] + BLOCK_K - 1) // BLOCK_K if hi[nr - 1] > lo[0] else jb_start
+        jb_start = lo[0] // block_k
+        jb_stop = (hi[nr - 1] + block_k - 1) // block_k if hi[nr - 1] > lo[0] else jb_start
         for jb in range(jb_start, jb_stop):
-            j0 = jb * BLOCK_K
+            j0 = jb * block_k
             # Optimisation (BLAS tiles): S = Q_i K_j^T and P V_j go to the BLAS gemm through
-            # np.dot (SciPy's OpenBLAS), as in PyTorch's CPU flash kernel. Measured: with 64-row
-            # tiles it was *slower* than the best hand-written loops (142 -> 116 GFLOP/s,
-            # ablation step 3 -> 4): the gemm is fast but the softmax loops then dominate. It pays
-            # off with the vectorised row max and 32-row tiles (222 GFLOP/s, steps 5 and 6), and
-            # it works for every head dimension, where the loops wanted d fixed at compile time.
+            # np.dot (SciPy's OpenBLAS), as in PyTorch's CPU flash kernel; the loops keep the
+            # masks and the online softmax. It works for every head dimension.
             np.dot(Qb, kp[b, hk, jb].T, s[:nr])
-            inside = j0 >= lo[nr - 1] and j0 + BLOCK_K <= hi[0]  # no row needs masking
+            inside = j0 >= lo[nr - 1] and j0 + block_k <= hi[0]  # no row needs masking
             for r in range(nr):
                 x = s[r]
                 if not inside:
-                    _mask_row(x, j0, lo[r], hi[r])
-                # online softmax: m_new = max(m, rowmax S); P = 2^(S - m_new);
-                # ell = 2^(m - m_new) ell + rowsum P; O = diag(2^(m - m_new)) O + P V_j
-                m_new = max(m[r], _row_max(x, m16))
-                if m_new < 0.5 * _NEG:  # every key seen so far is masked: P = 0
-                    for c in range(BLOCK_K):
-                        x[c] = 0.0
+                    _mask_row(x, j0, lo[r], hi[r], neg_inf)
+                # online softmax, in log2 units: m_new = max(m, rowmax S);
+                # P = 2^((S - m_new) tau log2 e); ell = 2^((m - m_new) tau log2 e) ell + rowsum P;
+                # O = diag(2^((m - m_new) tau log2 e)) O + P V_j
+                m_new = max(m[r], _row_max(x, tmp))
+                if m_new == neg_inf:  # every key seen so far is masked: P = 0
+                    for j in range(block_k):
+                        x[j] = 0.0
                     alpha[r] = 1.0
                     continue
-                for c in range(BLOCK_K):
-                    x[c] = x[c] - m_new
-                _exp2_row(x, bits32, pow32, bits64, pow64)
-                total = x[0] - x[0]  # a zero of the input dtype
-                for c in range(BLOCK_K):
-                    total += x[c]
-                a = np.exp2(m[r] - m_new) if m[r] > 0.5 * _NEG else total - total
+                total = _exp2_sum(x, m_new, c)
+                a = np.exp2((m[r] - m_new) * c)  # m = -inf on the first visible tile: a = 0
                 alpha[r] = a
                 ell[r] = a * ell[r] + total
                 m[r] = m_new
@@ -413,52 +398,49 @@ def _fwd_fast(qs, kp, vp, lengths, offset, causal, left, right, L, S, out, lse2)
                 pvrow = pv[r]
                 for e in range(Ev):
                     orow[e] = a * orow[e] + pvrow[e]
-        # O_i = diag(ell)^-1 O_i ; lse = m + log2(ell) ; fully masked rows -> 0 and -inf
+        # O_i = diag(ell)^-1 O_i ; lse = tau m + log(ell) ; fully masked rows -> 0 and -inf
         for r in range(nr):
             orow = out[b, h, i0 + r]
             if ell[r] > 0.0:
+                inv = 1.0 / ell[r]
                 for e in range(Ev):
-                    orow[e] = o[r, e] / ell[r]
-                lse2[b, h, i0 + r] = m[r] + np.log2(ell[r])
+                    orow[e] = o[r, e] * inv
+                lse[b, h, i0 + r] = tau * m[r] + np.log(ell[r])
             else:
                 for e in range(Ev):
                     orow[e] = 0.0
-                lse2[b, h, i0 + r] = -np.inf
+                lse[b, h, i0 + r] = neg_inf
 
 
 @nb.njit(parallel=True, cache=True, fastmath=_FASTMATH)
-def _bwd_fast(qs, kp, vp, dop, lse2, delta, lengths, offset, causal, left, right, L, S,
-              dq_part, dk, dv):
+def _bwd_fast(q, kp, vp, do, lse, delta, tau, lengths, offset, causal, left, right, L, S,
+              block_q, dq_part, dk, dv):
     """FA-2 backward, one pass: a work item (b, KV head, chunk t) owns the key blocks
-    t, t + BWD_CHUNKS, ... (interleaved: causal load balance) and, for each, every query block that
-    sees it: P = 2^(S - lse2), dS = P (dO V^T - D), dV_j += P^T dO, dK_j += dS^T Q,
-    dQ_partial[t] += dS K_j.  Scales (tau, ln 2) are applied by the caller.
+    t, t + BWD_CHUNKS, ... and, for each, every query block that sees it: P = exp(tau S - lse),
+    dS = P (dO V^T - D), dV_j += P^T dO, dK_j += dS^T Q, dQ_partial[t] += dS K_j (tau is applied
+    to dK and dQ by the caller).
     Optimisation (one backward sweep): FA-2's separate dK/dV and dQ passes recompute S, P and dP
     twice (14 N^2 d FLOPs instead of 10, and twice the exponentials); here each tile is computed
-    once and dQ goes to BWD_CHUNKS private partial sums (no atomics, deterministic). Not measured
-    against a two-pass BLAS version (the backward pass reaches 232 GFLOP/s counted as 2.5x the
-    forward FLOPs, float32, N = 4096)."""
-    B, Hq, _, E = qs.shape
-    H, nkb = kp.shape[1], kp.shape[2]
+    once and dQ goes to BWD_CHUNKS private partial sums (no atomics, deterministic)."""
+    B, Hq, _, E = q.shape
+    H, nkb, block_k = kp.shape[1], kp.shape[2], kp.shape[3]
     Ev = vp.shape[4]
     group = Hq // H
     T = dq_part.shape[0]
+    log2e = q.dtype.type(_LOG2E)
     for item in prange(B * H * T):
         b = item // (H * T)
         hk = (item // T) % H
-        t = item % T
-        s = np.empty((BLOCK_Q, BLOCK_K), dtype=qs.dtype)
-        dp = np.empty((BLOCK_Q, BLOCK_K), dtype=qs.dtype)
-        tk = np.empty((BLOCK_K, E), dtype=qs.dtype)
-        tv = np.empty((BLOCK_K, Ev), dtype=qs.dtype)
-        tq = np.empty((BLOCK_Q, E), dtype=qs.dtype)
-        bits32 = np.empty(BLOCK_K, dtype=np.int32)
-        bits64 = np.empty(BLOCK_K, dtype=np.int64)
-        pow32 = bits32.view(np.float32)
-        pow64 = bits64.view(np.float64)
+        u = item % T
+        t = u // 2 if u % 2 == 0 else T - 1 - u // 2  # causal load balance, as in the forward
+        s = np.empty((block_q, block_k), dtype=q.dtype)
+        dp = np.empty((block_q, block_k), dtype=q.dtype)
+        tk = np.empty((block_k, E), dtype=q.dtype)
+        tv = np.empty((block_k, Ev), dtype=q.dtype)
+        tq = np.empty((block_q, E), dtype=q.dtype)
         length = lengths[b]
         for jb in range(t, nkb, T):
-            j0 = jb * BLOCK_K
+            j0 = jb * block_k
             kb = kp[b, hk, jb]
             vb = vp[b, hk, jb]
             dkb = dk[b, hk, jb]
@@ -468,32 +450,41 @@ def _bwd_fast(qs, kp, vp, dop, lse2, delta, lengths, offset, causal, left, right
             i_last = -1
             for i in range(L):
                 lo, hi = _key_range(i, L, S, offset, causal, left, right, length)
-                if hi > lo and hi > j0 and lo < j0 + BLOCK_K:
+                if hi > lo and hi > j0 and lo < j0 + block_k:
                     i_first = min(i_first, i)
                     i_last = i
             for h in range(hk * group, (hk + 1) * group):
-                for i0 in range(i_first, i_last + 1, BLOCK_Q):
-                    nr = min(BLOCK_Q, i_last + 1 - i0)
-                    Qb = qs[b, h, i0 : i0 + nr]
-                    DOb = dop[b, h, i0 : i0 + nr]
-                    np.dot(Qb, kb.T, s[:nr])  # S (log2 units)
-                    np.dot(DOb, vb.T, dp[:nr])  # dP = dO V_j^T
+                for i0 in range(i_first, i_last + 1, block_q):
+                    nr = min(block_q, i_last + 1 - i0)
+                    Qb = q[b, h, i0 : i0 + nr]
+                    DOb = do[b, h, i0 : i0 + nr]
+                    np.dot(Qb, kb.T, s[:nr])  # S = Q_i K_j^T (without tau)
+                    np.dot(DOb, vb.T, dp[:nr])  # dP = dO_i V_j^T
                     for r in range(nr):
                         lo, hi = _key_range(i0 + r, L, S, offset, causal, left, right, length)
                         x = s[r]
                         y = dp[r]
-                        if j0 < lo or j0 + BLOCK_K > hi:
-                            _mask_row(x, j0, lo, hi)
-                        l2 = lse2[b, h, i0 + r]
-                        for c in range(BLOCK_K):
-                            x[c] = x[c] - l2
-                        _exp2_row(x, bits32, pow32, bits64, pow64)  # P = 2^(S - lse2)
+                        lr = lse[b, h, i0 + r]
+                        if hi <= lo or lr == -np.inf:  # fully masked row: P = 0
+                            for j in range(block_k):
+                                x[j] = 0.0
+                                y[j] = 0.0
+                            continue
                         d = delta[b, h, i0 + r]
-                        for c in range(BLOCK_K):
-                            y[c] = x[c] * (y[c] - d)  # dS = P (dP - D)
+                        for j in range(block_k):
+                            # P = exp(tau S - lse) = 2^((tau S - lse) log2 e); dS = P (dP - D)
+                            if x.itemsize == 4:
+                                p = _exp2_f32((x[j] * tau - lr) * log2e)
+                            else:
+                                p = _exp2_f64((x[j] * tau - lr) * log2e)
+                            x[j] = p
+                            y[j] = p * (y[j] - d)
+                        if j0 < lo or j0 + block_k > hi:
+                            _mask_row(x, j0, lo, hi, 0.0)
+                            _mask_row(y, j0, lo, hi, 0.0)
                     np.dot(s[:nr].T, DOb, tv)  # dV_j += P^T dO_i
                     np.dot(dp[:nr].T, Qb, tk)  # dK_j += dS^T Q_i
-                    for c in range(BLOCK_K):
+                    for c in range(block_k):
                         for e in range(Ev):
                             dvb[c, e] += tv[c, e]
                         for e in range(E):
@@ -503,6 +494,293 @@ def _bwd_fast(qs, kp, vp, dop, lse2, delta, lengths, offset, causal, left, right
                     for r in range(nr):
                         for e in range(E):
                             dqb[i0 + r, e] += tq[r, e]
+
+
+# ---------------------------------------------------------------------------------------------
+# tile sizes: a rule from the machine, or a short autotune stored on disk
+# ---------------------------------------------------------------------------------------------
+# B_q x B_k per direction and dtype. The defaults come from a rule (below); `tune_tile_sizes()`
+# (or ATTENTION_REF_TILES=autotune, which tunes on first use) times a few candidates and stores
+# the winner per machine and dtype in a JSON file (as Triton's autotune does), used from then on;
+# ATTENTION_REF_TILES=BQxBK fixes them. `tile_sizes()` shows the choice and where it came from,
+# `reset_tile_sizes()` forgets the stored ones.
+_TILE_ENV = "ATTENTION_REF_TILES"
+_CACHE_ENV = "ATTENTION_REF_CACHE_DIR"
+_DIRECTIONS = ("forward", "backward")
+_TILE_MEMO: dict[tuple[str, str], dict] = {}
+_AUTOTUNE_CANDIDATES = {
+    "forward": [(bq, bk) for bq in (64, 128, 256) for bk in (128, 256, 512)],
+    "backward": [(bq, bk) for bq in (32, 64, 128) for bk in (64, 128, 256)],
+}
+
+
+def _l2_bytes() -> int:
+    """Per-core L2 cache size from Linux sysfs (1 MiB when it cannot be read)."""
+    import glob
+
+    for index in sorted(glob.glob("/sys/devices/system/cpu/cpu0/cache/index*")):
+        try:
+            with open(f"{index}/level") as f:
+                level = f.read().strip()
+            with open(f"{index}/size") as f:
+                size = f.read().strip()
+        except OSError:
+            continue
+        if level == "2" and size[:-1].isdigit():
+            unit = {"K": 1024, "M": 1024**2}.get(size[-1], 1)
+            return int(size[:-1]) * unit
+    return 1024**2
+
+
+def _target_isa() -> dict:
+    """What Numba compiles for: the LLVM CPU name and the widest vector ISA in its feature set
+    (``NUMBA_CPU_NAME`` / ``NUMBA_CPU_FEATURES`` override the host), and the BLAS kernel."""
+    import llvmlite.binding as llvm
+    from numba.core import config
+
+    name = config.CPU_NAME or llvm.get_host_cpu_name()
+    features = (config.CPU_FEATURES if config.CPU_FEATURES is not None
+                else llvm.get_host_cpu_features().flatten())
+    enabled = {f[1:] for f in features.split(",") if f.startswith("+")}
+    if features == "":  # NUMBA_CPU_FEATURES="": the named CPU's own defaults
+        enabled = {"avx512f"} if name in _AVX512_CPUS else ({"avx2"} if name in _AVX2_CPUS else set())
+    isa = "avx512" if "avx512f" in enabled else ("avx2" if "avx2" in enabled else "sse")
+    return {"llvm_cpu": name, "isa": isa, "blas": _blas_kernel()}
+
+
+# LLVM CPU names, for NUMBA_CPU_FEATURES="" (LLVM does not list a named CPU's default features)
+_AVX2_CPUS = {"haswell", "broadwell", "skylake", "alderlake", "raptorlake", "znver1", "znver2",
+              "znver3"}
+_AVX512_CPUS = {"skylake-avx512", "cascadelake", "cooperlake", "icelake-client",
+                "icelake-server", "tigerlake", "rocketlake", "sapphirerapids", "emeraldrapids",
+                "graniterapids", "znver4", "znver5"}
+
+
+def _blas_kernel() -> str:
+    """The OpenBLAS kernel (threadpoolctl's "architecture") of the BLAS the kernels call."""
+    try:
+        import scipy.linalg.cython_blas  # noqa: F401
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return "unknown"
+    for lib in threadpool_info():
+        if lib.get("user_api") == "blas" and "scipy" in str(lib.get("filepath", "")):
+            return f"{lib.get('internal_api')}:{lib.get('architecture')}"
+    return "unknown"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def _tile_rule(dtype: np.dtype, direction: str, l2: int, isa: str) -> tuple[int, int, str]:
+    """The default tiles. B_k = 512 keys (PyTorch's CPU flash kernel splits keys by 512): long
+    BLAS calls, few online-softmax rescalings. B_q = the most query rows (<= 256) for which a
+    thread's working set -- the S tile (B_q x B_k), K_j and V_j (B_k x E each), Q_i and O_i
+    (B_q x E each), E = 64 -- fits in half of the per-core L2; B_k halves first if even 64
+    rows do not fit. The backward pass holds two tiles (S and dP) and three gradient blocks: the
+    same rule on that working set. The vector width (isa) does not enter: the BLAS kernel and the
+    2^x loop adapt to it."""
+    item = np.dtype(dtype).itemsize
+    E = 64
+    budget = l2 // 2
+
+    def working_set(bq: int, bk: int) -> int:
+        if direction == "forward":
+            return item * (bq * bk + 2 * bk * E + 3 * bq * E)
+        return item * (2 * bq * bk + 4 * bk * E + 4 * bq * E)
+
+    bk = 512 if direction == "forward" else 256
+    while bk > 64 and working_set(64, bk) > budget:
+        bk //= 2
+    bq = 256 if direction == "forward" else 128
+    while bq > 32 and working_set(bq, bk) > budget:
+        bq //= 2
+    why = (f"rule: largest tile whose working set ({working_set(bq, bk) // 1024} KiB) fits half "
+           f"of the {l2 // 1024} KiB L2 per core; {isa}")
+    return bq, bk, why
+
+
+def _machine_key(dtype: np.dtype) -> str:
+    t = _target_isa()
+    return f"{_cpu_model()} | {t['llvm_cpu']} {t['isa']} | {t['blas']} | {np.dtype(dtype).name}"
+
+
+def _cache_file() -> str:
+    import os
+
+    base = os.environ.get(_CACHE_ENV) or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+        "attention_ref")
+    return os.path.join(base, "tiles.json")
+
+
+def _read_cache() -> dict:
+    import json
+
+    try:
+        with open(_cache_file()) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_cache(data: dict) -> None:
+    import json
+    import os
+
+    path = _cache_file()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)  # atomic: concurrent processes never read half a file
+
+
+def _parse_tiles_env(value: str) -> tuple[int, int] | None:
+    try:
+        bq, bk = (int(x) for x in value.lower().split("x"))
+    except ValueError:
+        return None
+    if bq < 1 or bk < 32 or bk & (bk - 1):
+        return None
+    return bq, bk
+
+
+def tile_sizes(dtype: Any = np.float32, direction: str = "forward") -> dict:
+    """The tiles (B_q query rows x B_k keys) the fast kernels use on this machine, and why.
+
+    Returns a dict with ``block_q``, ``block_k``, ``source`` (``"rule"``, ``"autotune"`` or
+    ``"environment"``), ``reason`` and ``machine`` (the key the choice is stored under: CPU
+    model, the CPU and vector ISA Numba compiles for, the BLAS kernel, the dtype). Precedence:
+    ``ATTENTION_REF_TILES=BQxBK``; a stored autotune result for this machine and dtype
+    (``tune_tile_sizes``, or ``ATTENTION_REF_TILES=autotune`` to tune on first use); the rule.
+    A call may use fewer query rows or keys than shown when the problem is small (so that every
+    thread gets work) or short (no padding beyond the next power of two).
+    """
+    import os
+
+    dt = np.dtype(dtype)
+    if dt not in (np.float32, np.float64):
+        raise TypeError(f"dtype must be float32 or float64, got {dt}")
+    if direction not in _DIRECTIONS:
+        raise ValueError(f"direction must be one of {_DIRECTIONS}, got {direction!r}")
+    env = os.environ.get(_TILE_ENV, "").strip()
+    memo_key = (dt.name, direction)
+    if memo_key in _TILE_MEMO and _TILE_MEMO[memo_key]["env"] == env:
+        return dict(_TILE_MEMO[memo_key]["choice"])
+    machine = _machine_key(dt)
+    if env and env != "autotune":
+        fixed = _parse_tiles_env(env)
+        if fixed is None:
+            raise ValueError(f"{_TILE_ENV} must be 'autotune' or 'BQxBK' with B_k a power of two "
+                             f">= 32 (e.g. '128x512'), got {env!r}")
+        choice = {"block_q": fixed[0], "block_k": fixed[1], "source": "environment",
+                  "reason": f"{_TILE_ENV}={env}"}
+    else:
+        stored = _read_cache().get(machine, {}).get(direction)
+        if stored is None and env == "autotune":
+            stored = tune_tile_sizes(dt)[direction]
+        if stored is not None:
+            choice = {"block_q": int(stored["block_q"]), "block_k": int(stored["block_k"]),
+                      "source": "autotune",
+                      "reason": f"autotuned {stored.get('when', '')}: {stored.get('summary', '')}"
+                                f" (stored in {_cache_file()})"}
+        else:
+            isa = _target_isa()["isa"]
+            bq, bk, why = _tile_rule(dt, direction, _l2_bytes(), isa)
+            choice = {"block_q": bq, "block_k": bk, "source": "rule", "reason": why}
+    choice["machine"] = machine
+    _TILE_MEMO[memo_key] = {"env": env, "choice": choice}
+    return dict(choice)
+
+
+def reset_tile_sizes() -> None:
+    """Forget the autotuned tiles stored for this machine (all dtypes); the rule applies again."""
+    data = _read_cache()
+    mine = {_machine_key(dt) for dt in (np.float32, np.float64)}
+    if any(key in data for key in mine):
+        _write_cache({k: v for k, v in data.items() if k not in mine})
+    _TILE_MEMO.clear()
+
+
+def tune_tile_sizes(dtype: Any = np.float32, *, seq_len: int = 2048, repeats: int = 3) -> dict:
+    """Time the candidate tiles on this machine and store the fastest per direction.
+
+    One problem of ``seq_len`` queries and keys, E = 64, with as many heads as Numba threads,
+    no mask; every candidate runs ``repeats`` times (best time kept) after one warm-up call. A few
+    seconds per dtype once the kernels are compiled. Returns ``{"forward": {...}, "backward":
+    {...}}`` as stored (``block_q``, ``block_k``, ``ms`` and a summary of all candidates).
+    """
+    import datetime
+    import functools
+    import os
+    import time
+
+    dt = np.dtype(dtype)
+    rng = np.random.default_rng(0)
+    heads = max(1, nb.get_num_threads())
+    q, k, v, do = (rng.standard_normal((heads, seq_len, 64)).astype(dt) for _ in range(4))
+    result = {}
+    saved = os.environ.get(_TILE_ENV)
+    try:
+        for direction in _DIRECTIONS:
+            timings = {}
+            for bq, bk in _AUTOTUNE_CANDIDATES[direction]:
+                os.environ[_TILE_ENV] = f"{bq}x{bk}"
+                if direction == "forward":
+                    call = functools.partial(numba_flash_forward, q, k, v)
+                else:
+                    out, lse = numba_flash_forward(q, k, v)
+                    call = functools.partial(numba_flash_backward, q, k, v, out, lse, do)
+                call()
+                best = math.inf
+                for _ in range(repeats):
+                    t0 = time.perf_counter()
+                    call()
+                    best = min(best, time.perf_counter() - t0)
+                timings[(bq, bk)] = 1e3 * best
+            (bq, bk), ms = min(timings.items(), key=lambda kv: kv[1])
+            ranked = sorted(timings.items(), key=lambda kv: kv[1])
+            result[direction] = {
+                "block_q": bq, "block_k": bk, "ms": ms, "seq_len": seq_len, "heads": heads,
+                "when": datetime.date.today().isoformat(),
+                "summary": ", ".join(f"{a}x{b} {t:.1f} ms" for (a, b), t in ranked[:4]),
+            }
+    finally:
+        if saved is None:
+            os.environ.pop(_TILE_ENV, None)
+        else:
+            os.environ[_TILE_ENV] = saved
+        _TILE_MEMO.clear()
+    data = _read_cache()
+    data[_machine_key(dt)] = result
+    _write_cache(data)
+    return result
+
+
+def _call_tiles(dtype: np.dtype, direction: str, heads: int, L: int, S: int) -> tuple[int, int]:
+    """The machine's tiles, shrunk for small problems: B_k no wider than S rounded up to a power
+    of two (>= 32), B_q halved (down to 16) until every Numba thread has about four work items."""
+    choice = tile_sizes(dtype, direction)
+    bq, bk = choice["block_q"], choice["block_k"]
+    while bk > 32 and bk // 2 >= S:
+        bk //= 2
+    if direction == "forward":
+        want = 4 * nb.get_num_threads()
+        while bq > 16 and heads * -(-L // bq) < want:
+            bq //= 2
+    return bq, bk
 
 
 # ---------------------------------------------------------------------------------------------
@@ -528,6 +806,12 @@ def _single_threaded_blas():
         except ImportError:
             _BLAS_CONTROLLER = False
         else:
+            # np.dot inside the kernels calls SciPy's BLAS (scipy.linalg.cython_blas), which Numba
+            # loads on the first call into a kernel, i.e. after this controller would otherwise
+            # be built: load it first, or the limit never reaches the library the kernels use
+            # (N = 2048, E = 128: 78-120 ms per first-process call instead of 28-33 ms).
+            import scipy.linalg.cython_blas  # noqa: F401
+
             _BLAS_CONTROLLER = ThreadpoolController()
     if _BLAS_CONTROLLER is False:
         return contextlib.nullcontext()
@@ -679,18 +963,25 @@ def numba_flash_forward(
         if L > 0:
             _fwd_readable(q, k, v, a["scale"], *args, out, lse)
     else:
-        nkb = max(1, -(-S // BLOCK_K))
-        # Optimisation (fold the scale): Q * tau * log2(e) once, so logits come out in log2 units
-        # (one multiply per logit saved; part of ablation step 1, not measured on its own)
-        qs = np.ascontiguousarray(q * dtype.type(a["scale"] * _LOG2E))
-        kp = _pad_rows(k, nkb * BLOCK_K).reshape(B, -1, nkb, BLOCK_K, a["E"])
-        vp = _pad_rows(v, nkb * BLOCK_K).reshape(B, -1, nkb, BLOCK_K, Ev)
+        block_q, block_k = _call_tiles(dtype, "forward", B * Hq, L, S)
+        nkb = max(1, -(-S // block_k))
+        # The kernel's online softmax keeps the raw logits q.k and applies tau log2(e) inside
+        # 2^((S - m) tau log2 e): the difference S - m is exact near the maximum, so large
+        # logits lose no precision to the scale (folding it into Q cost up to 3x NumPy's error
+        # with amplified logits). A negative scale flips the sign of Q; a zero scale makes every
+        # logit 0 (uniform weights).
+        tau = abs(a["scale"])
+        sign = 1.0 if a["scale"] > 0 else (-1.0 if a["scale"] < 0 else 0.0)
+        qe = q if sign == 1.0 else np.ascontiguousarray(q * dtype.type(sign))
+        c = tau * _LOG2E if tau > 0 else _LOG2E
+        kp = _pad_rows(k, nkb * block_k).reshape(B, -1, nkb, block_k, a["E"])
+        vp = _pad_rows(v, nkb * block_k).reshape(B, -1, nkb, block_k, Ev)
         out = np.empty((B, Hq, L, Ev), dtype=dtype)
         lse = np.empty((B, Hq, L), dtype=dtype)
         if L > 0:
             with _single_threaded_blas():
-                _fwd_fast(qs, kp, vp, *args, L, S, out, lse)
-        lse *= dtype.type(_LN2)  # log2 -> natural log (-inf stays -inf)
+                _fwd_fast(qe, kp, vp, dtype.type(tau), dtype.type(c), *args, L, S, block_q,
+                          out, lse)
     return (np.ascontiguousarray(out).reshape(a["out_shape"]), lse.reshape(a["lse_shape"]))
 
 
@@ -750,20 +1041,20 @@ def numba_flash_backward(
         if L > 0 and S > 0:
             _bwd_readable(q, k, v, do, lse4, delta, a["scale"], *args, dq, dk, dv)
     else:
-        nkb = max(1, -(-S // BLOCK_K))
-        qs = np.ascontiguousarray(q * dtype.type(a["scale"] * _LOG2E))
-        kp = _pad_rows(k, nkb * BLOCK_K).reshape(B, H, nkb, BLOCK_K, E)
-        vp = _pad_rows(v, nkb * BLOCK_K).reshape(B, H, nkb, BLOCK_K, Ev)
-        lse2 = lse4 * dtype.type(_LOG2E)
+        block_q, block_k = _call_tiles(dtype, "backward", B * Hq, L, S)
+        nkb = max(1, -(-S // block_k))
+        kp = _pad_rows(k, nkb * block_k).reshape(B, H, nkb, block_k, E)
+        vp = _pad_rows(v, nkb * block_k).reshape(B, H, nkb, block_k, Ev)
         dq_part = np.zeros((BWD_CHUNKS, B, Hq, L, E), dtype=dtype)
-        dk = np.zeros((B, H, nkb, BLOCK_K, E), dtype=dtype)
-        dv = np.zeros((B, H, nkb, BLOCK_K, Ev), dtype=dtype)
+        dk = np.zeros((B, H, nkb, block_k, E), dtype=dtype)
+        dv = np.zeros((B, H, nkb, block_k, Ev), dtype=dtype)
         if L > 0 and S > 0:
             with _single_threaded_blas():
-                _bwd_fast(qs, kp, vp, do, lse2, delta, *args, L, S, dq_part, dk, dv)
-        # dQ = tau sum_t dQ_t (fixed order); dK = tau dS^T Q = ln2 dS^T (Q tau log2 e)
+                _bwd_fast(q, kp, vp, do, lse4, delta, dtype.type(a["scale"]), *args, L, S,
+                          block_q, dq_part, dk, dv)
+        # dQ = tau sum_t dQ_t (fixed order); dK = tau dS^T Q
         dq = dq_part.sum(axis=0) * dtype.type(a["scale"])
-        dk = dk.reshape(B, H, -1, E)[:, :, :S] * dtype.type(_LN2)
+        dk = dk.reshape(B, H, -1, E)[:, :, :S] * dtype.type(a["scale"])
         dv = dv.reshape(B, H, -1, Ev)[:, :, :S]
     return (np.ascontiguousarray(dq).reshape(query.shape), np.ascontiguousarray(dk).reshape(key.shape),
             np.ascontiguousarray(dv).reshape(value.shape))

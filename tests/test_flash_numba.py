@@ -17,8 +17,6 @@ pytest.importorskip("numba")
 from attention_ref.dot_product import scaled_dot_product_attention  # noqa: E402
 from attention_ref.flash import attention_backward  # noqa: E402
 from attention_ref.flash_numba import (  # noqa: E402
-    BLOCK_K,
-    BLOCK_Q,
     numba_flash_backward,
     numba_flash_forward,
 )
@@ -26,6 +24,19 @@ from attention_ref.masks import causal_mask, padding_mask, sliding_window_mask  
 from attention_ref.softmax import logsumexp  # noqa: E402
 
 TOL = {np.float64: 1e-12, np.float32: 1e-5}
+# Small tiles (B_q x B_k) for the fast kernel, so that the sizes below cross several tiles and
+# end in partial ones; the machine's own (larger) tiles are covered by the "machine" case.
+BLOCK_Q, BLOCK_K = 32, 64
+
+
+@pytest.fixture(autouse=True, params=["small-tiles", "machine-tiles"])
+def tiles(request, monkeypatch):
+    """Run every test with small fixed tiles and with the tiles chosen for this machine."""
+    if request.param == "small-tiles":
+        monkeypatch.setenv("ATTENTION_REF_TILES", f"{BLOCK_Q}x{BLOCK_K}")
+    else:
+        monkeypatch.delenv("ATTENTION_REF_TILES", raising=False)
+    return request.param
 COMBOS = [
     pytest.param(np.float64, "fast", id="f64-fast"),
     pytest.param(np.float64, "readable", id="f64-readable"),
@@ -76,7 +87,7 @@ CASES = [
     pytest.param({"window": (20, 3)}, id="window"),
     pytest.param({"window": (70, None), "is_causal": True, "causal_alignment": "bottom_right"},
                  id="window-causal-br"),
-    pytest.param({"key_lengths": np.array([0, 97])}, id="lengths-with-zero"),
+    pytest.param({"key_lengths": np.array([0, BLOCK_K + 6])}, id="lengths-with-zero"),
 ]
 
 
@@ -123,7 +134,7 @@ GRAD_CASES = [
     pytest.param({}, id="plain"),
     pytest.param({"is_causal": True, "causal_alignment": "bottom_right", "window": (40, None)},
                  id="causal-window"),
-    pytest.param({"key_lengths": np.array([0, 150]), "is_causal": True}, id="lengths"),
+    pytest.param({"key_lengths": np.array([0, BLOCK_K + 22]), "is_causal": True}, id="lengths"),
 ]
 
 
