@@ -236,62 +236,65 @@ def _bwd_readable(q, k, v, do, lse, delta, scale, lengths, offset, causal, left,
 BWD_CHUNKS = 4
 
 
-# Optimisation (vectorised 2^x): llvmlite has no vector exp, so `math.exp` stays one scalar libm
-# call per logit; 2^t = 2^n * 2^f with n = round(t), f in [-1/2, 1/2], a polynomial for 2^f and
-# 2^n written as IEEE-754 exponent bits vectorises. Measured on the loop kernel: 54 -> 79 GFLOP/s
-# (+46%, ablation step 1 -> 2). Clamping t at the smallest exponent makes n + bias = 0, i.e.
-# 2^n = +0.0 exactly: masked logits (-inf) and anything below 2^-126.5 give exactly 0 without a
+# Optimisation (vectorised exp): llvmlite has no vector exp, so `math.exp` stays one scalar libm
+# call per logit. Written out -- e^t = 2^n e^r with n = round(t log2 e), r = t - n ln 2 (ln 2 in
+# two parts, so that r is nearly exact: no error grows with |t|), a polynomial for e^r and 2^n as
+# IEEE-754 exponent bits -- it vectorises. Measured on the loop kernel: 54 -> 79 GFLOP/s (+46%,
+# ablation step 1 -> 2). Clamping t where n reaches the smallest exponent makes n + bias = 0, so
+# 2^n = +0.0 exactly: masked logits (-inf) and anything below e^-87.7 give exactly 0 without a
 # compare-and-select.
 @nb.njit(cache=True, inline="always", fastmath=_FASTMATH)
-def _exp2_f32(t):
-    """2**t for float32 t <= 0 (rel. error ~1e-7; t < -126.5, -inf included, gives 0)."""
-    t = max(t, np.float32(-127.0))
-    n = np.floor(t + np.float32(0.5))
-    f = t - n
-    # near-minimax polynomial for 2^f on [-1/2, 1/2], degree 6 (rel. error 2e-9)
-    y = np.float32(0.00015345806050626236)
-    y = y * f + np.float32(0.001339993117627704)
-    y = y * f + np.float32(0.009618488979378073)
-    y = y * f + np.float32(0.05550328777102344)
-    y = y * f + np.float32(0.2402264689042772)
-    y = y * f + np.float32(0.6931472057371781)
-    y = y * f + np.float32(1.0000000005541958)
+def _exp_f32(t):
+    """e**t for float32 t <= 0 (rel. error ~1e-7; t < -87.7, -inf included, gives 0)."""
+    t = max(t, np.float32(-88.0))
+    n = np.floor(t * np.float32(_LOG2E) + np.float32(0.5))
+    r = t - n * np.float32(0.693145751953125)  # ln 2, high part: n * it is exact
+    r = r - n * np.float32(1.4286068203094173e-06)  # ln 2, low part
+    # near-minimax polynomial for e^r on [-ln2/2, ln2/2], degree 6 (rel. error 2e-9)
+    y = np.float32(0.001383684303122534)
+    y = y * r + np.float32(0.00837481578783439)
+    y = y * r + np.float32(0.04166822562294422)
+    y = y * r + np.float32(0.16666420170103782)
+    y = y * r + np.float32(0.4999999207957711)
+    y = y * r + np.float32(1.0000000363231234)
+    y = y * r + np.float32(1.00000000055418)
     return y * np.int32((np.int32(n) + np.int32(127)) << np.int32(23)).view(np.float32)
 
 
 @nb.njit(cache=True, inline="always", fastmath=_FASTMATH)
-def _exp2_f64(t):
-    """2**t for float64 t <= 0 (rel. error ~2e-16; t < -1022.5, -inf included, gives 0)."""
-    t = max(t, -1023.0)
-    n = np.floor(t + 0.5)
-    f = t - n
-    # Taylor series of 2^f = e^(f ln 2), degree 12 (error < 3e-16 on [-1/2, 1/2])
-    y = 2.5678435993488196e-11
-    y = y * f + 4.44553827187081e-10
-    y = y * f + 7.054911620801121e-09
-    y = y * f + 1.0178086009239696e-07
-    y = y * f + 1.3215486790144305e-06
-    y = y * f + 1.5252733804059838e-05
-    y = y * f + 0.00015403530393381606
-    y = y * f + 0.0013333558146428441
-    y = y * f + 0.009618129107628477
-    y = y * f + 0.055504108664821576
-    y = y * f + 0.2402265069591007
-    y = y * f + 0.6931471805599453
-    y = y * f + 1.0
+def _exp_f64(t):
+    """e**t for float64 t <= 0 (rel. error ~2e-16; t < -708.7, -inf included, gives 0)."""
+    t = max(t, -709.0)
+    n = np.floor(t * _LOG2E + 0.5)
+    r = t - n * 6.93147180369123816490e-01  # ln 2, high part (fdlibm's split)
+    r = r - n * 1.90821492927058770002e-10  # ln 2, low part
+    # Taylor series of e^r, degree 12 (error < 2e-16 on [-ln2/2, ln2/2])
+    y = 2.08767569878680989792e-09
+    y = y * r + 2.50521083854417187751e-08
+    y = y * r + 2.75573192239858906526e-07
+    y = y * r + 2.75573192239858906526e-06
+    y = y * r + 2.48015873015873015873e-05
+    y = y * r + 1.98412698412698412698e-04
+    y = y * r + 1.38888888888888888889e-03
+    y = y * r + 8.33333333333333333333e-03
+    y = y * r + 4.16666666666666666667e-02
+    y = y * r + 1.66666666666666666667e-01
+    y = y * r + 0.5
+    y = y * r + 1.0
+    y = y * r + 1.0
     return y * np.int64((np.int64(n) + np.int64(1023)) << np.int64(52)).view(np.float64)
 
 
 @nb.njit(cache=True, inline="always", fastmath=_FASTMATH)
-def _exp2_sum(x, m, c):
-    """x[:] = 2^((x[:] - m) c) in place and return its sum: P and rowsum(P) of one tile row in
-    one pass. (x - m) is exact where it matters (near the maximum), so large logits lose nothing."""
-    total = c - c  # a zero of the row's dtype (c is finite; x[0] may be -inf)
+def _exp_sum(x, m, tau):
+    """x[:] = e^(tau (x[:] - m)) in place and return its sum: P and rowsum(P) of one tile row in
+    one pass. x - m is exact near the row maximum, so large logits lose nothing to the scale."""
+    total = tau - tau  # a zero of the row's dtype (tau is finite; x[0] may be -inf)
     for j in range(x.shape[0]):
         if x.itemsize == 4:  # resolved at compile time
-            p = _exp2_f32((x[j] - m) * c)
+            p = _exp_f32((x[j] - m) * tau)
         else:
-            p = _exp2_f64((x[j] - m) * c)
+            p = _exp_f64((x[j] - m) * tau)
         x[j] = p
         total += p
     return total
@@ -328,10 +331,10 @@ def _mask_row(x, j0, lo, hi, value):
 
 
 @nb.njit(parallel=True, cache=True, fastmath=_FASTMATH)
-def _fwd_fast(q, kp, vp, tau, c, lengths, offset, causal, left, right, L, S, block_q, out, lse):
+def _fwd_fast(q, kp, vp, tau, lengths, offset, causal, left, right, L, S, block_q, out, lse):
     """q (B, Hq, L, E) with the sign of the scale folded in; kp (B, H, nkb, B_k, E) and
-    vp (B, H, nkb, B_k, Ev): K and V cut into zero-padded key blocks; tau = |scale|,
-    c = tau log2(e) (> 0) -> out (B, Hq, L, Ev), lse (B, Hq, L)."""
+    vp (B, H, nkb, B_k, Ev): K and V cut into zero-padded key blocks; tau = |scale|
+    -> out (B, Hq, L, Ev), lse (B, Hq, L)."""
     B, Hq, _, E = q.shape
     H, block_k = kp.shape[1], kp.shape[3]
     Ev = vp.shape[4]
@@ -377,17 +380,17 @@ def _fwd_fast(q, kp, vp, tau, c, lengths, offset, causal, left, right, L, S, blo
                 x = s[r]
                 if not inside:
                     _mask_row(x, j0, lo[r], hi[r], neg_inf)
-                # online softmax, in log2 units: m_new = max(m, rowmax S);
-                # P = 2^((S - m_new) tau log2 e); ell = 2^((m - m_new) tau log2 e) ell + rowsum P;
-                # O = diag(2^((m - m_new) tau log2 e)) O + P V_j
+                # online softmax on the raw logits S = Q_i K_j^T: m_new = max(m, rowmax S);
+                # P = e^(tau (S - m_new)); ell = e^(tau (m - m_new)) ell + rowsum P;
+                # O = diag(e^(tau (m - m_new))) O + P V_j
                 m_new = max(m[r], _row_max(x, tmp))
                 if m_new == neg_inf:  # every key seen so far is masked: P = 0
                     for j in range(block_k):
                         x[j] = 0.0
                     alpha[r] = 1.0
                     continue
-                total = _exp2_sum(x, m_new, c)
-                a = np.exp2((m[r] - m_new) * c)  # m = -inf on the first visible tile: a = 0
+                total = _exp_sum(x, m_new, tau)
+                a = np.exp(tau * (m[r] - m_new))  # m = -inf on the first visible tile: a = 0
                 alpha[r] = a
                 ell[r] = a * ell[r] + total
                 m[r] = m_new
@@ -427,7 +430,6 @@ def _bwd_fast(q, kp, vp, do, lse, delta, tau, lengths, offset, causal, left, rig
     Ev = vp.shape[4]
     group = Hq // H
     T = dq_part.shape[0]
-    log2e = q.dtype.type(_LOG2E)
     for item in prange(B * H * T):
         b = item // (H * T)
         hk = (item // T) % H
@@ -472,11 +474,11 @@ def _bwd_fast(q, kp, vp, do, lse, delta, tau, lengths, offset, causal, left, rig
                             continue
                         d = delta[b, h, i0 + r]
                         for j in range(block_k):
-                            # P = exp(tau S - lse) = 2^((tau S - lse) log2 e); dS = P (dP - D)
+                            # P = exp(tau S - lse); dS = P (dP - D)
                             if x.itemsize == 4:
-                                p = _exp2_f32((x[j] * tau - lr) * log2e)
+                                p = _exp_f32(x[j] * tau - lr)
                             else:
-                                p = _exp2_f64((x[j] * tau - lr) * log2e)
+                                p = _exp_f64(x[j] * tau - lr)
                             x[j] = p
                             y[j] = p * (y[j] - d)
                         if j0 < lo or j0 + block_k > hi:
@@ -965,23 +967,21 @@ def numba_flash_forward(
     else:
         block_q, block_k = _call_tiles(dtype, "forward", B * Hq, L, S)
         nkb = max(1, -(-S // block_k))
-        # The kernel's online softmax keeps the raw logits q.k and applies tau log2(e) inside
-        # 2^((S - m) tau log2 e): the difference S - m is exact near the maximum, so large
-        # logits lose no precision to the scale (folding it into Q cost up to 3x NumPy's error
-        # with amplified logits). A negative scale flips the sign of Q; a zero scale makes every
-        # logit 0 (uniform weights).
-        tau = abs(a["scale"])
+        # The kernel's online softmax keeps the raw logits q.k and applies tau inside
+        # e^(tau (S - m)): the difference S - m is exact near the maximum, so large logits lose
+        # no precision to the scale (folding tau log2(e) into Q cost up to 5x NumPy's gradient
+        # error with amplified logits). A negative scale flips the sign of Q; a zero scale makes
+        # every logit 0 (uniform weights).
         sign = 1.0 if a["scale"] > 0 else (-1.0 if a["scale"] < 0 else 0.0)
         qe = q if sign == 1.0 else np.ascontiguousarray(q * dtype.type(sign))
-        c = tau * _LOG2E if tau > 0 else _LOG2E
+        tau = abs(a["scale"]) if sign != 0.0 else 1.0  # scale 0: logits 0 * anything = 0
         kp = _pad_rows(k, nkb * block_k).reshape(B, -1, nkb, block_k, a["E"])
         vp = _pad_rows(v, nkb * block_k).reshape(B, -1, nkb, block_k, Ev)
         out = np.empty((B, Hq, L, Ev), dtype=dtype)
         lse = np.empty((B, Hq, L), dtype=dtype)
         if L > 0:
             with _single_threaded_blas():
-                _fwd_fast(qe, kp, vp, dtype.type(tau), dtype.type(c), *args, L, S, block_q,
-                          out, lse)
+                _fwd_fast(qe, kp, vp, dtype.type(tau), *args, L, S, block_q, out, lse)
     return (np.ascontiguousarray(out).reshape(a["out_shape"]), lse.reshape(a["lse_shape"]))
 
 

@@ -1,0 +1,112 @@
+"""Accuracy of the fast Numba kernels in float32 (stage 06), by flash-attn's rule: the error of the
+low-precision kernel against a float64 reference must not exceed twice the error of a plain
+implementation in the same precision -- here the stage-05 NumPy tiles in float32 -- on the same
+inputs. Forward (out, lse) and gradients, with ordinary and with amplified logits (q, k x 8:
+|logits| in the hundreds, nearly one-hot weights), and logits so negative that they must not be
+mistaken for masked ones.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("numba")
+
+from attention_ref.dot_product import scaled_dot_product_attention  # noqa: E402
+from attention_ref.flash import (  # noqa: E402
+    attention_backward,
+    flash_attention,
+    flash_attention_backward,
+)
+from attention_ref.flash_numba import numba_flash_backward, numba_flash_forward  # noqa: E402
+from attention_ref.masks import causal_mask  # noqa: E402
+from attention_ref.softmax import logsumexp  # noqa: E402
+
+SEEDS = (0, 1, 2)  # errors near float32's rounding are noisy: compare the worst over seeds
+
+
+@pytest.fixture(params=["machine-tiles", "small-tiles"])
+def tiles(request, monkeypatch):
+    if request.param == "small-tiles":
+        monkeypatch.setenv("ATTENTION_REF_TILES", "32x64")
+    else:
+        monkeypatch.delenv("ATTENTION_REF_TILES", raising=False)
+
+
+def _max_err(got, ref):
+    finite = np.isfinite(ref)
+    return float(np.max(np.abs(got.astype(np.float64)[finite] - ref[finite])))
+
+
+@pytest.mark.parametrize("amplify", [1.0, 8.0], ids=["normal", "amplified-x8"])
+@pytest.mark.parametrize("is_causal", [False, True], ids=["no-mask", "causal"])
+@pytest.mark.parametrize("E", [64, 40])
+def test_float32_error_at_most_twice_numpy_tiles(tiles, amplify, is_causal, E):
+    L, S = 203, 301
+    worst = {"numba": {}, "numpy": {}}
+    for seed in SEEDS:
+        rng = np.random.default_rng(seed)
+        q, k, v, do = (rng.standard_normal((2, n, E)).astype(np.float32) for n in (L, S, S, L))
+        q *= np.float32(amplify)
+        k *= np.float32(amplify)
+        q64, k64, v64, do64 = (x.astype(np.float64) for x in (q, k, v, do))
+        ref = {"out": scaled_dot_product_attention(q64, k64, v64, is_causal=is_causal)}
+        logits = q64 @ np.swapaxes(k64, -1, -2) / np.sqrt(E)
+        if is_causal:
+            logits = np.where(causal_mask(L, S), logits, -np.inf)
+        ref["lse"] = logsumexp(logits, axis=-1)
+        ref["dq"], ref["dk"], ref["dv"] = attention_backward(q64, k64, v64, do64,
+                                                             is_causal=is_causal)
+        out, lse = numba_flash_forward(q, k, v, is_causal=is_causal)
+        got = {"out": out, "lse": lse}
+        got["dq"], got["dk"], got["dv"] = numba_flash_backward(q, k, v, out, lse, do,
+                                                               is_causal=is_causal)
+        out_np, lse_np = flash_attention(q, k, v, is_causal=is_causal, return_lse=True)
+        base = {"out": out_np, "lse": lse_np}
+        base["dq"], base["dk"], base["dv"] = flash_attention_backward(q, k, v, out_np, lse_np, do,
+                                                                      is_causal=is_causal)
+        for name in ref:
+            assert got[name].dtype == np.float32
+            for which, arrays in (("numba", got), ("numpy", base)):
+                err = _max_err(arrays[name], ref[name])
+                worst[which][name] = max(worst[which].get(name, 0.0), err)
+    for name, err in worst["numba"].items():
+        assert err <= 2 * worst["numpy"][name], (name, err, worst["numpy"][name])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("is_causal", [False, True], ids=["no-mask", "causal"])
+def test_very_negative_logits_are_not_masked(tiles, dtype, is_causal):
+    """Logits of -4e32 (all equal) are valid logits, not masked ones: every row is the mean of
+    the values it sees, as in NumPy -- a finite "masked" sentinel such as -1e30 would zero them."""
+    L = S = 100
+    q = np.full((1, L, 4), -1e16, dtype=dtype)
+    k = np.full((1, S, 4), 1e16, dtype=dtype)
+    v = np.random.default_rng(0).standard_normal((1, S, 3)).astype(dtype)
+    out, lse = numba_flash_forward(q, k, v, scale=1.0, is_causal=is_causal)
+    ref = scaled_dot_product_attention(q, k, v, scale=1.0, is_causal=is_causal)
+    expected = np.cumsum(v, axis=1) / np.arange(1, S + 1)[:, None] if is_causal else np.broadcast_to(
+        v.mean(axis=1, keepdims=True), (1, L, 3))
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(ref, expected, rtol=tol, atol=tol)
+    np.testing.assert_allclose(out, expected, rtol=tol, atol=tol)
+    assert np.all(np.isfinite(lse)) and np.all(lse < -1e32)
+    grads = numba_flash_backward(q, k, v, out, lse, np.ones_like(out), scale=1.0,
+                                 is_causal=is_causal)
+    assert all(np.all(np.isfinite(g)) for g in grads)
+
+
+@pytest.mark.parametrize("scale", [0.0, -0.3])
+def test_zero_and_negative_scale(tiles, scale):
+    rng = np.random.default_rng(3)
+    q, k, v = (rng.standard_normal((2, n, 16)) for n in (70, 90, 90))
+    for is_causal in (False, True):
+        out, lse = numba_flash_forward(q, k, v, scale=scale, is_causal=is_causal)
+        ref = scaled_dot_product_attention(q, k, v, scale=scale, is_causal=is_causal)
+        np.testing.assert_allclose(out, ref, rtol=1e-12, atol=1e-12)
+        do = rng.standard_normal(out.shape)
+        got = numba_flash_backward(q, k, v, out, lse, do, scale=scale, is_causal=is_causal)
+        want = attention_backward(q, k, v, do, scale=scale, is_causal=is_causal)
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-12)
