@@ -286,18 +286,59 @@ def _exp_f64(t):
 
 
 @nb.njit(cache=True, inline="always", fastmath=_FASTMATH)
-def _exp_sum(x, m, tau):
-    """x[:] = e^(tau (x[:] - m)) in place and return its sum: P and rowsum(P) of one tile row in
-    one pass. x - m is exact near the row maximum, so large logits lose nothing to the scale."""
-    total = tau - tau  # a zero of the row's dtype (tau is finite; x[0] may be -inf)
+def _exp_sum_f32(x, m, tau):
+    total = np.float32(0.0)
     for j in range(x.shape[0]):
-        if x.itemsize == 4:  # resolved at compile time
-            p = _exp_f32((x[j] - m) * tau)
-        else:
-            p = _exp_f64((x[j] - m) * tau)
+        p = _exp_f32((x[j] - m) * tau)
         x[j] = p
         total += p
     return total
+
+
+@nb.njit(cache=True, inline="always", fastmath=_FASTMATH)
+def _exp_sum_f64(x, m, tau):
+    total = 0.0
+    for j in range(x.shape[0]):
+        p = _exp_f64((x[j] - m) * tau)
+        x[j] = p
+        total += p
+    return total
+
+
+@nb.njit(cache=True, inline="always", fastmath=_FASTMATH)
+def _exp_sum(x, m, tau):
+    """x[:] = e^(tau (x[:] - m)) in place and return its sum: P and rowsum(P) of one tile row in
+    one pass. x - m is exact near the row maximum, so large logits lose nothing to the scale.
+    The dtype test stays outside the loops: a float64 path inside a float32 loop made LLVM
+    vectorise it 4 wide (128-bit) instead of 8 (benchmarks/inspect_codegen.py)."""
+    if x.itemsize == 4:
+        return _exp_sum_f32(x, m, tau)
+    return _exp_sum_f64(x, m, tau)
+
+
+@nb.njit(cache=True, inline="always", fastmath=_FASTMATH)
+def _probs_and_dlogits_f32(x, y, tau, lse_row, d):
+    for j in range(x.shape[0]):
+        p = _exp_f32(x[j] * tau - lse_row)
+        x[j] = p
+        y[j] = p * (y[j] - d)
+
+
+@nb.njit(cache=True, inline="always", fastmath=_FASTMATH)
+def _probs_and_dlogits_f64(x, y, tau, lse_row, d):
+    for j in range(x.shape[0]):
+        p = _exp_f64(x[j] * tau - lse_row)
+        x[j] = p
+        y[j] = p * (y[j] - d)
+
+
+@nb.njit(cache=True, inline="always", fastmath=_FASTMATH)
+def _probs_and_dlogits(x, y, tau, lse_row, d):
+    """Backward, one tile row: x = S -> P = exp(tau S - lse), y = dP -> dS = P (dP - D)."""
+    if x.itemsize == 4:
+        _probs_and_dlogits_f32(x, y, tau, lse_row, d)
+    else:
+        _probs_and_dlogits_f64(x, y, tau, lse_row, d)
 
 
 @nb.njit(cache=True, inline="always", fastmath=_FASTMATH)
@@ -472,15 +513,7 @@ def _bwd_fast(q, kp, vp, do, lse, delta, tau, lengths, offset, causal, left, rig
                                 x[j] = 0.0
                                 y[j] = 0.0
                             continue
-                        d = delta[b, h, i0 + r]
-                        for j in range(block_k):
-                            # P = exp(tau S - lse); dS = P (dP - D)
-                            if x.itemsize == 4:
-                                p = _exp_f32(x[j] * tau - lr)
-                            else:
-                                p = _exp_f64(x[j] * tau - lr)
-                            x[j] = p
-                            y[j] = p * (y[j] - d)
+                        _probs_and_dlogits(x, y, tau, lr, delta[b, h, i0 + r])
                         if j0 < lo or j0 + block_k > hi:
                             _mask_row(x, j0, lo, hi, 0.0)
                             _mask_row(y, j0, lo, hi, 0.0)

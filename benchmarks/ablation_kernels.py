@@ -12,7 +12,12 @@ step 2  + vectorised 2^x (polynomial + exponent bits) instead of scalar math.exp
 step 3  + scalar accumulators: the reduction over d runs into locals (no store per step)
 step 4  + BLAS tiles: S = Q_i K_j^T and P V_j through np.dot (64 x 128 tiles), scalar row max
 step 5  + vectorised row max (16 running maxima)
-step 6  + 32-row query blocks (cache-friendlier tiles on this machine) = ``kernel="fast"``
+step 6  + one pass for e^x and the row sum, row max by halving (the library's helpers), raw
+        logits with the scale applied in the exponent; still 64 x 128 tiles
+step 7  + the tiles chosen for this machine (``tile_sizes()``) = ``kernel="fast"``
+
+Steps 1-5 carry their own copies of the helpers they used (the library has moved on); step 6
+uses the library's ``_exp_sum`` and ``_row_max``.
 """
 
 from __future__ import annotations
@@ -26,13 +31,55 @@ from numba import prange
 from attention_ref.flash_numba import (
     _FASTMATH,
     _LOG2E,
-    BLOCK_K,
-    _exp2_row,
+    _exp_sum,
     _row_max,
     numba_flash_forward,
 )
 
-ROWS = 64  # query rows per work item in steps 1-5
+ROWS = 64  # query rows per work item in steps 1-6
+BLOCK_K = 128  # keys per tile in steps 1-6 (a compile-time constant in steps 1-5)
+
+
+# --- helpers of steps 2-5: 2^x over a row in two passes, 16 running maxima ---------------------
+@nb.njit(cache=True, inline="always", fastmath=_FASTMATH)
+def _exp2_f32(x, bits, pow2):
+    """x[:] = 2**x[:] in place (float32); inputs below -126 give exactly 0."""
+    for c in range(BLOCK_K):
+        xc = max(x[c], np.float32(-126.0))
+        nf = np.floor(xc + np.float32(0.5))
+        bits[c] = (np.int32(nf) + np.int32(127)) << np.int32(23)  # 2^n as IEEE-754 bits
+    for c in range(BLOCK_K):
+        xc = max(x[c], np.float32(-126.0))
+        f = xc - np.floor(xc + np.float32(0.5))  # f in [-0.5, 0.5]
+        y = np.float32(1.5252733804059838e-05)  # Taylor series of 2^f, degree 7
+        y = y * f + np.float32(0.00015403530393381606)
+        y = y * f + np.float32(0.0013333558146428441)
+        y = y * f + np.float32(0.009618129107628477)
+        y = y * f + np.float32(0.055504108664821576)
+        y = y * f + np.float32(0.2402265069591007)
+        y = y * f + np.float32(0.6931471805599453)
+        y = y * f + np.float32(1.0)
+        x[c] = y * pow2[c] if x[c] >= np.float32(-126.0) else np.float32(0.0)
+
+
+@nb.njit(cache=True, inline="always", fastmath=_FASTMATH)
+def _exp2_row(x, bits32, pow32, bits64, pow64):
+    """x = 2**x over one row (float32 only in these benchmarks)."""
+    _exp2_f32(x, bits32, pow32)
+
+
+@nb.njit(cache=True, inline="always", fastmath=_FASTMATH)
+def _row_max16(x, m16):
+    """max(x) with sixteen running maxima (a vector max per 16 logits)."""
+    for u in range(16):
+        m16[u] = x[u]
+    for c0 in range(16, BLOCK_K, 16):
+        for u in range(16):
+            m16[u] = max(m16[u], x[c0 + u])
+    mx = m16[0]
+    for u in range(1, 16):
+        mx = max(mx, m16[u])
+    return mx
 
 
 @nb.njit(cache=True, inline="always", fastmath=_FASTMATH)
@@ -215,7 +262,7 @@ def _step4(qs, kb, vb, out, vector_max):
             for r in range(ROWS):
                 x = s[r]
                 if vector_max:
-                    mx = _row_max(x, m16)
+                    mx = _row_max16(x, m16)
                 else:
                     mx = x[0]
                     for c in range(BLOCK_K):
@@ -238,6 +285,39 @@ def _step4(qs, kb, vb, out, vector_max):
             _finish(o[r], ell[r], out[qb * ROWS + r], Dv)
 
 
+@nb.njit(parallel=True, cache=True, fastmath=_FASTMATH)
+def _step6(q, kb, vb, tau, out):
+    """Step 5's loop with the library's softmax helpers: raw logits S = Q_i K_j^T, one pass for
+    P = e^(tau (S - m)) and its row sum, the row max by halving."""
+    L = q.shape[0]
+    nkb = kb.shape[0]
+    Dv = vb.shape[2]
+    for qb in prange(L // ROWS):
+        Qb = q[qb * ROWS : qb * ROWS + ROWS]
+        s = np.empty((ROWS, BLOCK_K), q.dtype)
+        pv = np.empty((ROWS, Dv), q.dtype)
+        o = np.zeros((ROWS, Dv), q.dtype)
+        m = np.full(ROWS, -np.inf, q.dtype)
+        ell = np.zeros(ROWS, q.dtype)
+        alpha = np.empty(ROWS, q.dtype)
+        tmp = np.empty(BLOCK_K // 2, q.dtype)
+        for jb in range(nkb):
+            np.dot(Qb, kb[jb].T, s)
+            for r in range(ROWS):
+                x = s[r]
+                mn = max(m[r], _row_max(x, tmp))
+                t = _exp_sum(x, mn, tau)
+                alpha[r] = np.exp(tau * (m[r] - mn))
+                ell[r] = alpha[r] * ell[r] + t
+                m[r] = mn
+            np.dot(s, vb[jb], pv)
+            for r in range(ROWS):
+                for e in range(Dv):
+                    o[r, e] = alpha[r] * o[r, e] + pv[r, e]
+        for r in range(ROWS):
+            _finish(o[r], ell[r], out[qb * ROWS + r], Dv)
+
+
 def _pack(q, k, v):
     N, d = k.shape
     qs = np.ascontiguousarray(q * q.dtype.type(_LOG2E / math.sqrt(d)))
@@ -247,10 +327,10 @@ def _pack(q, k, v):
 
 
 def step(n: int, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """Forward pass of step ``n`` (0-6) for one head: q, k, v (N, d) -> out (N, d)."""
+    """Forward pass of step ``n`` (0-7) for one head: q, k, v (N, d) -> out (N, d)."""
     if n == 0:
         return numba_flash_forward(q, k, v, kernel="readable")[0]
-    if n == 6:
+    if n == 7:
         return numba_flash_forward(q, k, v, kernel="fast")[0]
     from attention_ref.flash_numba import _single_threaded_blas
 
@@ -259,11 +339,14 @@ def step(n: int, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
     if n in (1, 2):
         kt = np.ascontiguousarray(kb.transpose(0, 2, 1))
         _step1(qs, kt, vb, out, n == 2)
+    elif n == 6:
+        with _single_threaded_blas():
+            _step6(q, kb, vb, q.dtype.type(1 / math.sqrt(q.shape[1])), out)
     elif n == 3:
         if q.shape[1] != 64 or v.shape[1] != 64:
             raise ValueError("step 3 is written for d = 64")
         _step3(qs, kb, np.ascontiguousarray(vb.transpose(0, 2, 1)), out)
-    else:
+    else:  # 4, 5
         with _single_threaded_blas():
             _step4(qs, kb, vb, out, n == 5)
     return out
@@ -276,5 +359,6 @@ STEPS = {
     3: "+ scalar accumulators, d = 64 at compile time",
     4: "+ BLAS tiles (np.dot), 64 x 128",
     5: "+ vectorised row max",
-    6: "+ 32-row query blocks = kernel='fast'",
+    6: "+ one pass for e^x and row sum, row max by halving",
+    7: "+ the machine's tiles = kernel='fast'",
 }
