@@ -59,7 +59,9 @@ from typing import Any
 
 import numba as nb
 import numpy as np
-from numba import prange
+from numba import prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 __all__ = [
     "numba_flash_forward", "numba_flash_backward", "tile_sizes", "tune_tile_sizes",
@@ -236,6 +238,40 @@ def _bwd_readable(q, k, v, do, lse, delta, scale, lengths, offset, causal, left,
 BWD_CHUNKS = 4
 
 
+# Optimisation (gemm with beta): np.dot always overwrites its output, so P V_j went to a scratch
+# tile and a loop added it to O (and dK, dV, dQ likewise in the backward pass). Numba's own BLAS
+# entry point, numba_xxgemm (what np.dot calls: SciPy's cython_blas ?gemm), takes beta: the
+# products accumulate in place, C = alpha op(A) op(B) + beta C, and the extra passes are gone.
+_xxgemm = types.ExternalFunction("numba_xxgemm", types.intc(
+    types.char, types.char, types.char, types.intp, types.intp, types.intp, types.voidptr,
+    types.voidptr, types.intp, types.voidptr, types.intp, types.voidptr, types.voidptr, types.intp))
+
+
+@intrinsic
+def _address(typingctx, arr):
+    """The data pointer of an array, as void* (for the BLAS call)."""
+    def codegen(context, builder, sig, args):
+        ary = context.make_array(sig.args[0])(context, builder, args[0])
+        return builder.bitcast(ary.data, cgutils.voidptr_t)
+    return types.voidptr(arr), codegen
+
+
+@nb.njit(cache=True, inline="always")
+def _gemm(a, b, c, trans_a, trans_b, alpha_beta):
+    """c = alpha op(a) @ op(b) + beta c, op = transpose where trans_*; a, b, c are 2-D arrays with
+    unit column stride (rows may be strided: slices of bigger tiles); alpha_beta = [alpha, beta].
+    BLAS is column-major: a row-major C = op(A) op(B) is the column-major C^T = op(B)^T op(A)^T."""
+    M, N = c.shape
+    K = a.shape[0] if trans_a else a.shape[1]
+    it = c.itemsize
+    kind = np.int8(ord("s")) if it == 4 else np.int8(ord("d"))
+    ta = np.int8(ord("t")) if trans_a else np.int8(ord("n"))
+    tb = np.int8(ord("t")) if trans_b else np.int8(ord("n"))
+    _xxgemm(kind, tb, ta, N, M, K, _address(alpha_beta), _address(b), b.strides[0] // it,
+            _address(a), a.strides[0] // it, _address(alpha_beta[1:]), _address(c),
+            c.strides[0] // it)
+
+
 # Optimisation (vectorised exp): llvmlite has no vector exp, so `math.exp` stays one scalar libm
 # call per logit. Written out -- e^t = 2^n e^r with n = round(t log2 e), r = t - n ln 2 (ln 2 in
 # two parts, so that r is nearly exact: no error grows with |t|), a polynomial for e^r and 2^n as
@@ -397,7 +433,9 @@ def _fwd_fast(q, kp, vp, tau, lengths, offset, causal, left, right, L, S, block_
         Qb = q[b, h, i0 : i0 + nr]
         # scratch allocated once per work item, never inside the loops
         s = np.empty((block_q, block_k), dtype=q.dtype)
-        pv = np.empty((block_q, Ev), dtype=q.dtype)
+        overwrite = np.ones(2, dtype=q.dtype)  # gemm's [alpha, beta] = [1, 0]: C = AB
+        overwrite[1] = 0.0
+        accumulate = np.ones(2, dtype=q.dtype)  # [1, 1]: C += AB
         o = np.zeros((block_q, Ev), dtype=q.dtype)
         m = np.full(block_q, neg_inf, dtype=q.dtype)  # running row max of the raw logits q.k
         ell = np.zeros(block_q, dtype=q.dtype)
@@ -412,10 +450,10 @@ def _fwd_fast(q, kp, vp, tau, lengths, offset, causal, left, right, L, S, block_
         jb_stop = (hi[nr - 1] + block_k - 1) // block_k if hi[nr - 1] > lo[0] else jb_start
         for jb in range(jb_start, jb_stop):
             j0 = jb * block_k
-            # Optimisation (BLAS tiles): S = Q_i K_j^T and P V_j go to the BLAS gemm through
-            # np.dot (SciPy's OpenBLAS), as in PyTorch's CPU flash kernel; the loops keep the
-            # masks and the online softmax. It works for every head dimension.
-            np.dot(Qb, kp[b, hk, jb].T, s[:nr])
+            # Optimisation (BLAS tiles): Z = Q_i K_j^T and P V_j go to the BLAS gemm (SciPy's
+            # OpenBLAS), as in PyTorch's CPU flash kernel; the loops keep the masks and the
+            # online softmax. It works for every head dimension.
+            _gemm(Qb, kp[b, hk, jb], s[:nr], False, True, overwrite)
             inside = j0 >= lo[nr - 1] and j0 + block_k <= hi[0]  # no row needs masking
             for r in range(nr):
                 x = s[r]
@@ -435,13 +473,13 @@ def _fwd_fast(q, kp, vp, tau, lengths, offset, causal, left, right, L, S, block_
                 alpha[r] = a
                 ell[r] = a * ell[r] + total
                 m[r] = m_new
-            np.dot(s[:nr], vp[b, hk, jb], pv[:nr])
-            for r in range(nr):
+            for r in range(nr):  # O = diag(alpha) O, then O += P V_j in the gemm
                 a = alpha[r]
-                orow = o[r]
-                pvrow = pv[r]
-                for e in range(Ev):
-                    orow[e] = a * orow[e] + pvrow[e]
+                if a != 1.0:
+                    orow = o[r]
+                    for e in range(Ev):
+                        orow[e] *= a
+            _gemm(s[:nr], vp[b, hk, jb], o[:nr], False, False, accumulate)
         # O_i = diag(ell)^-1 O_i ; lse = tau m + log(ell) ; fully masked rows -> 0 and -inf
         for r in range(nr):
             orow = out[b, h, i0 + r]
@@ -466,9 +504,8 @@ def _bwd_fast(q, kp, vp, do, lse, delta, tau, lengths, offset, causal, left, rig
     Optimisation (one backward sweep): FA-2's separate dK/dV and dQ passes recompute S, P and dP
     twice (14 N^2 d FLOPs instead of 10, and twice the exponentials); here each tile is computed
     once and dQ goes to BWD_CHUNKS private partial sums (no atomics, deterministic)."""
-    B, Hq, _, E = q.shape
+    B, Hq = q.shape[0], q.shape[1]
     H, nkb, block_k = kp.shape[1], kp.shape[2], kp.shape[3]
-    Ev = vp.shape[4]
     group = Hq // H
     T = dq_part.shape[0]
     for item in prange(B * H * T):
@@ -478,9 +515,9 @@ def _bwd_fast(q, kp, vp, do, lse, delta, tau, lengths, offset, causal, left, rig
         t = u // 2 if u % 2 == 0 else T - 1 - u // 2  # causal load balance, as in the forward
         s = np.empty((block_q, block_k), dtype=q.dtype)
         dp = np.empty((block_q, block_k), dtype=q.dtype)
-        tk = np.empty((block_k, E), dtype=q.dtype)
-        tv = np.empty((block_k, Ev), dtype=q.dtype)
-        tq = np.empty((block_q, E), dtype=q.dtype)
+        overwrite = np.ones(2, dtype=q.dtype)  # gemm's [alpha, beta] = [1, 0]: C = AB
+        overwrite[1] = 0.0
+        accumulate = np.ones(2, dtype=q.dtype)  # [1, 1]: C += AB
         length = lengths[b]
         for jb in range(t, nkb, T):
             j0 = jb * block_k
@@ -501,8 +538,8 @@ def _bwd_fast(q, kp, vp, do, lse, delta, tau, lengths, offset, causal, left, rig
                     nr = min(block_q, i_last + 1 - i0)
                     Qb = q[b, h, i0 : i0 + nr]
                     DOb = do[b, h, i0 : i0 + nr]
-                    np.dot(Qb, kb.T, s[:nr])  # S = Q_i K_j^T (without tau)
-                    np.dot(DOb, vb.T, dp[:nr])  # dP = dO_i V_j^T
+                    _gemm(Qb, kb, s[:nr], False, True, overwrite)  # Z = Q_i K_j^T (without tau)
+                    _gemm(DOb, vb, dp[:nr], False, True, overwrite)  # dP = dO_i V_j^T
                     for r in range(nr):
                         lo, hi = _key_range(i0 + r, L, S, offset, causal, left, right, length)
                         x = s[r]
@@ -517,18 +554,10 @@ def _bwd_fast(q, kp, vp, do, lse, delta, tau, lengths, offset, causal, left, rig
                         if j0 < lo or j0 + block_k > hi:
                             _mask_row(x, j0, lo, hi, 0.0)
                             _mask_row(y, j0, lo, hi, 0.0)
-                    np.dot(s[:nr].T, DOb, tv)  # dV_j += P^T dO_i
-                    np.dot(dp[:nr].T, Qb, tk)  # dK_j += dS^T Q_i
-                    for c in range(block_k):
-                        for e in range(Ev):
-                            dvb[c, e] += tv[c, e]
-                        for e in range(E):
-                            dkb[c, e] += tk[c, e]
-                    np.dot(dp[:nr], kb, tq[:nr])  # dQ_i += dS K_j
-                    dqb = dq_part[t, b, h]
-                    for r in range(nr):
-                        for e in range(E):
-                            dqb[i0 + r, e] += tq[r, e]
+                    _gemm(s[:nr], DOb, dvb, True, False, accumulate)  # dV_j += P^T dO_i
+                    _gemm(dp[:nr], Qb, dkb, True, False, accumulate)  # dK_j += dS^T Q_i
+                    # dQ_i += dS K_j
+                    _gemm(dp[:nr], kb, dq_part[t, b, h, i0 : i0 + nr], False, False, accumulate)
 
 
 # ---------------------------------------------------------------------------------------------
