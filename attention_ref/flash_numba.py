@@ -65,7 +65,7 @@ from numba.extending import intrinsic
 
 __all__ = [
     "numba_flash_forward", "numba_flash_backward", "tile_sizes", "tune_tile_sizes",
-    "reset_tile_sizes",
+    "reset_tile_sizes", "cpu_info",
 ]
 
 # Fast-math subset that keeps inf/NaN semantics (no "nnan", "ninf"): lets LLVM reassociate sums
@@ -572,6 +572,7 @@ _TILE_ENV = "ATTENTION_REF_TILES"
 _CACHE_ENV = "ATTENTION_REF_CACHE_DIR"
 _DIRECTIONS = ("forward", "backward")
 _TILE_MEMO: dict[tuple[str, str], dict] = {}
+_AUTOTUNE_SEQ_LEN = 2048  # N of the problem timed by the autotune on first use
 _AUTOTUNE_CANDIDATES = {
     "forward": [(bq, bk) for bq in (64, 128, 256) for bk in (128, 256, 512)],
     "backward": [(bq, bk) for bq in (32, 64, 128) for bk in (64, 128, 256)],
@@ -644,6 +645,16 @@ def _cpu_model() -> str:
     import platform
 
     return platform.processor() or platform.machine()
+
+
+def cpu_info() -> dict:
+    """What the fast kernels run on here: ``cpu`` (model name), ``llvm_cpu`` and ``isa`` (the
+    CPU and widest vector instructions Numba compiles for), ``blas`` (the BLAS library and its
+    kernel, e.g. ``openblas:SkylakeX``), ``l2_kib`` (L2 cache per core) and ``threads`` (Numba's
+    thread count). Speed depends on all of them: quote them with any timing."""
+    target = _target_isa()
+    return {"cpu": _cpu_model(), "llvm_cpu": target["llvm_cpu"], "isa": target["isa"],
+            "blas": target["blas"], "l2_kib": _l2_bytes() // 1024, "threads": nb.get_num_threads()}
 
 
 def _tile_rule(dtype: np.dtype, direction: str, l2: int, isa: str) -> tuple[int, int, str]:
@@ -754,7 +765,7 @@ def tile_sizes(dtype: Any = np.float32, direction: str = "forward") -> dict:
     else:
         stored = _read_cache().get(machine, {}).get(direction)
         if stored is None and env == "autotune":
-            stored = tune_tile_sizes(dt)[direction]
+            stored = tune_tile_sizes(dt, seq_len=_AUTOTUNE_SEQ_LEN)[direction]
         if stored is not None:
             choice = {"block_q": int(stored["block_q"]), "block_k": int(stored["block_k"]),
                       "source": "autotune",
