@@ -28,27 +28,32 @@ Two tiers, selected by ``kernel=``:
 
 ``"fast"``
     The same FA-2 loops reorganised for the CPU, in the way PyTorch's CPU flash kernel is built:
-    the two tile products ``S = Q_i K_j^T`` and ``P V_j`` go to BLAS (``np.dot`` inside the
-    kernel, i.e. SciPy's OpenBLAS), the loops keep the masks, the online softmax (a vectorised
-    ``2^x``) and the rescaling; the backward pass is one KV-stationary sweep that also
-    accumulates dQ in a fixed number of private partial sums. Each optimisation is named in a
-    comment where it is applied, with its measured gain (float32 forward, no mask, 2 threads,
-    ``benchmarks/ablation_kernels.py`` steps 0-6 measured by ``benchmarks/bench_cpu.py``;
-    numbers in ``benchmarks/results/cpu.json``). Any head dimension (BLAS has no fast path to
-    miss); tiles are ``BLOCK_Q`` query rows by ``BLOCK_K`` keys.
+    the two tile products ``Z = Q_i K_j^T`` and ``P V_j`` go to BLAS (SciPy's OpenBLAS ``?gemm``,
+    called from inside the kernel; ``P V_j`` accumulates into ``O`` in place), the loops keep the
+    masks, the online softmax (on the raw logits, with a vectorised ``exp``) and the rescaling;
+    the backward pass is one KV-stationary sweep that also accumulates dQ in a fixed number of
+    private partial sums. Each optimisation is named in a comment where it is applied, with its
+    measured gain (``benchmarks/ablation_kernels.py`` steps 0-7, measured by
+    ``benchmarks/bench_cpu.py``; numbers in ``benchmarks/results/``). Any head dimension (BLAS has
+    no fast path to miss). Tiles of ``B_q`` query rows by ``B_k`` keys are chosen per machine and
+    dtype: ``tile_sizes()`` shows the choice and its reason (a rule from the L2 cache size, or an
+    autotune stored on disk: ``tune_tile_sizes()``, ``reset_tile_sizes()``,
+    ``ATTENTION_REF_TILES``).
 
 Threads: the kernels run in Numba's thread pool (``NUMBA_NUM_THREADS``) and BLAS is limited to
-one thread inside them (through threadpoolctl when it is installed). Results are bit-identical
-from run to run: every output element is written by one work item in a fixed order, and the dQ
-partial sums are added in a fixed order whatever the thread count.
+one thread inside them, from the first call of a process on (through threadpoolctl when it is
+installed). Results are bit-identical from run to run on one machine: every output element is
+written by one work item in a fixed order, and the dQ partial sums are added in a fixed order
+whatever the thread count (the tiles, chosen per machine, change the rounding slightly).
 
 Numba is an optional dependency: ``import attention_ref`` never imports this module; the first call
 compiles the kernels (seconds) and ``cache=True`` stores them on disk (``NUMBA_CACHE_DIR``), so a
 second process loads them in a fraction of a second.
 
 Fast-math: the kernels use ``fastmath={"reassoc", "contract", "arcp", "nsz"}`` (not ``True``,
-which also assumes no infinities and would silently break ``-inf`` masks). The fast tier masks with
-a large finite negative number and guards fully masked rows explicitly.
+which also assumes no infinities and would silently break ``-inf`` masks). Both tiers mask with
+``-inf`` (a finite sentinel would collide with genuine logits that negative) and guard fully
+masked rows explicitly.
 """
 
 from __future__ import annotations
@@ -370,7 +375,8 @@ def _probs_and_dlogits_f64(x, y, tau, lse_row, d):
 
 @nb.njit(cache=True, inline="always", fastmath=_FASTMATH)
 def _probs_and_dlogits(x, y, tau, lse_row, d):
-    """Backward, one tile row: x = S -> P = exp(tau S - lse), y = dP -> dS = P (dP - D)."""
+    """Backward, one tile row: x = Q_i k_j (raw logits) -> P = exp(tau x - lse),
+    y = dP -> dZ = P (dP - D)."""
     if x.itemsize == 4:
         _probs_and_dlogits_f32(x, y, tau, lse_row, d)
     else:
@@ -450,7 +456,7 @@ def _fwd_fast(q, kp, vp, tau, lengths, offset, causal, left, right, L, S, block_
         jb_stop = (hi[nr - 1] + block_k - 1) // block_k if hi[nr - 1] > lo[0] else jb_start
         for jb in range(jb_start, jb_stop):
             j0 = jb * block_k
-            # Optimisation (BLAS tiles): Z = Q_i K_j^T and P V_j go to the BLAS gemm (SciPy's
+            # Optimisation (BLAS tiles): Q_i K_j^T and P V_j go to the BLAS gemm (SciPy's
             # OpenBLAS), as in PyTorch's CPU flash kernel; the loops keep the masks and the
             # online softmax. It works for every head dimension.
             _gemm(Qb, kp[b, hk, jb], s[:nr], False, True, overwrite)
@@ -459,8 +465,8 @@ def _fwd_fast(q, kp, vp, tau, lengths, offset, causal, left, right, L, S, block_
                 x = s[r]
                 if not inside:
                     _mask_row(x, j0, lo[r], hi[r], neg_inf)
-                # online softmax on the raw logits S = Q_i K_j^T: m_new = max(m, rowmax S);
-                # P = e^(tau (S - m_new)); ell = e^(tau (m - m_new)) ell + rowsum P;
+                # online softmax on the raw logits X = Q_i K_j^T (Z = tau X): m_new = max(m,
+                # rowmax X); P = e^(tau (X - m_new)); ell = e^(tau (m - m_new)) ell + rowsum P;
                 # O = diag(e^(tau (m - m_new))) O + P V_j
                 m_new = max(m[r], _row_max(x, tmp))
                 if m_new == neg_inf:  # every key seen so far is masked: P = 0
@@ -498,8 +504,8 @@ def _fwd_fast(q, kp, vp, tau, lengths, offset, causal, left, right, L, S, block_
 def _bwd_fast(q, kp, vp, do, lse, delta, tau, lengths, offset, causal, left, right, L, S,
               block_q, dq_part, dk, dv):
     """FA-2 backward, one pass: a work item (b, KV head, chunk t) owns the key blocks
-    t, t + BWD_CHUNKS, ... and, for each, every query block that sees it: P = exp(tau S - lse),
-    dS = P (dO V^T - D), dV_j += P^T dO, dK_j += dS^T Q, dQ_partial[t] += dS K_j (tau is applied
+    t, t + BWD_CHUNKS, ... and, for each, every query block that sees it: P = exp(Z - lse),
+    dZ = P (dO V^T - D), dV_j += P^T dO, dK_j += dZ^T Q, dQ_partial[t] += dZ K_j (tau is applied
     to dK and dQ by the caller).
     Optimisation (one backward sweep): FA-2's separate dK/dV and dQ passes recompute S, P and dP
     twice (14 N^2 d FLOPs instead of 10, and twice the exponentials); here each tile is computed
@@ -538,7 +544,7 @@ def _bwd_fast(q, kp, vp, do, lse, delta, tau, lengths, offset, causal, left, rig
                     nr = min(block_q, i_last + 1 - i0)
                     Qb = q[b, h, i0 : i0 + nr]
                     DOb = do[b, h, i0 : i0 + nr]
-                    _gemm(Qb, kb, s[:nr], False, True, overwrite)  # Z = Q_i K_j^T (without tau)
+                    _gemm(Qb, kb, s[:nr], False, True, overwrite)  # Q_i K_j^T (Z without tau)
                     _gemm(DOb, vb, dp[:nr], False, True, overwrite)  # dP = dO_i V_j^T
                     for r in range(nr):
                         lo, hi = _key_range(i0 + r, L, S, offset, causal, left, right, length)
@@ -555,8 +561,8 @@ def _bwd_fast(q, kp, vp, do, lse, delta, tau, lengths, offset, causal, left, rig
                             _mask_row(x, j0, lo, hi, 0.0)
                             _mask_row(y, j0, lo, hi, 0.0)
                     _gemm(s[:nr], DOb, dvb, True, False, accumulate)  # dV_j += P^T dO_i
-                    _gemm(dp[:nr], Qb, dkb, True, False, accumulate)  # dK_j += dS^T Q_i
-                    # dQ_i += dS K_j
+                    _gemm(dp[:nr], Qb, dkb, True, False, accumulate)  # dK_j += dZ^T Q_i
+                    # dQ_i += dZ K_j
                     _gemm(dp[:nr], kb, dq_part[t, b, h, i0 : i0 + nr], False, False, accumulate)
 
 
@@ -1125,7 +1131,7 @@ def numba_flash_backward(
             with _single_threaded_blas():
                 _bwd_fast(q, kp, vp, do, lse4, delta, dtype.type(a["scale"]), *args, L, S,
                           block_q, dq_part, dk, dv)
-        # dQ = tau sum_t dQ_t (fixed order); dK = tau dS^T Q
+        # dQ = tau sum_t dQ_t (fixed order); dK = tau dZ^T Q
         dq = dq_part.sum(axis=0) * dtype.type(a["scale"])
         dk = dk.reshape(B, H, -1, E)[:, :, :S] * dtype.type(a["scale"])
         dv = dv.reshape(B, H, -1, Ev)[:, :, :S]
