@@ -1,7 +1,8 @@
 """Scan the fast kernels' tile sizes (B_q query rows x B_k keys) on this machine.
 
 One process, candidates interleaved round by round (best of the rounds kept: interference from
-other work on the machine only ever adds time), forward and forward + backward timed separately,
+other work on the machine only ever adds time; each timing also waits for the machine probe of
+bench_cpu.py to be within 80% of its best), forward and backward timed separately,
 one head per Numba thread, E = 64, no mask. The result shows how far the rule's choice
 (``attention_ref.flash_numba.tile_sizes``) is from the best candidate on this machine; notebook 06
 and README quote it.
@@ -29,9 +30,9 @@ FWD = [(bq, bk) for bq in (32, 64, 128, 256) for bk in (128, 256, 512, 1024)]
 BWD = [(bq, bk) for bq in (32, 64, 128, 256) for bk in (64, 128, 256, 512)]
 
 
-def scan(dtype: str, N: int, rounds: int) -> dict:
+def scan(dtype: str, N: int, rounds: int, wait_s: float) -> dict:
     import numba
-    from bench_cpu import machine_info
+    from bench_cpu import QuietGate, machine_info
 
     from attention_ref.flash_numba import numba_flash_backward, numba_flash_forward, tile_sizes
 
@@ -47,12 +48,14 @@ def scan(dtype: str, N: int, rounds: int) -> dict:
     for bq, bk in BWD:
         calls[("backward", bq, bk)] = lambda: numba_flash_backward(q, k, v, out, lse, do)
     best: dict = {}
+    gate = QuietGate(wait_s)
     for r in range(rounds):
         keys = list(calls) if r % 2 == 0 else list(calls)[::-1]
         for key in keys:
             os.environ["ATTENTION_REF_TILES"] = f"{key[1]}x{key[2]}"
             if r == 0:
                 calls[key]()  # warm-up (compilation is shared: tiles are run-time arguments)
+            gate.wait()
             t = time.perf_counter()
             calls[key]()
             ms = 1e3 * (time.perf_counter() - t)
@@ -60,6 +63,7 @@ def scan(dtype: str, N: int, rounds: int) -> dict:
     os.environ.pop("ATTENTION_REF_TILES", None)
     flops = 4.0 * N * N * 64 * heads
     result = {"machine": machine_info(), "dtype": dtype, "N": N, "heads": heads, "rounds": rounds,
+              "probe_best_gflops": gate.best,
               "rule": {d: [c["block_q"], c["block_k"], c["reason"]] for d, c in rule.items()},
               "forward_ms": {}, "backward_ms": {}}
     for (direction, bq, bk), ms in best.items():
@@ -100,9 +104,12 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     ap.add_argument("--n", type=int, default=4096)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--wait-quiet", type=float, default=30.0, metavar="SECONDS",
+                    help="before each timing, wait up to this long for the machine probe to "
+                    "recover (bench_cpu.QuietGate)")
     ap.add_argument("--output", type=Path)
     args = ap.parse_args()
-    res = scan(args.dtype, args.n, args.rounds)
+    res = scan(args.dtype, args.n, args.rounds, args.wait_quiet)
     res["report"] = report(res)
     print(res["report"])
     if args.output:
