@@ -665,29 +665,29 @@ def cpu_info() -> dict:
 
 def _tile_rule(dtype: np.dtype, direction: str, l2: int, isa: str) -> tuple[int, int, str]:
     """The default tiles. B_k = 512 keys (PyTorch's CPU flash kernel splits keys by 512): long
-    BLAS calls, few online-softmax rescalings. B_q = the most query rows (<= 256) for which a
-    thread's working set -- the S tile (B_q x B_k), K_j and V_j (B_k x E each), Q_i and O_i
-    (B_q x E each), E = 64 -- fits in half of the per-core L2; B_k halves first if even 64
-    rows do not fit. The backward pass holds two tiles (S and dP) and three gradient blocks: the
-    same rule on that working set. The vector width (isa) does not enter: the BLAS kernel and the
-    2^x loop adapt to it."""
+    BLAS calls, few online-softmax rescalings; halved while even 64 query rows would not fit.
+    B_q = the most query rows (<= 256: more rows per BLAS call) for which a thread's working set
+    fits in the per-core L2: the logit tile (B_q x B_k), K_j and V_j (B_k x E each), Q_i and O_i
+    (B_q x E), E = 64; the backward pass holds two tiles (Z and dP) and dK_j, dV_j, dO_i, dQ_i
+    as well. Scans on one machine (benchmarks/scan_tiles.py; README) put this choice within 7%
+    of the fastest candidate there. The vector width (isa) does not enter: the BLAS kernel and
+    the exp loop adapt to it."""
     item = np.dtype(dtype).itemsize
     E = 64
-    budget = l2 // 2
 
     def working_set(bq: int, bk: int) -> int:
         if direction == "forward":
-            return item * (bq * bk + 2 * bk * E + 3 * bq * E)
+            return item * (bq * bk + 2 * bk * E + 2 * bq * E)
         return item * (2 * bq * bk + 4 * bk * E + 4 * bq * E)
 
-    bk = 512 if direction == "forward" else 256
-    while bk > 64 and working_set(64, bk) > budget:
+    bk = 512
+    while bk > 128 and working_set(64, bk) > l2:
         bk //= 2
-    bq = 256 if direction == "forward" else 128
-    while bq > 32 and working_set(bq, bk) > budget:
+    bq = 256
+    while bq > 32 and working_set(bq, bk) > l2:
         bq //= 2
-    why = (f"rule: largest tile whose working set ({working_set(bq, bk) // 1024} KiB) fits half "
-           f"of the {l2 // 1024} KiB L2 per core; {isa}")
+    why = (f"rule: {bq} x {bk} is the largest tile whose working set "
+           f"({working_set(bq, bk) // 1024} KiB) fits the {l2 // 1024} KiB L2 per core; {isa}")
     return bq, bk, why
 
 
