@@ -398,10 +398,12 @@ def _row_max(x, tmp):
         h //= 2
         for j in range(h):
             tmp[j] = max(tmp[j], tmp[j + h])
-    mx = tmp[0]
-    for j in range(1, 16):
-        mx = max(mx, tmp[j])
-    return mx
+    # the last 16: constant trip counts, unrolled into a tree 4 deep (not a chain of 15)
+    for j in range(8):
+        tmp[j] = max(tmp[j], tmp[j + 8])
+    for j in range(4):
+        tmp[j] = max(tmp[j], tmp[j + 4])
+    return max(max(tmp[0], tmp[2]), max(tmp[1], tmp[3]))
 
 
 @nb.njit(cache=True, inline="always", fastmath=_FASTMATH)
@@ -475,6 +477,10 @@ def _fwd_fast(q, kp, vp, tau, lengths, offset, causal, left, right, L, S, block_
                     alpha[r] = 1.0
                     continue
                 total = _exp_sum(x, m_new, tau)
+                if m_new == m[r]:  # the maximum did not move (the common case): no rescaling
+                    alpha[r] = 1.0
+                    ell[r] += total
+                    continue
                 a = np.exp(tau * (m[r] - m_new))  # m = -inf on the first visible tile: a = 0
                 alpha[r] = a
                 ell[r] = a * ell[r] + total
