@@ -406,6 +406,16 @@ def _row_max(x, tmp):
     return max(max(tmp[0], tmp[2]), max(tmp[1], tmp[3]))
 
 
+@nb.njit(cache=True, inline="always")
+def _tile_width(visible, block_k):
+    """Columns of a key tile to compute when only the first ``visible`` keys can be seen: the
+    next power of two >= visible (at least 32), at most block_k."""
+    width = 32
+    while width < visible and width < block_k:
+        width *= 2
+    return min(width, block_k)
+
+
 @nb.njit(cache=True, inline="always", fastmath=_FASTMATH)
 def _mask_row(x, j0, lo, hi, value):
     """Entries of keys outside [lo, hi) -> value (-inf for logits, 0 for probabilities)."""
@@ -458,13 +468,19 @@ def _fwd_fast(q, kp, vp, tau, lengths, offset, causal, left, right, L, S, block_
         jb_stop = (hi[nr - 1] + block_k - 1) // block_k if hi[nr - 1] > lo[0] else jb_start
         for jb in range(jb_start, jb_stop):
             j0 = jb * block_k
+            # Optimisation (trimmed tiles): on a mask's edge (causal diagonal, key padding) the
+            # block's rows see only the first hi - j0 keys of the tile: compute just those
+            # columns, rounded up to a power of two (the row maximum halves it).
+            width = _tile_width(hi[nr - 1] - j0, block_k)
+            Kj = kp[b, hk, jb, :width]
+            st = s[:nr, :width]
             # Optimisation (BLAS tiles): Q_i K_j^T and P V_j go to the BLAS gemm (SciPy's
             # OpenBLAS), as in PyTorch's CPU flash kernel; the loops keep the masks and the
             # online softmax. It works for every head dimension.
-            _gemm(Qb, kp[b, hk, jb], s[:nr], False, True, overwrite)
-            inside = j0 >= lo[nr - 1] and j0 + block_k <= hi[0]  # no row needs masking
+            _gemm(Qb, Kj, st, False, True, overwrite)
+            inside = j0 >= lo[nr - 1] and j0 + width <= hi[0]  # no row needs masking
             for r in range(nr):
-                x = s[r]
+                x = st[r]
                 if not inside:
                     _mask_row(x, j0, lo[r], hi[r], neg_inf)
                 # online softmax on the raw logits X = Q_i K_j^T (Z = tau X): m_new = max(m,
@@ -472,7 +488,7 @@ def _fwd_fast(q, kp, vp, tau, lengths, offset, causal, left, right, L, S, block_
                 # O = diag(e^(tau (m - m_new))) O + P V_j
                 m_new = max(m[r], _row_max(x, tmp))
                 if m_new == neg_inf:  # every key seen so far is masked: P = 0
-                    for j in range(block_k):
+                    for j in range(width):
                         x[j] = 0.0
                     alpha[r] = 1.0
                     continue
@@ -491,7 +507,7 @@ def _fwd_fast(q, kp, vp, tau, lengths, offset, causal, left, right, L, S, block_
                     orow = o[r]
                     for e in range(Ev):
                         orow[e] *= a
-            _gemm(s[:nr], vp[b, hk, jb], o[:nr], False, False, accumulate)
+            _gemm(st, vp[b, hk, jb, :width], o[:nr], False, False, accumulate)
         # O_i = diag(ell)^-1 O_i ; lse = tau m + log(ell) ; fully masked rows -> 0 and -inf
         for r in range(nr):
             orow = out[b, h, i0 + r]
@@ -550,26 +566,33 @@ def _bwd_fast(q, kp, vp, do, lse, delta, tau, lengths, offset, causal, left, rig
                     nr = min(block_q, i_last + 1 - i0)
                     Qb = q[b, h, i0 : i0 + nr]
                     DOb = do[b, h, i0 : i0 + nr]
-                    _gemm(Qb, kb, s[:nr], False, True, overwrite)  # Q_i K_j^T (Z without tau)
-                    _gemm(DOb, vb, dp[:nr], False, True, overwrite)  # dP = dO_i V_j^T
+                    # trimmed tiles, as in the forward pass: the keys the last row can see
+                    _, hi_last = _key_range(i0 + nr - 1, L, S, offset, causal, left, right,
+                                            length)
+                    width = _tile_width(hi_last - j0, block_k)
+                    st = s[:nr, :width]
+                    dpt = dp[:nr, :width]
+                    _gemm(Qb, kb[:width], st, False, True, overwrite)  # Q_i K_j^T (Z / tau)
+                    _gemm(DOb, vb[:width], dpt, False, True, overwrite)  # dP = dO_i V_j^T
                     for r in range(nr):
                         lo, hi = _key_range(i0 + r, L, S, offset, causal, left, right, length)
-                        x = s[r]
-                        y = dp[r]
+                        x = st[r]
+                        y = dpt[r]
                         lr = lse[b, h, i0 + r]
                         if hi <= lo or lr == -np.inf:  # fully masked row: P = 0
-                            for j in range(block_k):
+                            for j in range(width):
                                 x[j] = 0.0
                                 y[j] = 0.0
                             continue
                         _probs_and_dlogits(x, y, tau, lr, delta[b, h, i0 + r])
-                        if j0 < lo or j0 + block_k > hi:
+                        if j0 < lo or j0 + width > hi:
                             _mask_row(x, j0, lo, hi, 0.0)
                             _mask_row(y, j0, lo, hi, 0.0)
-                    _gemm(s[:nr], DOb, dvb, True, False, accumulate)  # dV_j += P^T dO_i
-                    _gemm(dp[:nr], Qb, dkb, True, False, accumulate)  # dK_j += dZ^T Q_i
+                    _gemm(st, DOb, dvb[:width], True, False, accumulate)  # dV_j += P^T dO_i
+                    _gemm(dpt, Qb, dkb[:width], True, False, accumulate)  # dK_j += dZ^T Q_i
                     # dQ_i += dZ K_j
-                    _gemm(dp[:nr], kb, dq_part[t, b, h, i0 : i0 + nr], False, False, accumulate)
+                    _gemm(dpt, kb[:width], dq_part[t, b, h, i0 : i0 + nr], False, False,
+                          accumulate)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -672,7 +695,8 @@ def cpu_info() -> dict:
 def _tile_rule(dtype: np.dtype, direction: str, l2: int, isa: str) -> tuple[int, int, str]:
     """The default tiles. B_k = 512 keys (PyTorch's CPU flash kernel splits keys by 512): long
     BLAS calls, few online-softmax rescalings; halved while even 64 query rows would not fit.
-    B_q = the most query rows (<= 256: more rows per BLAS call) for which a thread's working set
+    B_q = the most query rows (<= 256, or 128 in the backward pass: more rows per BLAS call, but
+    longer float32 sums) for which a thread's working set
     fits in the per-core L2: the logit tile (B_q x B_k), K_j and V_j (B_k x E each), Q_i and O_i
     (B_q x E), E = 64; the backward pass holds two tiles (Z and dP) and dK_j, dV_j, dO_i, dQ_i
     as well. Scans on one machine (benchmarks/scan_tiles.py; README) put this choice within 7%
@@ -689,7 +713,9 @@ def _tile_rule(dtype: np.dtype, direction: str, l2: int, isa: str) -> tuple[int,
     bk = 512
     while bk > 128 and working_set(64, bk) > l2:
         bk //= 2
-    bq = 256
+    # backward: dV_j += P^T dO_i and dK_j += dZ^T Q_i sum over the B_q rows inside one gemm; 256
+    # rows cost float32 up to 2.4x the error of stage 05's 64-row tiles, 128 keep it within 2x
+    bq = 256 if direction == "forward" else 128
     while bq > 32 and working_set(bq, bk) > l2:
         bq //= 2
     why = (f"rule: {bq} x {bk} is the largest tile whose working set "
