@@ -1,0 +1,89 @@
+"""The fast kernels' exponential must compile to vector instructions (stage 06).
+
+``math.exp`` would be one scalar library call per logit; the kernels write e^x out so that LLVM
+vectorises it. That is a property of the machine code, so the test reads it: a small function
+around the kernels' ``_exp_sum`` is compiled in a fresh process for an AVX2-only CPU
+(``NUMBA_CPU_NAME=haswell``) and, where the host has it, for AVX-512, with an empty Numba cache.
+``benchmarks/inspect_codegen.py`` does the same for the whole kernels.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("numba")
+
+_CHILD = r"""
+import json, re
+import numba as nb
+import numpy as np
+from attention_ref.flash_numba import _FASTMATH, _exp_sum
+
+@nb.njit(fastmath=_FASTMATH)
+def rows(x, m, tau):
+    total = x[0, 0] - x[0, 0]
+    for r in range(x.shape[0]):
+        total += _exp_sum(x[r], m, tau)
+    return total
+
+out = {}
+for dt in ("float32", "float64"):
+    x = np.zeros((4, 512), dtype=dt)
+    rows(x, x.dtype.type(0), x.dtype.type(0.125))
+    asm = rows.inspect_asm(rows.signatures[-1])
+    kind = "s" if dt == "float32" else "d"  # packed single / packed double
+    rounding = [l for l in asm.splitlines() if re.search(r"\bv(round|rndscale)p" + kind + r"\b", l)]
+    out[dt] = {
+        "rounding": rounding,
+        "packed_fma": len(re.findall(r"\bvfn?madd\w*p[sd]\b", asm)),
+        "exp_calls": len(re.findall(r"call.*\bexpf?\b", asm)),
+    }
+print(json.dumps(out))
+"""
+
+
+def _compile_for(cpu: str | None, tmp_path) -> dict:
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+    env.pop("NUMBA_CPU_NAME", None)
+    env.pop("NUMBA_CPU_FEATURES", None)
+    if cpu:
+        env.update(NUMBA_CPU_NAME=cpu, NUMBA_CPU_FEATURES="")
+    res = subprocess.run([sys.executable, "-c", _CHILD], capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def _host_has(flag: str) -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and f" {flag}" in line for line in f)
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _host_has("avx2"), reason="the CPU cannot run AVX2 code")
+def test_exp_vectorises_on_avx2(tmp_path):
+    """8 float32 (4 float64) per 256-bit ymm instruction, no call to a scalar exp."""
+    code = _compile_for("haswell", tmp_path)
+    for dt, c in code.items():
+        assert c["rounding"], dt  # the exponential's loop was found
+        # its main loop works on 256-bit registers (LLVM adds narrower loops for the remainder;
+        # a float64 path left inside the float32 loop once made all its float32 work 128-bit)
+        assert any("ymm" in line for line in c["rounding"]), (dt, c["rounding"])
+        assert c["packed_fma"] >= 8 and c["exp_calls"] == 0, (dt, c)
+
+
+@pytest.mark.skipif(not _host_has("avx512f"), reason="the CPU has no AVX-512")
+def test_exp_vectorises_on_the_host(tmp_path):
+    """On an AVX-512 host: packed registers (ymm or zmm: LLVM prefers 256-bit vectors on Intel)."""
+    code = _compile_for(None, tmp_path)
+    for dt, c in code.items():
+        assert any(re.search(r"[yz]mm", line) for line in c["rounding"]), (dt, c["rounding"])
+        assert c["packed_fma"] >= 8 and c["exp_calls"] == 0, (dt, c)
