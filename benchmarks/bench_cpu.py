@@ -211,6 +211,8 @@ def worker(impl: str, dtype: str, causal: bool, mode: str, Ns: list[int], reps: 
         call()  # warm-up: compilation (or the disk cache), page faults
         first = time.perf_counter() - t0
         before = probe_gflops()
+        time.sleep(SETTLE_S)  # the probe's BLAS threads spin on after it; let them sleep
+        call()  # and wake this machine up again (see SETTLE_S)
         times = []
         for _ in range(1 if N >= 8192 else reps):
             t = time.perf_counter()
@@ -219,6 +221,33 @@ def worker(impl: str, dtype: str, causal: bool, mode: str, Ns: list[int], reps: 
         probe = min(before, probe_gflops())
         print(json.dumps({"N": N, "times_s": times, "first_call_s": first, "probe": probe}),
               flush=True)
+
+
+def serve(impl: str, dtype: str, causal: bool, mode: str, N: int) -> None:
+    """A persistent worker for paired timing: after two warm-up calls it prints "ready", then
+    per "go" line on stdin runs one untimed and one timed call and prints the latter's seconds. ``impl="matmul"`` is the
+    square 2048^3 BLAS product (the machine's ceiling)."""
+    if impl == "matmul":
+        import numpy as np
+
+        a, b = (np.random.default_rng(i).standard_normal((2048, 2048)).astype(dtype)
+                for i in range(2))
+        c = np.empty_like(a)
+
+        def call():
+            return np.matmul(a, b, out=c)
+    else:
+        call = _make_call(impl, dtype, causal, mode, N)
+    call()
+    call()
+    print("ready", flush=True)
+    for line in sys.stdin:
+        if line.strip() != "go":
+            break
+        call()  # untimed: the first call after an idle pause is slow (see SETTLE_S)
+        t = time.perf_counter()
+        call()
+        print(repr(time.perf_counter() - t), flush=True)
 
 
 def _describe_worker() -> None:
@@ -349,6 +378,13 @@ def _ceiling(config: str, rounds: int) -> dict:
 
 
 QUIET_FRACTION = 0.8
+# After a multi-threaded call, the thread pools of OpenBLAS (pthreads: about 0.1 s of spinning
+# and sched_yield) and of OpenMP keep their threads busy-waiting for the next call; a call of
+# another library in that window shares the cores with them. Every switch between libraries
+# waits this long first. The pause has its own cost on this kind of (virtual) machine: the first
+# call after 0.3 s idle took 20-29 ms instead of 6.5 ms (fast kernel, N = 2048), so one untimed
+# call follows every pause.
+SETTLE_S = 0.3
 
 
 class QuietGate:
@@ -468,6 +504,8 @@ def run(config: str, quick: bool, rounds: int, only: list[str] | None = None,
             rows = _run_worker(config, impl, dt, False, "fwd", ns, memory=True)
             result["memory"][f"{impl}|{dt}"] = {str(r["N"]): r["peak_growth_mb"] for r in rows}
     result["compile"] = measure_compile(config)
+    print(f"[{config}] paired ratios ...", flush=True)
+    result["paired"] = run_paired(config, have_torch)
     result["elapsed_s"] = time.time() - started
     if not ablation:
         result["ablation"] = (previous or {}).get("ablation", {})
@@ -496,6 +534,69 @@ def run(config: str, quick: bool, rounds: int, only: list[str] | None = None,
                                       "quiet_processes": len(quiet)}
     result["elapsed_s"] = time.time() - started
     return result
+
+
+def paired(config: str, impls: list[str], dtype: str, causal: bool, mode: str, N: int,
+           pairs: int) -> dict[str, list[float]]:
+    """Time several implementations call by call in turn, each in its own warm process.
+
+    On a shared or virtual machine the speed available to a process drifts by 2x and more within
+    seconds, so times taken minutes apart do not compare. Here the implementations alternate
+    (A B, B A, A B, ...) with a SETTLE_S pause before every call (so that the other library's
+    idle threads have stopped spinning), and every ratio is taken within one such pair: both
+    calls saw nearly the same machine."""
+    procs = {}
+    try:
+        for impl in impls:  # started one at a time: warm-ups never overlap
+            proc = subprocess.Popen(
+                [sys.executable, __file__, "--serve", impl, dtype, str(int(causal)), mode, str(N)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=_env(config))
+            if proc.stdout.readline().strip() != "ready":
+                raise RuntimeError(f"worker {impl} {dtype} N={N} failed to start")
+            procs[impl] = proc
+        times: dict[str, list[float]] = {impl: [] for impl in impls}
+        for i in range(pairs):
+            for impl in (impls if i % 2 == 0 else impls[::-1]):
+                time.sleep(SETTLE_S)
+                procs[impl].stdin.write("go\n")
+                procs[impl].stdin.flush()
+                times[impl].append(float(procs[impl].stdout.readline()))
+        return times
+    finally:
+        for proc in procs.values():
+            proc.stdin.close()
+            proc.wait(timeout=60)
+
+
+def _quartiles(values: list[float]) -> list[float]:
+    q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
+    return [q[0], statistics.median(values), q[2]]
+
+
+def run_paired(config: str, have_torch: bool) -> dict:
+    """The goals' ratios, each from paired calls (see ``paired``): the fast kernel against
+    torch at N = 4096, and against the square BLAS matmul (the share of its rate) for
+    N >= 2048."""
+    out = {}
+    if have_torch:
+        for key, _, _ in GOALS:
+            dt, causal, mode = key.split("|")
+            t = paired(config, ["numba_fast", "torch"], dt, causal == "1", mode, 4096, 21)
+            ratios = [a / b for a, b in zip(t["numba_fast"], t["torch"], strict=True)]
+            out[key] = {"N": 4096, "numba_fast_ms": 1e3 * statistics.median(t["numba_fast"]),
+                        "torch_ms": 1e3 * statistics.median(t["torch"]),
+                        "ratio_quartiles": _quartiles(ratios), "pairs": len(ratios)}
+            print(f"  paired {key}: ratio {out[key]['ratio_quartiles'][1]:.2f}", flush=True)
+    for N, pairs in ((2048, 21), (4096, 21), (8192, 9), (16384, 5)):
+        t = paired(config, ["numba_fast", "matmul"], "float32", False, "fwd", N, pairs)
+        shares = [(_flops(N, False, "fwd") / a) / (2 * 2048**3 / b)
+                  for a, b in zip(t["numba_fast"], t["matmul"], strict=True)]
+        out[f"share|{N}"] = {"N": N, "numba_fast_ms": 1e3 * statistics.median(t["numba_fast"]),
+                             "matmul_gflops": statistics.median(2 * 2048**3 / b / 1e9
+                                                                for b in t["matmul"]),
+                             "share_quartiles": _quartiles(shares), "pairs": len(shares)}
+        print(f"  paired share N={N}: {out[f'share|{N}']['share_quartiles'][1]:.2f}", flush=True)
+    return out
 
 
 def measure_compile(config: str) -> dict:
@@ -542,29 +643,46 @@ def describe_machine(m: dict) -> str:
 
 
 def ratio_table(res: dict, N: str = "4096") -> str:
-    """The goals against the measured ratios (one configuration)."""
+    """The goals against the measured ratios (one configuration). From the paired calls when
+    the run has them (median and quartiles of the per-pair ratios), else from the medians."""
     t = res["timing"]
+    pairs = res.get("paired", {})
     lines = [f"[{res.get('config', 'native')}] {describe_machine(res['machine'])}",
-             f"{'':40s} {'goal':>6s} {'ratio':>6s} {'rounds':>11s} {'Numba ms':>9s} "
-             f"{'torch ms':>9s}"]
+             f"{'':44s} {'goal':>7s} {'ratio':>6s} {'spread':>12s} {'Numba':>8s} {'other':>9s}"]
     for key, goal, what in GOALS:
-        a = t.get(f"numba_fast|{key}", {}).get(N)
-        b = t.get(f"torch|{key}", {}).get(N)
-        if not (a and b):
-            continue
-        ratio = a["median_ms"] / b["median_ms"]
-        lo, hi = a.get("ratio_to_torch_rounds", [ratio, ratio])
-        lines.append(f"{what + ' vs torch, N=' + N:40s} {'<=' + format(goal, '.2f'):>6s} "
-                     f"{ratio:6.2f} {lo:5.2f}-{hi:5.2f} {a['median_ms']:9.1f} {b['median_ms']:9.1f}"
+        p = pairs.get(key)
+        if p:
+            q1, ratio, q3 = p["ratio_quartiles"]
+            spread, mine, theirs = f"{q1:.2f}-{q3:.2f}", p["numba_fast_ms"], p["torch_ms"]
+        else:
+            a = t.get(f"numba_fast|{key}", {}).get(N)
+            b = t.get(f"torch|{key}", {}).get(N)
+            if not (a and b):
+                continue
+            ratio = a["median_ms"] / b["median_ms"]
+            lo, hi = a.get("ratio_to_torch_rounds", [ratio, ratio])
+            spread, mine, theirs = f"{lo:.2f}-{hi:.2f}*", a["median_ms"], b["median_ms"]
+        lines.append(f"{what + ', N=' + N + ', vs torch':44s} {'<=' + format(goal, '.2f'):>7s} "
+                     f"{ratio:6.2f} {spread:>12s} {mine:6.1f}ms {theirs:7.1f}ms"
                      f"  {'met' if ratio <= goal else 'not met'}")
-    ceil = res["ceiling_gflops"]["float32"]
     for n in ("2048", "4096", "8192", "16384"):
-        a = t.get("numba_fast|float32|0|fwd", {}).get(n)
-        if a:
-            lines.append(f"{'share of BLAS f32 rate (' + format(ceil, '.0f') + ' GF/s), N=' + n:40s} "
-                         f"{'>=' + format(GOAL_SHARE, '.2f'):>6s} {a['share_of_ceiling']:6.2f} "
-                         f"{'':11s} {a['gflops']:7.0f} GF/s"
-                         f"  {'met' if a['share_of_ceiling'] >= GOAL_SHARE else 'not met'}")
+        p = pairs.get(f"share|{n}")
+        if p:
+            q1, share, q3 = p["share_quartiles"]
+            spread, rate, ceil = f"{q1:.2f}-{q3:.2f}", _flops(int(n), False, "fwd") / (
+                p["numba_fast_ms"] * 1e6), p["matmul_gflops"]
+        else:
+            a = t.get("numba_fast|float32|0|fwd", {}).get(n)
+            if not a:
+                continue
+            share, spread, rate = a["share_of_ceiling"], "*", a["gflops"]
+            ceil = res["ceiling_gflops"]["float32"]
+        lines.append(f"{'share of the f32 matmul rate, N=' + n:44s} {'>=' + format(GOAL_SHARE, '.2f'):>7s} "
+                     f"{share:6.2f} {spread:>12s} {rate:5.0f}GF/s {ceil:5.0f}GF/s"
+                     f"  {'met' if share >= GOAL_SHARE else 'not met'}")
+    lines.append("spread: quartiles of the ratios of paired calls (each pair: the two "
+                 "implementations called back to back)" if pairs else
+                 "* range over rounds of separate processes (no paired calls in this run)")
     return "\n".join(lines)
 
 
@@ -721,6 +839,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--worker", nargs=6, metavar=("IMPL", "DTYPE", "CAUSAL", "MODE", "NS", "REPS"))
     ap.add_argument("--describe", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--serve", nargs=5, help=argparse.SUPPRESS)
+    ap.add_argument("--paired-only", action="store_true",
+                    help="re-measure only the paired ratios (the goals' table) into the JSON")
     ap.add_argument("--memory", action="store_true")
     ap.add_argument("--config", choices=sorted(CONFIGS), default="native")
     ap.add_argument("--quick", action="store_true")
@@ -744,6 +865,10 @@ def main() -> None:
     if args.describe:
         _describe_worker()
         return
+    if args.serve:
+        impl, dt, causal, mode, n = args.serve
+        serve(impl, dt, causal == "1", mode, int(n))
+        return
     if args.table:
         for cfg in CONFIGS.values():
             path = RESULTS / cfg["output"]
@@ -753,6 +878,13 @@ def main() -> None:
     output = args.output or RESULTS / CONFIGS[args.config]["output"]
     if args.figures_only:
         res = json.loads(output.read_text())
+    elif args.paired_only:
+        res = json.loads(output.read_text())
+        have_torch = subprocess.run([sys.executable, "-c", "import torch"], capture_output=True,
+                                    env=_env(args.config)).returncode == 0
+        res["paired"] = run_paired(args.config, have_torch)
+        res["report"] = report(res)
+        output.write_text(json.dumps(res, indent=1))
     else:
         only = args.only.split(",") if args.only else None
         previous = json.loads(output.read_text()) if only and output.exists() else None

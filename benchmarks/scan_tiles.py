@@ -32,7 +32,7 @@ BWD = [(bq, bk) for bq in (32, 64, 128, 256) for bk in (64, 128, 256, 512)]
 
 def scan(dtype: str, N: int, rounds: int, wait_s: float) -> dict:
     import numba
-    from bench_cpu import QuietGate, machine_info
+    from bench_cpu import SETTLE_S, QuietGate, machine_info
 
     from attention_ref.flash_numba import numba_flash_backward, numba_flash_forward, tile_sizes
 
@@ -55,7 +55,9 @@ def scan(dtype: str, N: int, rounds: int, wait_s: float) -> dict:
             os.environ["ATTENTION_REF_TILES"] = f"{key[1]}x{key[2]}"
             if r == 0:
                 calls[key]()  # warm-up (compilation is shared: tiles are run-time arguments)
-            gate.wait()
+            gate.wait()  # then let the probe's BLAS threads stop spinning and wake up again
+            time.sleep(SETTLE_S)
+            calls[key]()
             t = time.perf_counter()
             calls[key]()
             ms = 1e3 * (time.perf_counter() - t)
