@@ -49,8 +49,10 @@ test-gpu: $(VENV)/.gpu-installed
 lab: $(VENV)/.lab-installed
 	$(VENV)/bin/jupyter lab notebooks
 
-bench: $(VENV)/.test-installed  # minutes: run it on a quiet machine
+bench: $(VENV)/.test-installed  # about an hour on 2 cores: run it on a quiet machine
 	$(PY) benchmarks/bench_cpu.py
+	$(PY) benchmarks/bench_cpu.py --config avx2
+	$(PY) benchmarks/bench_cpu.py --table
 
 bench-quick: $(VENV)/.test-installed
 	$(PY) benchmarks/bench_cpu.py --quick

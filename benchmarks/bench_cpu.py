@@ -686,6 +686,53 @@ def ratio_table(res: dict, N: str = "4096") -> str:
     return "\n".join(lines)
 
 
+def markdown_table(results: dict[str, dict]) -> str:
+    """README's table: one column per configuration (paired ratios: median and quartiles)."""
+    names = list(results)
+    head = ["goal (N = 4096 unless stated)", "target"] + [
+        f"{results[n]['machine'].get('isa', '?').upper()}: {results[n]['machine'].get('llvm_cpu')},"
+        f" {results[n]['machine'].get('blas_kernel')}" for n in names]
+    rows = [head, ["---"] * len(head)]
+    for key, goal, what in GOALS:
+        row = [f"{what}: time / torch's", f"≤ {goal:.2f}×"]
+        for n in names:
+            p = results[n].get("paired", {}).get(key)
+            if not p:
+                row.append("—")
+                continue
+            q1, med, q3 = p["ratio_quartiles"]
+            verdict = "" if med <= goal else " (not met)"
+            row.append(f"{med:.2f}×{verdict} ({q1:.2f}–{q3:.2f}; {p['numba_fast_ms']:.1f} vs "
+                       f"{p['torch_ms']:.1f} ms)")
+        rows.append(row)
+    for N in ("2048", "4096", "8192", "16384"):
+        row = [f"share of the float32 square-matmul rate, N = {N}", f"≥ {100 * GOAL_SHARE:.0f}%"]
+        for n in names:
+            p = results[n].get("paired", {}).get(f"share|{N}")
+            if not p:
+                row.append("—")
+                continue
+            q1, med, q3 = p["share_quartiles"]
+            verdict = "" if med >= GOAL_SHARE else " (not met)"
+            row.append(f"{100 * med:.0f}%{verdict} ({100 * q1:.0f}–{100 * q3:.0f}%; of "
+                       f"{p['matmul_gflops']:.0f} GFLOP/s)")
+        rows.append(row)
+    row = ["extra peak memory, N = 16384, float32", "—"]
+    for n in names:
+        mem = results[n].get("memory", {})
+        f, m = mem.get("numba_fast|float32", {}).get("16384"), mem.get(
+            "materialised|float32", {}).get("16384")
+        row.append(f"{f:.1f} MB" + (f" (materialised: {m / 1024:.1f} GB)" if m else "")
+                   if f is not None else "—")
+    rows.append(row)
+    row = ["first call in a new process (kernels from the disk cache), float32 / float64", "—"]
+    for n in names:
+        c = results[n].get("compile", {})
+        row.append(f"{c['float32']:.2f} s / {c['float64']:.2f} s" if c else "—")
+    rows.append(row)
+    return "\n".join("| " + " | ".join(r) + " |" for r in rows)
+
+
 def report(res: dict) -> str:
     lines = ["BLAS rates (GFLOP/s): " + ", ".join(
         f"{k} {v:.0f}" if not isinstance(v, str) else f"{k} {v}"
@@ -849,6 +896,8 @@ def main() -> None:
     ap.add_argument("--figures-only", action="store_true")
     ap.add_argument("--table", action="store_true",
                     help="print the ratio tables of the stored results of every configuration")
+    ap.add_argument("--markdown", action="store_true",
+                    help="print README's table from the stored results of every configuration")
     ap.add_argument("--only", help="comma-separated implementations to re-measure; the other rows "
                     "are kept from the existing JSON")
     ap.add_argument("--no-ablation", action="store_true")
@@ -869,11 +918,17 @@ def main() -> None:
         impl, dt, causal, mode, n = args.serve
         serve(impl, dt, causal == "1", mode, int(n))
         return
+    stored = {name: json.loads((RESULTS / cfg["output"]).read_text())
+              for name, cfg in CONFIGS.items() if (RESULTS / cfg["output"]).exists()}
     if args.table:
-        for cfg in CONFIGS.values():
-            path = RESULTS / cfg["output"]
-            if path.exists():
-                print(ratio_table(json.loads(path.read_text())), "\n")
+        for res in stored.values():
+            print(ratio_table(res), "\n")
+        return
+    if args.markdown:
+        print(markdown_table(stored))
+        return
+    if args.config == "avx2" and not args.figures_only and " avx2" not in open("/proc/cpuinfo").read():
+        print("this CPU has no AVX2: the avx2 configuration is skipped")
         return
     output = args.output or RESULTS / CONFIGS[args.config]["output"]
     if args.figures_only:
