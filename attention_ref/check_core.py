@@ -486,14 +486,17 @@ def _judge(
         got = battery.split(outcome.value)
     except Unexpected as exc:
         return [Problem("type", str(exc))], None
+    if len(got) != len(expected):
+        want = ", ".join(battery.outputs[: len(expected)])
+        return [Problem("type", f"returned {len(got)} arrays, expected {len(expected)} ({want})")], None
     problems: list[Problem] = []
     shapes = battery.shapes or ("",) * len(expected)
-    for name, g, e, sym in zip(battery.outputs, got, expected, shapes, strict=True):
+    for name, g, e, sym in zip(battery.outputs, got, expected, shapes, strict=False):
         if g.shape != e.shape:
             problems.append(Problem("shape", f"returned `{name}` of shape {g.shape}, expected {e.shape}"
                                     + (f" = {sym}" if sym else "")))
     if not problems:
-        for name, g, e in zip(battery.outputs, got, expected, strict=True):
+        for name, g, e in zip(battery.outputs, got, expected, strict=False):
             problem = _value_problem(name, g, e, tol, call)
             if problem:
                 problems.append(problem)
@@ -505,7 +508,7 @@ def _judge(
             problems.append(Problem("mutated", f"modified its input `{path}` in place"))
             break
     want = np.dtype(case.dtype)
-    for name, g in zip(battery.outputs, got, strict=True):
+    for name, g in zip(battery.outputs, got, strict=False):
         if g.dtype != want:
             problems.append(Problem("dtype", f"returned `{name}` as {g.dtype} for {want} inputs "
                                     f"({want} in → {want} out)"))
@@ -647,16 +650,28 @@ def _candidate_sizes(case: Case) -> list[dict[str, int]]:
     return sorted(candidates, key=lambda c: (math.prod(max(v, 1) for v in c.values()), sum(c.values())))
 
 
+def _fingerprint(battery: Battery, call: Call) -> tuple:
+    """What distinguishes one call from another for the function: its shapes and plain options."""
+    shapes = tuple((path, a.shape) for path, a in _call_arrays(battery, call))
+    plain = tuple((k, repr(v)) for k, v in call.kwargs.items() if not isinstance(v, np.ndarray))
+    return shapes + plain
+
+
 def shrink(battery, fn, result: CaseResult, timeout, seed, accepts, budget: float = 3.0, tries: int = 40):
     """The smallest version of the failing case that fails the same way, or the case itself."""
     case = result.case
     kind = result.problem.kind
     start = time.perf_counter()
+    seen = {_fingerprint(battery, result.call)}
     if case.shrink and case.sizes:
-        for sizes in _candidate_sizes(case)[:tries]:
-            if time.perf_counter() - start > budget:
+        for sizes in _candidate_sizes(case):
+            if time.perf_counter() - start > budget or len(seen) > tries:
                 break
             call = _prepare_call(battery, case.make(seed, sizes), accepts)
+            fingerprint = _fingerprint(battery, call)
+            if fingerprint in seen:  # say, other block sizes for a function that takes none
+                continue
+            seen.add(fingerprint)
             try:
                 problems, _outcome, expected, got = _attempt(battery, fn, case, call, timeout, _tolerance(case))
             except Exception:  # a size the reference does not support
@@ -786,17 +801,15 @@ def describe_call(battery: Battery, call: Call, dtype: str) -> str:
 
 
 def _print_values(battery: Battery, call: Call, indent: str) -> list[str]:
-    lines = []
     entries = [(n, a) for n, a in zip(battery.inputs, call.args, strict=True)] + list(call.kwargs.items())
-    width = max((len(n) for n, _ in entries), default=0)
+    rows: list[tuple[str, Any]] = []
     for name, arg in entries:
         arrays = list(_arrays_in(arg, name))
-        if not arrays:
-            lines.append(f"{indent}{name:<{width}} = {arg!r}")
-        for path, a in arrays:
-            pad = max(width, len(path))
-            lines.append(f"{indent}{path:<{pad}} = {_fmt_array(a, len(indent) + pad + 3)}")
-    return lines
+        rows += arrays if arrays else [(name, arg)]
+    width = max((len(label) for label, _ in rows), default=0)
+    return [f"{indent}{label:<{width}} = "
+            + (_fmt_array(value, len(indent) + width + 3) if isinstance(value, np.ndarray) else repr(value))
+            for label, value in rows]
 
 
 @dataclass
@@ -843,10 +856,11 @@ class CheckResult:
             return f"{self.name}: FAIL — {self.error}"
         required = self.required
         passed = sum(r.status == "pass" for r in required)
-        bonus = self.bonus
-        bonus_text = ""
-        if bonus:
-            bonus_text = f", bonus {sum(r.status == 'pass' for r in bonus)}/{len(bonus)}"
+        run = [r for r in self.bonus if r.status in ("pass", "fail")]
+        skipped = len(self.bonus) - len(run)
+        bonus_text = f", bonus {sum(r.status == 'pass' for r in run)}/{len(run)}" if run else ""
+        if skipped:
+            bonus_text += f", {skipped} bonus case{'s' * (skipped != 1)} skipped"
         first = self.first_failure
         if first is None:
             return f"{self.name}: PASS {passed}/{len(required)} cases{bonus_text}{self._printed_note()}"
@@ -865,12 +879,18 @@ class CheckResult:
         if first is not None and passed:
             lines.append(f"  passed: {'; '.join(passed)}")
         for r in self.bonus:
-            if r.status == "pass":
-                continue
-            message = r.problem.message if r.problem else r.status
-            lines.append(f"  bonus \"{r.case.title}\": {r.status.upper()} — {message}")
-            for d in r.diagnoses[:1]:
-                lines.append(_wrap(f"    diagnosis: {d}", "      "))
+            if r.status == "fail":
+                lines.append(f"  bonus \"{r.case.title}\": FAIL — {r.problem.message}")
+                for d in r.diagnoses[:1]:
+                    lines.append(_wrap(f"    diagnosis: {d}", "      "))
+        untaken = _unique(k for r in self.bonus if r.status == "skipped" for k in r.call.kwargs
+                          if r.problem and f"`{k}`" in r.problem.message)
+        if untaken:
+            lines.append(_wrap("  bonus cases skipped, for options your function does not take: "
+                               + ", ".join(untaken), "    "))
+        not_run = [r.case.title for r in self.results if r.status == "not run"]
+        if not_run:
+            lines.append(_wrap(f"  not run after the time-out: {'; '.join(not_run)}", "    "))
         return "\n".join(lines)
 
     def _failure_lines(self, r: CaseResult) -> list[str]:
@@ -890,16 +910,17 @@ class CheckResult:
         if r.smallest is not None:
             call, expected, got, sizes = r.smallest
             shown = sum(a.size for _, a in _call_arrays(battery, call))
-            if shown <= 200:
+            if shown <= 64:
                 lines.append(f"  smallest input that shows it ({_sizes_text(sizes) or 'as built'}):")
                 lines += _print_values(battery, call, "    ")
-                for name, e in zip(battery.outputs, expected, strict=True):
-                    lines.append(f"    expected {name} = {_fmt_array(e, 16 + len(name))}")
+                labelled = [(f"expected {n}", e) for n, e in zip(battery.outputs, expected, strict=False)]
                 if got is not None:
-                    for name, g in zip(battery.outputs, got, strict=True):
-                        lines.append(f"    your {name}     = {_fmt_array(g, 16 + len(name))}")
+                    labelled += [(f"yours    {n}", g) for n, g in zip(battery.outputs, got, strict=False)]
+                width = max(len(label) for label, _ in labelled)
+                for label, a in labelled:
+                    lines.append(f"    {label:<{width}} = {_fmt_array(a, width + 7)}")
             else:
-                lines.append(f"  (no smaller input shows it; the case's inputs hold {shown} numbers)")
+                lines.append(f"  (no smaller input the checker tried shows it; this case's inputs hold {shown} numbers)")
         return lines
 
     def __repr__(self) -> str:
