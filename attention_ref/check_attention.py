@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .check_core import Battery, Call, Case, Mistake, randn, register, small_ints
+from .check_core import Battery, Call, Candidates, Case, Mistake, randn, register, small_ints
 from .check_softmax import softmax64
 
 # ---------------------------------------------------------------------------------------------
@@ -154,7 +154,8 @@ def _naive_attention(p: SDPAParts, q, k, v):
     if p.allowed is not None:
         z = np.where(p.allowed, z, -np.inf)
     e = np.exp(z)
-    return (e / np.sum(e, axis=-1, keepdims=True)) @ v
+    total = np.sum(e, axis=-1, keepdims=True)
+    return Candidates([(e / total) @ v, (e / np.where(total > 0, total, 1)) @ v])
 
 
 def attention_mistakes(parts, *, has_scale=True, has_mask=True, has_causal=True) -> list[Mistake]:
@@ -178,10 +179,10 @@ def attention_mistakes(parts, *, has_scale=True, has_mask=True, has_causal=True)
         return p.causal_alignment == "top_left"
 
     def square_probe(sizes):
-        return {**sizes, "E": sizes["S"]} if "E" in sizes else sizes
+        return {**sizes, "E": sizes["S"]} if "E" in sizes and "S" in sizes else sizes
 
     def ls_probe(sizes):
-        return {**sizes, "L": sizes["S"]} if "L" in sizes else sizes
+        return {**sizes, "L": sizes["S"]} if "L" in sizes and "S" in sizes else sizes
 
     def k_untransposed(p):
         return attention_variant_logits(p, p.q @ p.k)
@@ -201,6 +202,12 @@ def attention_mistakes(parts, *, has_scale=True, has_mask=True, has_causal=True)
     def query_padding(p):
         m = p.mask
         if m is None or m.dtype != bool or m.ndim < 2 or m.shape[-2] != 1 or p.q.shape[-2] != p.k.shape[-2]:
+            return None
+        return p.attend(allowed=np.swapaxes(m, -1, -2))
+
+    def transposed_mask(p):
+        m = p.mask
+        if m is None or m.dtype != bool or m.ndim < 2 or m.shape[-2] == 1 or p.q.shape[-2] != p.k.shape[-2]:
             return None
         return p.attend(allowed=np.swapaxes(m, -1, -2))
 
@@ -263,6 +270,8 @@ def attention_mistakes(parts, *, has_scale=True, has_mask=True, has_causal=True)
                     "a key-padding mask (..., 1, S) removes *keys* (columns of Z) for every query; "
                     "yours removed queries (rows).",
                     when(always, query_padding), probe=ls_probe),
+            Mistake("attn_mask transposed", "attn_mask[i, j] is about query i and key j: rows are "
+                    "queries, columns keys (shape (L, S)).", when(always, transposed_mask), probe=ls_probe),
             Mistake("a fully masked row gives NaN",
                     "a query whose keys are all masked must get 0 (PyTorch's choice): guard the "
                     "0/0 of its softmax.",
@@ -379,18 +388,21 @@ def _additive(query, keys, W_a, U_a, v_a, mask=None, *, tanh=True, swap=False, a
     Wq, Uk = (keys @ W_a, query @ U_a) if swap else (query @ W_a, keys @ U_a)
     pre = Wq[..., None, :] + Uk if not swap else Uk[..., None, :] + Wq
     e = (np.tanh(pre) if tanh else pre) @ v_a
-    if dtype_naive:
-        z = e if mask is None else np.where(mask, e, -np.inf)
-        ez = np.exp(z)
-        alpha = ez / np.sum(ez, axis=-1, keepdims=True)
-    else:
-        alpha = softmax64(e, axis, None if mask is None else np.broadcast_to(mask, e.shape))
+    h = keys @ U_a if values == "projected" else keys
+
+    def finish(alpha):
+        w = e if weights_used == "scores" else alpha
+        context = (w[..., None, :] @ h)[..., 0, :]
+        return context.astype(dtype), alpha.astype(dtype)
+
+    if dtype_naive:  # no max-subtraction, in the input's dtype; the 0/0 of a row guarded or not
+        ez = np.exp(e if mask is None else np.where(mask, e, -np.inf))
+        total = np.sum(ez, axis=-1, keepdims=True)
+        return Candidates([finish(ez / total), finish(ez / np.where(total > 0, total, 1))])
+    alpha = softmax64(e, axis, None if mask is None else np.broadcast_to(mask, e.shape))
     if nan_rows and mask is not None:
         alpha = np.where(np.any(np.broadcast_to(mask, e.shape), axis=-1, keepdims=True), alpha, np.nan)
-    h = keys @ U_a if values == "projected" else keys
-    w = e if weights_used == "scores" else alpha
-    context = (w[..., None, :] @ h)[..., 0, :]
-    return context.astype(dtype), alpha.astype(dtype)
+    return finish(alpha)
 
 
 def _additive_reference(query, keys, W_a, U_a, v_a, mask=None):
@@ -539,10 +551,16 @@ def _mha(query, key, value, params, num_heads, *, num_kv_heads=None, attn_mask=N
     p = sdpa_parts(q, k, v, attn_mask, is_causal, scale)
     if naive:
         q32, k32, v32 = (t.astype(dtype) for t in (q, k, v))
-        heads = _naive_attention(p, q32, k32, v32).astype(np.float64)
+        return Candidates(_mha_finish(h.astype(np.float64), H, merge_plain, w_o, params, bias, dtype)
+                          for h in _naive_attention(p, q32, k32, v32))
     else:
         heads = attention64(q, k, v, scale=p.tau, allowed=p.allowed if allowed_override is None else allowed_override,
                             bias=p.bias, axis=axis, tile_kv=tile_kv)[0]
+    return _mha_finish(heads, H, merge_plain, w_o, params, bias, dtype)
+
+
+def _mha_finish(heads, H, merge_plain, w_o, params, bias, dtype):
+    """Merge the heads and apply the output projection."""
     out = heads if H is None else merge_heads64(heads, merge_plain)
     if w_o:
         out = _project(out, params.W_o, params.b_o, bias)
@@ -621,6 +639,12 @@ def _mask_mistakes(run, L_equals_S) -> list[Mistake]:
             return None
         return run(call, allowed_override=np.swapaxes(m, -1, -2))
 
+    def transposed(call):
+        m = call.kwargs.get("attn_mask")
+        if m is None or m.dtype != bool or m.ndim < 2 or m.shape[-2] == 1 or not L_equals_S(call):
+            return None
+        return run(call, allowed_override=np.swapaxes(m, -1, -2))
+
     def triu(call):
         if not call.kwargs.get("is_causal"):
             return None
@@ -633,6 +657,8 @@ def _mask_mistakes(run, L_equals_S) -> list[Mistake]:
         Mistake("padding mask applied to queries instead of keys",
                 "a key-padding mask (B, 1, …, S) removes keys (columns of Z) for every query.",
                 query_padding, probe=lambda s: {**s, "L": s["S"]} if "S" in s else s),
+        Mistake("attn_mask transposed", "attn_mask[i, j] is about query i and key j: rows are queries, "
+                "columns keys.", transposed, probe=lambda s: {**s, "L": s["S"]} if "S" in s else s),
         Mistake("causal mask built with triu", "with True = attend the causal mask is np.tril.", triu),
     ]
 

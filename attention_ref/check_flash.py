@@ -232,20 +232,32 @@ register(
 # ---------------------------------------------------------------------------------------------
 
 
-def backward64(p: SDPAParts, grad_out, slip: str | None = None):
+def backward64(p: SDPAParts, grad_out, slip: str | None = None, out=None, lse=None):
     """(dQ, dK, dV) of O = softmax(Z) V through the materialised matrices (FA-1 Algorithm 3):
     dV = Pᵀ dO; dP = dO Vᵀ; D = rowsum(P ∘ dP); dS = P ∘ (dP − D); dQ = τ dS K; dK = τ dSᵀ Q.
 
     ``slip``: "no_tau" (τ left out of dQ and dK), "no_D" (dS = P ∘ dP), "unnormalised"
-    (P = e^{Z} recomputed without subtracting λ).
+    (P = e^{Z} recomputed without subtracting λ). With ``out`` and ``lse`` given, P = e^{Z − λ} and
+    D = rowsum(dO ∘ O), as a tiled backward computes them from the forward pass's results.
     """
     q, k, v = (np.asarray(t, np.float64) for t in (p.q, p.k, p.v))
     do = np.asarray(grad_out, np.float64)
     z = logits64(p)
-    P = np.exp(np.where(np.isfinite(z), z, -np.inf)) if slip == "unnormalised" else softmax64(z)
+    if slip == "unnormalised":
+        P = np.exp(z)
+    elif lse is not None:
+        lam = np.asarray(lse, np.float64)[..., None]
+        P = np.exp(z - np.where(np.isfinite(lam), lam, 0.0))
+    else:
+        P = softmax64(z)
     dv = np.swapaxes(P, -1, -2) @ do
     dp = do @ np.swapaxes(v, -1, -2)
-    D = 0.0 if slip == "no_D" else np.sum(P * dp, axis=-1, keepdims=True)
+    if slip == "no_D":
+        D = 0.0
+    elif out is not None:
+        D = np.sum(do * np.asarray(out, np.float64), axis=-1, keepdims=True)
+    else:
+        D = np.sum(P * dp, axis=-1, keepdims=True)
     ds = P * (dp - D)
     tau = 1.0 if slip == "no_tau" else p.tau
     dq = tau * (ds @ k)
@@ -267,7 +279,8 @@ def _backward_reference(query, key, value, out, lse, grad_out, attn_mask=None, i
 def _backward_slip(slip):
     def wrong(call):
         dtype = call.args[0].dtype
-        return tuple(g.astype(dtype) for g in backward64(_backward_parts(call), call.args[5], slip))
+        grads = backward64(_backward_parts(call), call.args[5], slip, out=call.args[3], lse=call.args[4])
+        return tuple(g.astype(dtype) for g in grads)
 
     return wrong
 
@@ -366,10 +379,11 @@ def _merge_build(*, chunks, ints=False, size=1.0, masked=None):
 
 
 def _merge_naive(outs, lses):
-    """Σ_s e^{λ_s} O_s / Σ_s e^{λ_s} in the inputs' dtype, without the max."""
+    """Σ_s e^{λ_s} O_s / Σ_s e^{λ_s} in the inputs' dtype, without the max (``out`` only)."""
     w = np.exp(np.stack(lses))
-    total = np.sum(w, axis=0)
-    return np.sum(w[..., None] * np.stack(outs), axis=0) / total[..., None], np.log(total)
+    total = np.sum(w, axis=0)[..., None]
+    weighted = np.sum(w[..., None] * np.stack(outs), axis=0)
+    return Candidates([weighted / total, weighted / np.where(total > 0, total, 1)])
 
 
 def _merge_unnormalised(outs, lses):

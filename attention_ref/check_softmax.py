@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .check_core import Battery, Call, Case, Mistake, randn, register, small_ints
+from .check_core import Battery, Call, Candidates, Case, Mistake, randn, register, small_ints
 
 # ---------------------------------------------------------------------------------------------
 # References (float64)
@@ -52,10 +52,12 @@ def _online_reference(x, chunk_size, axis=-1):
 
 
 def _naive(x, axis, allowed=None):
-    """e^z / Σ e^z in the input's dtype, without subtracting the maximum."""
+    """e^z / Σ e^z in the input's dtype, without subtracting the maximum — as written, and with
+    the 0/0 of a row that underflowed to zeros guarded (two candidates)."""
     z = x if allowed is None else np.where(allowed, x, -np.inf)
     e = np.exp(z)
-    return e / np.sum(e, axis=axis, keepdims=True)
+    total = np.sum(e, axis=axis, keepdims=True)
+    return Candidates([e / total, e / np.where(total > 0, total, 1)])
 
 
 def _global_max(x, axis, allowed=None):
