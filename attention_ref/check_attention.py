@@ -228,7 +228,7 @@ def attention_mistakes(parts, *, has_scale=True, has_mask=True, has_causal=True)
     mistakes = [
         Mistake("no scale", "the logits must be scaled: Z = τ Q Kᵀ with τ = 1/√E (E = query.shape[-1]) "
                 "unless `scale` is given. Without it the softmax saturates as E grows.",
-                when(always, lambda p: p.attend(scale=1.0))),
+                when(always, lambda p: p.attend(scale=1.0 if p.scale is None else p.scale))),
         Mistake("wrong scale: divided by E", "divide the logits by √E, not by E: τ = 1/√E.",
                 when(lambda p: p.scale is None, lambda p: p.attend(scale=1.0 / p.E))),
         Mistake("wrong scale: multiplied by √E", "divide the logits by √E (τ = 1/√E), do not multiply.",

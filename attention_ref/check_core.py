@@ -617,9 +617,11 @@ def run_battery(
         problems, outcome, expected, got = _attempt(battery, fn, case, call, timeout, tol)
         result = CaseResult(case, call, is_bonus, "fail" if problems else "pass", problems, outcome, expected, got)
         results.append(result)
-        if problems:
-            timed_out = timed_out or problems[0].kind == "timeout"
-            result.diagnoses = diagnose(battery, fn, case, call, result, timeout, seed, accepts)
+        timed_out = timed_out or (bool(problems) and problems[0].kind == "timeout")
+    passed = [r for r in results if r.status == "pass"]
+    for result in results:
+        if result.status == "fail" and result.outcome is not None:
+            result.diagnoses = diagnose(battery, fn, result.case, result.call, result, timeout, seed, accepts, passed)
     first = next((r for r in results if r.status == "fail" and not r.bonus), None)
     if first is not None and first.problem.kind not in ("timeout", "signature", "stub"):
         first.smallest = shrink(battery, fn, first, timeout, seed, accepts)
@@ -735,8 +737,22 @@ def _mistake_matches(battery, mistake, call, got, outcome, expected, tol) -> boo
     return False
 
 
-def diagnose(battery, fn, case, call, result: CaseResult, timeout, seed, accepts) -> list[str]:
-    """The mistakes whose answers reproduce the student's, each with its advice."""
+def _refuted(battery: Battery, mistake: Mistake, passed: Sequence[CaseResult]) -> bool:
+    """True when the mistake would have failed a case the student passed: not their mistake."""
+    for r in passed:
+        kind, answers = _wrong_answers(battery, mistake, r.call)
+        if kind != "answers":
+            continue
+        tol = _tolerance(r.case)
+        if not any(same_answer(r.expected[: len(a)], a, tol) for a in answers):
+            return True
+    return False
+
+
+def diagnose(battery, fn, case, call, result: CaseResult, timeout, seed, accepts,
+             passed: Sequence[CaseResult] = ()) -> list[str]:
+    """The mistakes whose answers reproduce the student's (and that do not contradict the cases
+    the student passed), each with its advice."""
     problem = result.problem
     found: list[str] = []
     if problem.kind in _GENERAL_ADVICE:
@@ -755,11 +771,13 @@ def diagnose(battery, fn, case, call, result: CaseResult, timeout, seed, accepts
             except Exception:
                 continue
             if got is not None:
-                if problems and _mistake_matches(battery, mistake, probe_call, got, outcome, expected, tol):
+                if (problems and _mistake_matches(battery, mistake, probe_call, got, outcome, expected, tol)
+                        and not _refuted(battery, mistake, passed)):
                     found.append(f"{mistake.title} (seen with {_sizes_text(sizes)}, where your function "
                                  f"runs): {mistake.advice}")
                 continue
-        if _mistake_matches(battery, mistake, call, result.got, result.outcome, result.expected, tol):
+        if (_mistake_matches(battery, mistake, call, result.got, result.outcome, result.expected, tol)
+                and not _refuted(battery, mistake, passed)):
             found.append(f"{mistake.title}: {mistake.advice}")
     for other in result.problems[1:]:
         if other.kind in _GENERAL_ADVICE:

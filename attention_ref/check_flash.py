@@ -118,7 +118,7 @@ def _tiled_mistake(slip: str, *, needs_q: bool = False):
         if needs_q and block_q is None:
             return None
         S = p.k.shape[-2]
-        blocks = [block_k] if block_k else [b for b in _BLOCK_GUESSES if b < S]
+        blocks = [block_k] if block_k else sorted(set(_BLOCK_GUESSES) | {max(S, 1)})
         answers = Candidates()
         for b in blocks:
             out, lse = tiled64(p, block_q, b, slip)
