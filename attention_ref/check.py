@@ -217,7 +217,7 @@ def load_student_file(path: str | os.PathLike, timeout: float | None = 10.0) -> 
     sys.modules[module_name] = module  # dataclasses in the file need their module registered
     sys.path.insert(0, str(path.parent.resolve()))
     try:
-        outcome = run_limited(spec.loader.exec_module, (module,), {}, timeout)
+        outcome = run_limited(spec.loader.exec_module, (module,), {}, timeout, code_file=str(path))
     finally:
         sys.path.remove(str(path.parent.resolve()))
     if outcome.timed_out:
@@ -230,7 +230,7 @@ def load_student_file(path: str | os.PathLike, timeout: float | None = 10.0) -> 
             where = f" at line {exc.lineno}" if exc.lineno else ""
             text = f": {exc.text.strip()}" if exc.text and exc.text.strip() else ""
             return None, f"cannot be imported — SyntaxError{where}: {exc.msg}{text}"
-        where = f" ({outcome.where.replace(module_name, path.name)})" if outcome.where else ""
+        where = f" ({outcome.where})" if outcome.where else ""
         message = _one_line(exc)
         return None, f"cannot be imported — {type(exc).__name__}{': ' + message if message else ''}{where}"
     return module, ""

@@ -302,12 +302,16 @@ class Outcome:
     warned: list[str] = field(default_factory=list)
 
 
-def run_limited(fn: Callable, args: tuple, kwargs: dict, timeout: float | None) -> Outcome:
+def run_limited(fn: Callable, args: tuple, kwargs: dict, timeout: float | None,
+                code_file: str | None = None) -> Outcome:
     """Call ``fn(*args, **kwargs)`` with a time limit, stdout/stderr captured and warnings recorded.
+    An error is located at the last line of ``code_file`` (default: the file ``fn`` is written in)
+    in its traceback.
 
     Never raises, except KeyboardInterrupt (the user's own Ctrl-C)."""
     outcome = Outcome()
-    code_file = getattr(getattr(fn, "__code__", None), "co_filename", None)
+    if code_file is None:
+        code_file = getattr(getattr(fn, "__code__", None), "co_filename", None)
     try:
         with contextlib.ExitStack() as stack:
             stack.enter_context(contextlib.redirect_stdout(outcome.printed))
