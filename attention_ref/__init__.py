@@ -19,6 +19,8 @@ module                stage
 ``bert``              08 a real pretrained encoder (MiniLM) in NumPy
 ``plotting``          heatmaps of attention weights used by every notebook
 ``backends``          choosing NumPy or CuPy for the notebooks
+``check``             homework: check a student's function, diagnose its mistake
+``exercises``         student versions of the notebooks (``make exercises``)
 ====================  =====================================================
 
 The core stages (02–04) are imported eagerly; everything else is resolved lazily, so

@@ -90,6 +90,7 @@ import importlib.util
 import os
 import re
 import sys
+import textwrap
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -291,13 +292,19 @@ def check_file(
 
 
 def _list_batteries() -> str:
+    """Each battery: the signature asked for, its cases and mistakes, and its kinds of options."""
     lines = []
     for name in battery_names():
         battery: Battery = get_battery(name)
-        required = ", ".join(battery.required_options) or "none"
+        used = dict.fromkeys(k for case in battery.cases for k in case.make(0).kwargs)
+        bonus = [k for k in used if k not in battery.required_options and k not in battery.passthrough]
         lines.append(f"stage {battery.stage}  {battery.signature or name}")
-        lines.append(f"          {len(battery.cases)} cases, {len(battery.mistakes)} diagnosed mistakes; "
-                     f"required options: {required}")
+        details = [f"{len(battery.cases)} cases", f"{len(battery.mistakes)} diagnosed mistakes"]
+        if battery.passthrough:
+            details.append(f"passed when your function takes them: {', '.join(battery.passthrough)}")
+        if bonus:
+            details.append(f"bonus options: {', '.join(bonus)}")
+        lines.append(textwrap.fill("; ".join(details), 100, initial_indent=" " * 10, subsequent_indent=" " * 12))
     return "\n".join(lines)
 
 

@@ -465,7 +465,7 @@ register(
     Battery(
         name="additive_attention",
         stage="01",
-        signature="additive_attention(query, keys, W_a, U_a, v_a, mask=None)",
+        signature="additive_attention(query, keys, W_a, U_a, v_a)",
         inputs=("query", "keys", "W_a", "U_a", "v_a"),
         reference=_additive_reference,
         cases=_ADDITIVE_CASES,
@@ -687,7 +687,7 @@ register(
     Battery(
         name="self_attention",
         stage="03",
-        signature="self_attention(x, params, *, attn_mask=None, is_causal=False)",
+        signature="self_attention(x, params)",
         inputs=("x", "params"),
         reference=_self_reference,
         cases=_SELF_CASES,

@@ -192,7 +192,7 @@ register(
     Battery(
         name="flash_attention",
         stage="05",
-        signature="flash_attention(query, key, value, *, block_q, block_k)",
+        signature="flash_attention(query, key, value)",
         inputs=("query", "key", "value"),
         reference=_flash_reference,
         cases=_FLASH_CASES,
@@ -318,7 +318,7 @@ register(
     Battery(
         name="flash_attention_backward",
         stage="05",
-        signature="flash_attention_backward(query, key, value, out, lse, grad_out, *, block_q, block_k)",
+        signature="flash_attention_backward(query, key, value, out, lse, grad_out)",
         inputs=("query", "key", "value", "out", "lse", "grad_out"),
         reference=_backward_reference,
         cases=_BACKWARD_CASES,
