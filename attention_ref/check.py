@@ -173,13 +173,14 @@ class FileResult:
     path: str
     results: list[CheckResult] = field(default_factory=list)
     error: str = ""  # the file could not be imported, or has none of the course's functions
-    notes: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # functions found but not checked, and why
+    missing: list[str] = field(default_factory=list)  # functions asked for but not in the file
 
     @property
     def exit_code(self) -> int:
         if self.error:
             return 2
-        return 0 if all(r.passed for r in self.results) else 1
+        return 0 if all(r.passed for r in self.results) and not self.missing else 1
 
     @property
     def passed(self) -> bool:
@@ -190,9 +191,10 @@ class FileResult:
         if self.error:
             return f"{name}: {self.error}"
         lines = [r.report() for r in self.results]
-        lines += self.notes
+        lines += self.notes + [f"{n}: FAIL — not found in {name}" for n in self.missing]
         passed = sum(r.passed for r in self.results)
-        lines.append(f"{name}: {passed} of {len(self.results)} function{'s' * (len(self.results) != 1)} pass")
+        total = len(self.results) + len(self.missing)
+        lines.append(f"{name}: {passed} of {total} function{'s' * (total != 1)} pass")
         return "\n".join(lines)
 
     def __repr__(self) -> str:
@@ -264,23 +266,19 @@ def check_file(
             fn = getattr(module, name, None)
             if fn is None:
                 if functions:
-                    result.notes.append(f"{name}: not found in {os.path.basename(str(path))}")
-                continue
-            if not callable(fn):
+                    result.missing.append(name)
+            elif not callable(fn):
                 result.notes.append(f"{name}: is a {type(fn).__name__}, not a function — not checked")
-                continue
-            if getattr(fn, "__module__", module.__name__) != module.__name__:
+            elif getattr(fn, "__module__", module.__name__) != module.__name__:
                 result.notes.append(f"{name}: imported from {fn.__module__}, not written in this file — not checked")
-                continue
-            found.append((name, fn))
+            else:
+                found.append((name, fn))
         if not found:
             result.error = ("none of the course's functions found; looked for: " + ", ".join(wanted)
                             + ("" if not result.notes else f" ({'; '.join(result.notes)})"))
+            result.missing = []
         for name, fn in found:
             result.results.append(check(fn, name, options=(options or {}).get(name), timeout=timeout))
-        if functions and any("not found" in note for note in result.notes) and not result.error:
-            result.results.append(CheckResult(
-                "missing", None, [], error="; ".join(n for n in result.notes if "not found" in n)))
     if raise_on_failure and not result.passed:
         raise AssertionError(result.report())
     return result

@@ -13,10 +13,11 @@ A **battery** checks one course function. It holds
   returns (or raises) for a call; a mistake is diagnosed only when its answer reproduces the
   student's — a tested hypothesis, never a guess.
 
-Options (keyword arguments) come in three kinds: the ones the exercise asks for
-(``required_options``; a case using another option is a *bonus* case, reported separately and
-skipped when the student's function does not take it), and ``passthrough`` options (such as block
-sizes) given only to functions that accept them. The positional ``inputs`` are always passed.
+The positional ``inputs`` are always passed. Keyword options come in three kinds: the ones the
+exercise asks for (``required_options``; a function without one of them fails the cases that use
+it), ``passthrough`` options such as block sizes (given only to functions that take them), and all
+others, which make a case a *bonus* case: reported separately, skipped when the function does not
+take the option, never making the check fail.
 
 See :mod:`attention_ref.check` for the user's guide and for how to add a battery.
 """
@@ -230,7 +231,8 @@ def _kind(value: Any) -> str:
         return f"a {type(value).__name__} of {len(value)} item{'s' * (len(value) != 1)}"
     if value is None:
         return "None (a missing `return`?)"
-    return f"a {type(value).__name__}"
+    kind = type(value).__name__
+    return f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"
 
 
 def _stable_ints(text: str) -> list[int]:
@@ -625,10 +627,10 @@ def run_battery(
     passed = [r for r in results if r.status == "pass"]
     for result in results:
         if result.status == "fail" and result.outcome is not None:
-            result.diagnoses = diagnose(battery, fn, result.case, result.call, result, timeout, seed, accepts, passed)
+            result.diagnoses = _diagnose(battery, fn, result.case, result.call, result, timeout, seed, accepts, passed)
     first = next((r for r in results if r.status == "fail" and not r.bonus), None)
     if first is not None and first.problem.kind not in ("timeout", "signature", "stub"):
-        first.smallest = shrink(battery, fn, first, timeout, seed, accepts)
+        first.smallest = _shrink(battery, fn, first, timeout, seed, accepts)
     return results
 
 
@@ -663,7 +665,7 @@ def _fingerprint(battery: Battery, call: Call) -> tuple:
     return shapes + plain
 
 
-def shrink(battery, fn, result: CaseResult, timeout, seed, accepts, budget: float = 3.0, tries: int = 40):
+def _shrink(battery, fn, result: CaseResult, timeout, seed, accepts, budget: float = 3.0, tries: int = 40):
     """The smallest version of the failing case that fails the same way, or the case itself."""
     case = result.case
     kind = result.problem.kind
@@ -753,7 +755,7 @@ def _refuted(battery: Battery, mistake: Mistake, passed: Sequence[CaseResult]) -
     return False
 
 
-def diagnose(battery, fn, case, call, result: CaseResult, timeout, seed, accepts,
+def _diagnose(battery, fn, case, call, result: CaseResult, timeout, seed, accepts,
              passed: Sequence[CaseResult] = ()) -> list[str]:
     """The mistakes whose answers reproduce the student's (and that do not contradict the cases
     the student passed), each with its advice."""
@@ -840,9 +842,8 @@ class CheckResult:
     readable ``report()`` (also its repr, so a notebook shows it)."""
 
     name: str
-    battery: Battery | None
+    battery: Battery
     results: list[CaseResult]
-    error: str = ""
 
     @property
     def required(self) -> list[CaseResult]:
@@ -854,7 +855,7 @@ class CheckResult:
 
     @property
     def passed(self) -> bool:
-        return not self.error and all(r.status == "pass" for r in self.required)
+        return all(r.status == "pass" for r in self.required)
 
     @property
     def first_failure(self) -> CaseResult | None:
@@ -874,8 +875,6 @@ class CheckResult:
 
     def headline(self) -> str:
         """The one-line verdict."""
-        if self.error:
-            return f"{self.name}: FAIL — {self.error}"
         required = self.required
         passed = sum(r.status == "pass" for r in required)
         run = [r for r in self.bonus if r.status in ("pass", "fail")]

@@ -177,7 +177,8 @@ def test_only_the_requested_functions(tmp_path, capsys):
     code, out = run_cli(capsys, path, "--function", "decode_step")
     assert code == 2 and "none of the course's functions found; looked for: decode_step" in out
     code, out = run_cli(capsys, path, "--function", "softmax", "--function", "decode_step")
-    assert code == 1 and "decode_step: not found in student.py" in out
+    assert code == 1 and "decode_step: FAIL — not found in student.py" in out
+    assert out.count("not found") == 1 and out.splitlines()[-1] == "student.py: 1 of 2 functions pass"
 
 
 def test_an_unknown_function_name(tmp_path, capsys):
