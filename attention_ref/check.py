@@ -76,11 +76,11 @@ checker first needs its registry, and registers its batteries when imported::
   mistake that crashes on the case's shapes runs, so it can be tested there.
 * ``Battery(..., outputs=("out", "lse"), unpack=...)`` for functions returning several values;
   ``required_options`` / ``passthrough`` for keyword options (see :mod:`attention_ref.check_core`).
-* Replacing a battery: ``register`` again under the same name (a variant for a new stage, say a
-  ``decode_step`` with RoPE, can also be registered under a new name and checked with
-  ``check(fn, "decode_step_rope")``).
-* A test for every battery belongs in ``tests/test_check_batteries.py``: the library's own function
-  passes, and one broken implementation per mistake gets that diagnosis.
+* Registering an existing name replaces that battery (say, when ``decode_step`` gains an option in a
+  later stage, its new battery keeps the old cases and adds the new ones as bonus cases).
+* Name a battery after the library function it checks: ``tests/test_check_batteries.py`` then
+  checks that the library's own function passes every case, bonus cases included. Add there one
+  broken implementation per mistake, written as a student would, asserting its diagnosis.
 """
 
 from __future__ import annotations
@@ -337,4 +337,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except BrokenPipeError:  # the report piped into `head`: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)

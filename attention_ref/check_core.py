@@ -898,12 +898,16 @@ class CheckResult:
             lines += self._failure_lines(first)
         passed = [r.case.title for r in self.required if r.status == "pass"]
         if first is not None and passed:
-            lines.append(f"  passed: {'; '.join(passed)}")
-        for r in self.bonus:
-            if r.status == "fail":
-                lines.append(f"  bonus \"{r.case.title}\": FAIL — {r.problem.message}")
-                for d in r.diagnoses[:1]:
-                    lines.append(_wrap(f"    diagnosis: {d}", "      "))
+            lines.append(_wrap(f"  passed: {'; '.join(passed)}", "    "))
+        failed_bonus = [r for r in self.bonus if r.status == "fail"]
+        if first is not None and failed_bonus:  # the required cases come first
+            n, m = len(failed_bonus), len(self.bonus)
+            lines.append(f"  bonus: {n} of {m} case{'s' * (m != 1)} fail{'s' * (n == 1)} too "
+                         "(shown once the required cases pass)")
+        for r in failed_bonus if first is None else []:
+            lines.append(f"  bonus \"{r.case.title}\": FAIL — {r.problem.message}")
+            for d in r.diagnoses[:1]:
+                lines.append(_wrap(f"    diagnosis: {d}", "      "))
         untaken = _unique(k for r in self.bonus if r.status == "skipped" for k in r.call.kwargs
                           if r.problem and f"`{k}`" in r.problem.message)
         if untaken:

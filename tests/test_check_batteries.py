@@ -23,8 +23,9 @@ def test_every_course_function_has_a_battery():
     assert set(CHECKED) <= set(battery_names())
 
 
-@pytest.mark.parametrize("name", CHECKED)
+@pytest.mark.parametrize("name", battery_names())
 def test_the_library_passes_every_case_bonus_included(name):
+    # A battery is named after the library function it checks (later stages' batteries included).
     result = check(getattr(ar, name), name)
     assert result.passed, result.report()
     assert all(r.status == "pass" for r in result.results), result.report()
