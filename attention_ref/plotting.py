@@ -57,14 +57,25 @@ def plot_attention(
     if title:
         ax.set_title(title)
     if annotate:
-        top = w.max() if w.size else 0.0
         for i in range(w.shape[0]):
             for j in range(w.shape[1]):
                 ax.text(j, i, f"{w[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                        color="black" if w[i, j] > 0.6 * top else "white")
+                        color=_text_colour_on(image.cmap(image.norm(w[i, j]))))
     if colorbar:
         ax.figure.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     return ax
+
+
+def _text_colour_on(rgba: Sequence[float]) -> str:
+    """Black or white, whichever reads better on the cell's own colour (its relative luminance,
+    WCAG 2), so the choice follows the colour scale actually drawn, not the data's maximum."""
+
+    def linear(c: float) -> float:
+        return c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4
+
+    r, g, b = (linear(c) for c in rgba[:3])
+    luminance = 0.2126 * r + 0.7152 * g + 0.0722 * b
+    return "black" if luminance > 0.179 else "white"
 
 
 def plot_heads(
