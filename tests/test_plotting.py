@@ -22,3 +22,20 @@ def test_annotation_colour_follows_the_colour_scale_not_the_data_maximum():
     ax = plot_attention(np.array([[0.95, 0.02]]), annotate=True, vmax=1.0)
     assert [text.get_color() for text in ax.texts] == ["black", "white"]
     plt.close("all")
+
+
+def test_save_figure_writes_nothing_when_told_not_to(tmp_path, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from attention_ref.plotting import save_figure
+
+    fig, _ = plt.subplots()
+    monkeypatch.setenv("ATTENTION_REF_SAVE_FIGURES", "0")
+    assert not save_figure(fig, tmp_path / "a.png").exists()
+    monkeypatch.setenv("ATTENTION_REF_SAVE_FIGURES", "1")
+    first = save_figure(fig, tmp_path / "b.png").read_bytes()
+    assert save_figure(fig, tmp_path / "c.png").read_bytes() == first  # byte-stable
+    plt.close(fig)
