@@ -137,15 +137,16 @@ def plot_heads(
 SAVE_FIGURES_ENV_VAR = "ATTENTION_REF_SAVE_FIGURES"
 
 
-def save_figure(fig: Any, path: str | Path, *, dpi: int = 110) -> Path:
+def save_figure(fig: Any, path: str | Path, *, dpi: int = 110, force: bool = False) -> Path:
     """Save a figure as PNG with byte-stable metadata (no software/date stamp), so re-running a
     notebook does not rewrite an unchanged figure in git. Creates the folder. Returns the path.
 
     With the environment variable ``ATTENTION_REF_SAVE_FIGURES=0`` nothing is written: ``make
     test`` sets it, so running the notebooks under nbval never rewrites the committed figures
-    (some show measured times or memory, which differ from run to run)."""
+    (some show measured times or memory, which differ from run to run). ``force=True`` writes
+    anyway: for a file a user asked for by name (``show_heads --output``)."""
     path = Path(path)
-    if os.environ.get(SAVE_FIGURES_ENV_VAR, "1").strip() == "0":
+    if not force and os.environ.get(SAVE_FIGURES_ENV_VAR, "1").strip() == "0":
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi, bbox_inches="tight", metadata={"Software": None})
