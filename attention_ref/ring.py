@@ -589,6 +589,7 @@ def ring_attention_backward(
     acc = _accumulator_dtype(xp, q.dtype)
     dq = xp.zeros(q.shape, dtype=acc, device=q.device)
     k_blk, v_blk = _message(k), _message(v)
+    grad_transfer: _Transfer | None = None  # dK, dV of the block we hold next, on their way
     compute_s, wait_s = [], []
     for step in range(R):
         owner = (rank - step) % R  # whose keys and values are in hand
@@ -604,7 +605,7 @@ def ring_attention_backward(
         )
         compute_s.append(time.perf_counter() - start)
         waited = 0.0
-        if step > 0:  # add what the block's earlier holders accumulated (arrived meanwhile)
+        if grad_transfer is not None:  # add what the block's earlier holders accumulated
             waited += grad_transfer.wait()
             dk_in, dv_in = grad_transfer.received
             dk_blk, dv_blk = dk_blk + dk_in, dv_blk + dv_in
@@ -614,7 +615,7 @@ def ring_attention_backward(
         if R > 1:  # send the block's gradients after it, to the rank that holds it next
             grad_transfer = _start_pass(comm, [dk_blk, dv_blk], incoming, tag=2)
         wait_s.append(waited)
-    if R > 1:  # the last transfer brings our own block's gradients home
+    if grad_transfer is not None:  # the last transfer brings our own block's gradients home
         wait_s[-1] += grad_transfer.wait()
         dk_blk, dv_blk = grad_transfer.received
     grads = tuple(xp.astype(g, q.dtype) for g in (dq, dk_blk, dv_blk))
