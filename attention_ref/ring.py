@@ -162,7 +162,8 @@ def shard(x: Array, world_size: int, *, layout: str = "contiguous", axis: int = 
     most 1 (contiguous) or 2 (zigzag) tokens when R does not divide N; nothing is padded.
     ``unshard(shard(x, R, layout=l), layout=l)`` gives ``x`` back.
     """
-    return [local_shard(x, world_size, r, layout=layout, axis=axis) for r in range(world_size)]
+    R = _check_count("world_size", world_size, 1)
+    return [local_shard(x, R, r, layout=layout, axis=axis) for r in range(R)]
 
 
 def unshard(shards: Sequence[Array], *, layout: str = "contiguous", axis: int = -2) -> Array:
@@ -403,7 +404,9 @@ def _synchronize(x: Array) -> None:
 
 
 def _message(x: Array) -> Array:
-    """A C-contiguous copy of x: what MPI's buffer interface sends."""
+    """x as one C-contiguous buffer, what MPI sends (a copy only when x is a strided view)."""
+    if getattr(getattr(x, "flags", None), "c_contiguous", False):
+        return x
     return array_namespace(x).asarray(x, copy=True)
 
 
@@ -773,3 +776,189 @@ def simulate_ring_attention_backward(
     dv = unshard([xp.astype(b[4], v.dtype) for b in blocks], layout=layout)
     dq = xp.astype(unshard(dqs, layout=layout), q.dtype)
     return dq, dk, dv, events
+
+
+# ---------------------------------------------------------------------------------------------
+# The demo: mpiexec -n 4 python -m attention_ref.ring --seq-len 16384 --causal --layout zigzag
+# ---------------------------------------------------------------------------------------------
+
+
+def _machine() -> dict[str, Any]:
+    """The machine a measurement ran on (CPU model, cores, library versions)."""
+    import os
+    import platform
+
+    import numpy as np
+    from mpi4py import MPI
+    from mpi4py import __version__ as mpi4py_version
+
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {
+        "cpu": cpu, "cores": os.cpu_count(), "system": platform.system(),
+        "python": platform.python_version(), "numpy": np.__version__, "mpi4py": mpi4py_version,
+        "mpi": MPI.Get_library_version().splitlines()[0].strip(),
+        "blas_threads_env": {v: os.environ.get(v) for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")},
+    }
+
+
+def _measure(fn):
+    """Run fn(); return its result, the peak of NumPy/Python memory it allocated beyond what was
+    held before (tracemalloc), and the seconds it took."""
+    import tracemalloc
+
+    tracemalloc.start()
+    tracemalloc.reset_peak()
+    before = tracemalloc.get_traced_memory()[0]
+    start = time.perf_counter()
+    result = fn()
+    seconds = time.perf_counter() - start
+    peak = tracemalloc.get_traced_memory()[1] - before
+    tracemalloc.stop()
+    return result, peak, seconds
+
+
+def _max_rss_bytes() -> int:
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:8.1f} MiB"
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
+    """Run ring attention on seeded random inputs over MPI; rank 0 checks it and reports."""
+    import argparse
+    import json
+
+    import numpy as np
+    from mpi4py import MPI
+
+    parser = argparse.ArgumentParser(
+        prog="python -m attention_ref.ring",
+        description="Ring attention over MPI on seeded random inputs. Run it with "
+                    "`mpiexec -n R python -m attention_ref.ring ...`; rank 0 gathers the output, "
+                    "compares it with flash_attention over the whole sequence and reports the "
+                    "error, per-rank peak memory and time per step (computing vs waiting).")
+    parser.add_argument("--seq-len", type=int, default=4096, help="N, tokens in the whole sequence")
+    parser.add_argument("--causal", action="store_true", help="causal mask (global positions)")
+    parser.add_argument("--layout", choices=LAYOUTS, default="contiguous")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--heads", type=int, default=4, help="H, query heads")
+    parser.add_argument("--kv-heads", type=int, default=None, help="Hkv (GQA), default H")
+    parser.add_argument("--head-dim", type=int, default=64, help="E = Ev")
+    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sendrecv", action="store_true",
+                        help="use the blocking Sendrecv version instead of Isend/Irecv")
+    parser.add_argument("--backward", action="store_true",
+                        help="also run ring_attention_backward and check dQ, dK, dV")
+    parser.add_argument("--no-check", action="store_true",
+                        help="skip the whole-sequence reference on rank 0")
+    parser.add_argument("--json", default=None, help="write the results to this JSON file")
+    args = parser.parse_args(argv)
+
+    comm = MPI.COMM_WORLD
+    R, rank = comm.Get_size(), comm.Get_rank()
+    N, layout = args.seq_len, args.layout
+    H, Hkv, E = args.heads, args.kv_heads or args.heads, args.head_dim
+    dtype = np.dtype(args.dtype)
+    kw = {"is_causal": args.causal, "layout": layout, "enable_gqa": Hkv != H}
+
+    # Every rank draws the same seeded sequence and keeps only its shard.
+    rng = np.random.default_rng(args.seed)
+    q = rng.standard_normal((args.batch, H, N, E)).astype(dtype)
+    k = rng.standard_normal((args.batch, Hkv, N, E)).astype(dtype)
+    v = rng.standard_normal((args.batch, Hkv, N, E)).astype(dtype)
+    grad_out = rng.standard_normal(q.shape).astype(dtype) if args.backward else None
+    mine = [_message(local_shard(x, R, rank, layout=layout)) for x in (q, k, v)]
+    if rank != 0 or args.no_check:
+        del q, k, v  # the whole sequence is needed only for rank 0's reference
+    held = sum(x.nbytes for x in mine)
+
+    comm.Barrier()
+    if args.sendrecv:
+        out, peak, seconds = _measure(lambda: ring_attention_sendrecv(*mine, comm, **kw))
+        lse = stats = None
+    else:
+        (out, lse, stats), peak, seconds = _measure(
+            lambda: ring_attention(*mine, comm, return_lse=True, return_stats=True, **kw))
+    report: dict[str, Any] = {
+        "rank": rank, "shard_tokens": int(mine[0].shape[-2]), "inputs_held_bytes": held,
+        "peak_extra_bytes": peak, "seconds": seconds,
+        "compute_s": None if stats is None else list(stats.compute_s),
+        "wait_s": None if stats is None else list(stats.wait_s),
+    }
+    grads = None
+    if args.backward and lse is not None:
+        comm.Barrier()
+        go = local_shard(grad_out, R, rank, layout=layout)
+        (*grads, bstats), bpeak, bseconds = _measure(lambda: ring_attention_backward(
+            *mine, out, lse, go, comm, return_stats=True, **kw))
+        report.update(backward_peak_extra_bytes=bpeak, backward_seconds=bseconds,
+                      backward_compute_s=list(bstats.compute_s), backward_wait_s=list(bstats.wait_s))
+    report["max_rss_bytes"] = _max_rss_bytes()
+    gathered = comm.gather((out, grads, report), root=0)
+    if rank != 0:
+        return None
+
+    reports = [g[2] for g in gathered]
+    result: dict[str, Any] = {
+        "config": {"seq_len": N, "world_size": R, "layout": layout, "causal": args.causal,
+                   "batch": args.batch, "heads": H, "kv_heads": Hkv, "head_dim": E,
+                   "dtype": args.dtype, "seed": args.seed,
+                   "communication": "Sendrecv" if args.sendrecv else "Isend/Irecv"},
+        "machine": _machine(), "ranks": reports,
+    }
+    mode = "Sendrecv" if args.sendrecv else "Isend/Irecv"
+    print(f"ring attention over MPI: N = {N}, R = {R} ranks, {layout} layout, "
+          f"{'causal' if args.causal else 'no mask'}, B = {args.batch}, H = {H} (Hkv = {Hkv}), "
+          f"E = {E}, {args.dtype}, {mode}")
+    if not args.no_check:
+        ring_out = unshard([g[0] for g in gathered], layout=layout)
+        (ref, ref_lse), ref_peak, ref_seconds = _measure(lambda: flash_attention(
+            q, k, v, is_causal=args.causal, enable_gqa=Hkv != H, return_lse=True))
+        err = float(np.max(np.abs(ring_out.astype(np.float64) - ref)))
+        result["max_abs_error"] = err
+        result["one_process"] = {"seconds": ref_seconds, "peak_extra_bytes": ref_peak,
+                                 "inputs_held_bytes": q.nbytes + k.nbytes + v.nbytes}
+        print(f"max |ring − flash_attention over the whole sequence| = {err:.2e}")
+        if grads is not None:
+            ref_grads = flash_attention_backward(q, k, v, ref, ref_lse, grad_out,
+                                                 is_causal=args.causal, enable_gqa=Hkv != H)
+            gerr = max(float(np.max(np.abs(unshard([g[1][i] for g in gathered], layout=layout)
+                                                  .astype(np.float64) - ref_grads[i])))
+                       for i in range(3))
+            result["backward_max_abs_error"] = gerr
+            print(f"max |ring backward − flash_attention_backward| over dQ, dK, dV = {gerr:.2e}")
+    print("\nrank  tokens   inputs held   peak extra (ring)  max RSS (process)  seconds")
+    for rep in reports:
+        print(f"{rep['rank']:4d}  {rep['shard_tokens']:6d}  {_mib(rep['inputs_held_bytes'])}  "
+              f"{_mib(rep['peak_extra_bytes'])}       {_mib(rep['max_rss_bytes'])}   "
+              f"{rep['seconds']:7.3f}")
+    if not args.no_check:
+        one = result["one_process"]
+        print(f" one process, flash_attention over all {N} tokens: inputs {_mib(one['inputs_held_bytes'])}, "
+              f"peak extra {_mib(one['peak_extra_bytes'])}, {one['seconds']:.3f} s")
+    if reports[0]["compute_s"] is not None:
+        print("\nseconds per step, computing / waiting for the transfer:")
+        print("step  " + "  ".join(f"  rank {r:<2d}        " for r in range(R)))
+        for s in range(R):
+            print(f"{s:4d}  " + "  ".join(f"{rep['compute_s'][s]:7.3f} / {rep['wait_s'][s]:7.3f}"
+                                        for rep in reports))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+if __name__ == "__main__":
+    main()
