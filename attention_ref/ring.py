@@ -262,7 +262,7 @@ def ring_attention_step(
                 return_lse=True,
             )
             out_c, lse_c = merge_attention_partials(
-                [out_c, xp.astype(o_b, out.dtype)], [lse_c, xp.astype(lse_b, lse.dtype)]
+                [out_c, xp.astype(o_b, out.dtype, copy=False)], [lse_c, xp.astype(lse_b, lse.dtype, copy=False)]
             )
         new_out.append(out_c)
         new_lse.append(lse_c)
