@@ -261,9 +261,8 @@ def ring_attention_step(
                 is_causal=(kind == "diagonal"), scale=scale, enable_gqa=enable_gqa,
                 return_lse=True,
             )
-            out_c, lse_c = merge_attention_partials(
-                [out_c, xp.astype(o_b, out.dtype, copy=False)], [lse_c, xp.astype(lse_b, lse.dtype, copy=False)]
-            )
+            o_b, lse_b = xp.astype(o_b, out.dtype, copy=False), xp.astype(lse_b, lse.dtype, copy=False)
+            out_c, lse_c = merge_attention_partials([out_c, o_b], [lse_c, lse_b])
         new_out.append(out_c)
         new_lse.append(lse_c)
     return xp.concat(new_out, axis=-2), xp.concat(new_lse, axis=-1)
@@ -822,6 +821,17 @@ def _measure(fn):
     return result, peak, seconds
 
 
+def _time_pass(comm: Any, blocks: Sequence[Array], incoming: int, repeats: int = 5) -> float:
+    """Median seconds of one ring pass of ``blocks`` with nothing to compute: the link's cost."""
+    times = []
+    for _ in range(repeats):
+        comm.Barrier()
+        start = time.perf_counter()
+        _start_pass(comm, blocks, incoming, tag=10).wait()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
 def _max_rss_bytes() -> int:
     import resource
     import sys
@@ -905,6 +915,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
             *mine, out, lse, go, comm, return_stats=True, **kw))
         report.update(backward_peak_extra_bytes=bpeak, backward_seconds=bseconds,
                       backward_compute_s=list(bstats.compute_s), backward_wait_s=list(bstats.wait_s))
+    if R > 1:  # the same transfer as one ring step, with nothing to compute
+        incoming = _length(shard_spans(N, R, layout)[(rank - 1) % R])
+        report["pass_seconds"] = _time_pass(comm, mine[1:], incoming)
+        report["pass_bytes"] = mine[1].nbytes + mine[2].nbytes
     report["max_rss_bytes"] = _max_rss_bytes()
     gathered = comm.gather((out, grads, report), root=0)
     if rank != 0:
@@ -948,6 +962,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         one = result["one_process"]
         print(f" one process, flash_attention over all {N} tokens: inputs {_mib(one['inputs_held_bytes'])}, "
               f"peak extra {_mib(one['peak_extra_bytes'])}, {one['seconds']:.3f} s")
+    if R > 1:
+        slowest = max(rep["pass_seconds"] for rep in reports)
+        print(f"\none ring pass of a key/value block alone ({_mib(reports[0]['pass_bytes']).strip()} "
+              f"per rank): {slowest * 1e3:.2f} ms on the slowest rank")
     if reports[0]["compute_s"] is not None:
         print("\nseconds per step, computing / waiting for the transfer:")
         print("step  " + "  ".join(f"  rank {r:<2d}        " for r in range(R)))
