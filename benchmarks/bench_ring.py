@@ -2,7 +2,7 @@
 
 Runs ``mpiexec -n R python -m attention_ref.ring ...`` (the course's demo) for a few
 configurations, each in fresh processes, and writes ``benchmarks/results/ring.json`` (with the
-machine), a table on stdout and ``figures/10_bench_ring.png``:
+machine) and a table on stdout; notebook 10 draws its figures of measured runs from the JSON:
 
 * the headline: N = 32768 tokens, causal, zigzag, R = 4 ranks — peak extra memory per rank
   (tracemalloc, NumPy/Python allocations made by ring_attention) against one process running
@@ -28,7 +28,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "ring.json"
-FIGURE = ROOT / "figures" / "10_bench_ring.png"
 COMMON = ["--heads", "4", "--head-dim", "64", "--dtype", "float32", "--seed", "0"]
 
 
@@ -91,41 +90,6 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def figure(results: dict) -> None:
-    """Compute vs waiting per step for each R = 4 run (the slowest rank at each step)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    sys.path.insert(0, str(ROOT))
-    from attention_ref.plotting import save_figure
-
-    runs = [r for r in results["runs"] if r["config"]["world_size"] == 4 and r["ranks"][0]["compute_s"]]
-    fig, ax = plt.subplots(figsize=(9, 4.2))
-    x = 0
-    ticks, labels = [], []
-    for r in runs:
-        c = r["config"]
-        compute = [max(rank["compute_s"][s] for rank in r["ranks"]) for s in range(4)]
-        wait = [max(rank["wait_s"][s] for rank in r["ranks"]) for s in range(4)]
-        xs = [x + s for s in range(4)]
-        ax.bar(xs, compute, color="#4c72b0", label="computing (slowest rank)" if x == 0 else None)
-        ax.bar(xs, wait, bottom=compute, color="#dd8452", label="waiting (slowest rank)" if x == 0 else None)
-        ticks.append(x + 1.5)
-        labels.append(f"N={c['seq_len']}\n{c['layout']}\n{c['communication']}")
-        x += 5
-    ax.set_xticks(ticks)
-    ax.set_xticklabels(labels, fontsize=7)
-    ax.set_yscale("log")
-    ax.set_ylabel("seconds per ring step (4 steps per run)")
-    ax.set_title(f"Ring attention on {results['machine']['cores']} CPU cores, 4 MPI ranks: "
-                 "each step is compute-bound here")
-    ax.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
-    save_figure(fig, FIGURE)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
@@ -137,8 +101,6 @@ def main() -> None:
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(results, indent=1) + "\n")
     print(table(results))
-    if not args.quick:
-        figure(results)
     print(f"wrote {args.output}")
 
 
