@@ -341,7 +341,11 @@ def _empty_result(q: Array, v: Array) -> tuple[Array, Array]:
 
 
 def _metadata(q: Array, k: Array, v: Array) -> dict[str, Any]:
-    xp = array_namespace(q, k, v)
+    """What every rank tells the others about its shards before any transfer starts."""
+    try:
+        xp = array_namespace(q, k, v)
+    except TypeError as exc:  # reported on every rank by _check_shards, so none waits forever
+        return {"error": f"query, key and value must be arrays of one array library: {exc}"}
     return {
         "shapes": {"query": tuple(q.shape), "key": tuple(k.shape), "value": tuple(v.shape)},
         "dtypes": {"query": str(q.dtype), "key": str(k.dtype), "value": str(v.dtype)},
@@ -354,8 +358,10 @@ def _check_shards(metas: Sequence[dict[str, Any]], layout: str, enable_gqa: bool
     instead of hanging in a transfer); return every rank's spans."""
     _check_layout(layout)
     for r, meta in enumerate(metas):
-        shapes, dtypes = meta["shapes"], meta["dtypes"]
         where = f" on rank {r}" if len(metas) > 1 else ""
+        if "error" in meta:
+            raise TypeError(meta["error"] + where)
+        shapes, dtypes = meta["shapes"], meta["dtypes"]
         if not meta["floating"] or len(set(dtypes.values())) != 1:
             raise TypeError(
                 f"query, key and value must share one real floating dtype{where}, got "
@@ -670,6 +676,9 @@ def _event(step, rank, owner, spans, is_causal, sent_to, sent) -> RingEvent:
 
 def _simulated_shards(q, k, v, world_size, layout, enable_gqa):
     R = _check_count("world_size", world_size, 1)
+    whole = _metadata(q, k, v)
+    if "error" in whole:
+        raise TypeError(whole["error"])
     for name, x in (("query", q), ("key", k), ("value", v)):
         if x.ndim < 3:
             raise ValueError(f"{name} must be (..., H, N, E), got shape {tuple(x.shape)}")

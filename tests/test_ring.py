@@ -314,3 +314,9 @@ def test_ring_module_does_not_import_mpi():
             "sys.exit(1 if 'mpi4py' in sys.modules else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_non_arrays_are_a_type_error(rng):
+    q, k, v = _qkv(rng, 12)
+    with pytest.raises(TypeError, match="arrays of one array library"):
+        simulate_ring_attention(q.tolist(), k, v, 2)
