@@ -41,7 +41,7 @@ course: $(VENV)/.course-installed
 test: $(VENV)/.test-installed
 	$(PY) -m ruff check attention_ref tests benchmarks scripts
 	$(PY) -c "import matplotlib.pyplot"  # build the font cache before nbval compares outputs
-	$(PY) -m pytest -ra tests notebooks --nbval --nbval-current-env \
+	ATTENTION_REF_SAVE_FIGURES=0 $(PY) -m pytest -ra tests notebooks --nbval --nbval-current-env \
 		--nbval-sanitize-with tests/nbval_sanitize.cfg
 
 test-gpu: $(VENV)/.gpu-installed
