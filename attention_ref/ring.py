@@ -340,17 +340,22 @@ def _empty_result(q: Array, v: Array) -> tuple[Array, Array]:
     return out, lse
 
 
-def _metadata(q: Array, k: Array, v: Array) -> dict[str, Any]:
-    """What every rank tells the others about its shards before any transfer starts."""
+def _metadata(q: Array, k: Array, v: Array, *backward: Array) -> dict[str, Any]:
+    """What every rank tells the others about its shards before any transfer starts
+    (``backward``: its out, lse and grad_out for the backward pass)."""
     try:
-        xp = array_namespace(q, k, v)
+        xp = array_namespace(q, k, v, *backward)
     except TypeError as exc:  # reported on every rank by _check_shards, so none waits forever
         return {"error": f"query, key and value must be arrays of one array library: {exc}"}
-    return {
+    meta = {
         "shapes": {"query": tuple(q.shape), "key": tuple(k.shape), "value": tuple(v.shape)},
         "dtypes": {"query": str(q.dtype), "key": str(k.dtype), "value": str(v.dtype)},
         "floating": all(xp.isdtype(x.dtype, "real floating") for x in (q, k, v)),
     }
+    if backward:
+        meta["backward"] = {n: tuple(x.shape) for n, x in zip(("out", "lse", "grad_out"), backward,
+                                                               strict=True)}
+    return meta
 
 
 def _check_shards(metas: Sequence[dict[str, Any]], layout: str, enable_gqa: bool) -> list[list[Span]]:
@@ -384,6 +389,11 @@ def _check_shards(metas: Sequence[dict[str, Any]], layout: str, enable_gqa: bool
                 f"query heads ({hq}) and key/value heads ({hkv}) must be equal, or a multiple with "
                 f"enable_gqa=True, with equal batch dimensions{where}: query {q}, key {k}"
             )
+        for name, got in meta.get("backward", {}).items():  # out, lse, grad_out of this rank
+            want = q[:-1] if name == "lse" else q[:-1] + v[-1:]
+            if got != want:
+                raise ValueError(f"{name} must have shape {want} for query {q} and value {v}{where}, "
+                                 f"got {got}")
         first = metas[0]["shapes"]
         if any(shapes[n][:-2] + shapes[n][-1:] != first[n][:-2] + first[n][-1:] for n in shapes):
             raise ValueError(
@@ -592,7 +602,7 @@ def ring_attention_backward(
     every block's gradient has visited every rank and the last transfer brings it home.
     """
     R, rank = comm.Get_size(), comm.Get_rank()
-    spans = _check_shards(comm.allgather(_metadata(q, k, v)), layout, enable_gqa)
+    spans = _check_shards(comm.allgather(_metadata(q, k, v, out, lse, grad_out)), layout, enable_gqa)
     xp = array_namespace(q, k, v)
     acc = _accumulator_dtype(xp, q.dtype)
     dq = xp.zeros(q.shape, dtype=acc, device=q.device)
@@ -755,6 +765,7 @@ def simulate_ring_attention_backward(
     steps one more pass brings every block's gradients home. ``bytes_sent`` counts K, V, dK, dV.
     """
     R, spans, qs, ks, vs = _simulated_shards(q, k, v, world_size, layout, enable_gqa)
+    _check_shards([_metadata(q, k, v, out, lse, grad_out)], layout, enable_gqa)
     outs, grads = shard(out, R, layout=layout), shard(grad_out, R, layout=layout)
     lses = shard(lse, R, layout=layout, axis=-1)
     xp = array_namespace(q, k, v)

@@ -320,3 +320,12 @@ def test_non_arrays_are_a_type_error(rng):
     q, k, v = _qkv(rng, 12)
     with pytest.raises(TypeError, match="arrays of one array library"):
         simulate_ring_attention(q.tolist(), k, v, 2)
+
+
+def test_backward_names_misshapen_out_lse_grad_out(rng):
+    q, k, v = _qkv(rng, 12)
+    out, lse, _ = simulate_ring_attention(q, k, v, 2, return_lse=True)
+    for name, bad in (("out", (out[..., :5], lse, out)), ("lse", (out, lse[..., :5], out)),
+                      ("grad_out", (out, lse, out[..., :3]))):
+        with pytest.raises(ValueError, match=f"{name} must have shape"):
+            simulate_ring_attention_backward(q, k, v, *bad, 2)

@@ -75,8 +75,18 @@ def worker() -> None:
     except ValueError as exc:
         message = str(exc)
     messages = comm.gather(message, root=0)
+    # a misshapen grad_out on one rank only: every rank raises, naming it
+    good = np.zeros((1, 1, 4, 4))
+    try:
+        ring_attention_backward(good, good, good, good, good[..., 0], good[..., :3 if rank == 1 else 4],
+                                comm)
+        grad_message = None
+    except ValueError as exc:
+        grad_message = str(exc)
+    grad_messages = comm.gather(grad_message, root=0)
     if rank == 0:
-        print(json.dumps({"world_size": R, "cases": cases, "bad_shard_messages": messages}))
+        print(json.dumps({"world_size": R, "cases": cases, "bad_shard_messages": messages,
+                          "bad_grad_out_messages": grad_messages}))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,6 +155,9 @@ def _check(report: dict, n: int) -> None:
     messages = report["bad_shard_messages"]
     assert messages[0] is not None and "cut the inputs with shard()" in messages[0]
     assert messages == [messages[0]] * n  # the same error on every rank
+    grad_messages = report["bad_grad_out_messages"]
+    assert grad_messages == [grad_messages[0]] * n
+    assert "grad_out must have shape (1, 1, 4, 4)" in grad_messages[0] and "on rank 1" in grad_messages[0]
 
 
 def test_mpiexec_2_ranks_equal_whole_sequence_attention():
