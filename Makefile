@@ -24,6 +24,7 @@ $(VENV)/.course-installed: pyproject.toml | $(PY)
 
 $(VENV)/.test-installed: pyproject.toml $(VENV)/.course-installed
 	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -e ".[mpi]"  # stage 10: mpi4py + the MPICH wheel's own mpiexec
 	touch $@
 
 $(VENV)/.lab-installed: pyproject.toml $(VENV)/.course-installed
