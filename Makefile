@@ -25,6 +25,7 @@ $(VENV)/.course-installed: pyproject.toml | $(PY)
 
 $(VENV)/.test-installed: pyproject.toml $(VENV)/.course-installed
 	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -e ".[mpi]"  # stage 10: mpi4py + the MPICH wheel's own mpiexec
 	touch $@
 
 $(VENV)/.lab-installed: pyproject.toml $(VENV)/.course-installed
@@ -41,7 +42,7 @@ course: $(VENV)/.course-installed
 test: $(VENV)/.test-installed
 	$(PY) -m ruff check attention_ref tests benchmarks scripts
 	$(PY) -c "import matplotlib.pyplot"  # build the font cache before nbval compares outputs
-	$(PY) -m pytest -ra tests notebooks --nbval --nbval-current-env \
+	ATTENTION_REF_SAVE_FIGURES=0 $(PY) -m pytest -ra tests notebooks --nbval --nbval-current-env \
 		--nbval-sanitize-with tests/nbval_sanitize.cfg
 
 test-gpu: $(VENV)/.gpu-installed

@@ -17,6 +17,7 @@ module                stage
 ``flash_numba``       06 Numba-jitted tiled kernels (optional dependency)
 ``kv_cache``          07 KV-cache decoding, split-KV (Flash-Decoding)
 ``bert``              08 a real pretrained encoder (MiniLM) in NumPy
+``ring``              10 ring attention across MPI processes, and its simulator
 ``plotting``          heatmaps of attention weights used by every notebook
 ``backends``          choosing NumPy or CuPy for the notebooks
 ``check``             homework: check a student's function, diagnose its mistake
@@ -130,6 +131,21 @@ _EXPORTS: dict[str, str] = {
     "BertLayerParams": "bert",
     "BertModel": "bert",
     "BertOutput": "bert",
+    # --- stage 10: ring attention (mpi4py is imported only by the command-line demo) ---
+    "shard_spans": "ring",
+    "shard": "ring",
+    "local_shard": "ring",
+    "unshard": "ring",
+    "visible_chunk_pairs": "ring",
+    "ring_attention_step": "ring",
+    "ring_attention_backward_step": "ring",
+    "ring_attention_sendrecv": "ring",
+    "ring_attention": "ring",
+    "ring_attention_backward": "ring",
+    "simulate_ring_attention": "ring",
+    "simulate_ring_attention_backward": "ring",
+    "RingEvent": "ring",
+    "RingStats": "ring",
 }
 
 __all__ = sorted(_EXPORTS)

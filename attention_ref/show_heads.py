@@ -49,7 +49,7 @@ def show_heads(
     fig = plot_heads(weights, tokens, tokens, titles=titles)
     fig.suptitle(sentence, fontsize=10)
     fig.tight_layout()
-    path = save_figure(fig, output)
+    path = save_figure(fig, output, force=True)
     plt.close(fig)
     return Path(path)
 
