@@ -315,30 +315,38 @@ def attention_variant_logits(p: SDPAParts, qk, post=None, masked=True):
     return (w @ np.asarray(v, np.float64)).astype(p.q.dtype)
 
 
+def attention_options(rng, dtype, L, S, B=None, *, mask=None, causal=False, scale=None, **others) -> dict:
+    """Keyword options of an attention call: ``attn_mask`` of one kind ("bool", "float", "padding"
+    (B, 1, 1, S), "fully": a bool mask with a fully masked row), ``is_causal``, ``scale``, and
+    ``others`` as given (None values left out)."""
+    kwargs = {}
+    if mask == "bool":
+        kwargs["attn_mask"] = bool_mask(rng, L, S)
+    elif mask == "float":
+        kwargs["attn_mask"] = float_mask(rng, dtype, L, S)
+    elif mask == "padding":
+        kwargs["attn_mask"] = padding(rng, B, S)
+    elif mask == "fully":
+        kwargs["attn_mask"] = bool_mask(rng, L, S, fully_masked_row=True)
+    if causal:
+        kwargs["is_causal"] = True
+    if scale is not None:
+        kwargs["scale"] = scale
+    kwargs.update({k: v for k, v in others.items() if v is not None})
+    return kwargs
+
+
 def _sdpa_build(*, ints=False, mask=None, causal=False, scale=None, size=1.0, gqa=False):
     def build(rng, dtype, L, S, E, Ev, B=None, H=None, Hkv=None):
         q, k, v = qkv(rng, dtype, L, S, E, Ev, B, H, Hkv, ints=ints, size=size)
-        kwargs = {}
-        if mask == "bool":
-            kwargs["attn_mask"] = bool_mask(rng, L, S)
-        elif mask == "float":
-            kwargs["attn_mask"] = float_mask(rng, dtype, L, S)
-        elif mask == "padding":
-            kwargs["attn_mask"] = padding(rng, B, S)
-        elif mask == "fully":
-            kwargs["attn_mask"] = bool_mask(rng, L, S, fully_masked_row=True)
-        if causal:
-            kwargs["is_causal"] = True
-        if scale is not None:
-            kwargs["scale"] = scale
-        if gqa:
-            kwargs["enable_gqa"] = True
-        return Call((q, k, v), kwargs)
+        options = attention_options(rng, dtype, L, S, B, mask=mask, causal=causal, scale=scale,
+                                    enable_gqa=True if gqa else None)
+        return Call((q, k, v), options)
 
     return build
 
 
-_LARGE = dict(dtype="float32", tol=(2e-3, 2e-3))
+LARGE_LOGITS = dict(dtype="float32", tol=(2e-3, 2e-3))  # a float32 case whose logits overflow e^z
 
 _SDPA_CASES = [
     Case("tiny hand-checkable example", _sdpa_build(ints=True), dict(L=2, S=3, E=2, Ev=2)),
@@ -355,7 +363,7 @@ _SDPA_CASES = [
     Case("scale given", _sdpa_build(scale=0.3), dict(L=4, S=5, E=4, Ev=3)),
     Case("a fully masked row gives 0", _sdpa_build(mask="fully"), dict(L=3, S=5, E=4, Ev=3)),
     Case("float32 stays float32", _sdpa_build(), dict(L=4, S=6, E=4, Ev=3), dtype="float32"),
-    Case("float32, large logits (overflow)", _sdpa_build(size=22.0), dict(L=4, S=6, E=4, Ev=3), **_LARGE),
+    Case("float32, large logits (overflow)", _sdpa_build(size=22.0), dict(L=4, S=6, E=4, Ev=3), **LARGE_LOGITS),
     Case("GQA (enable_gqa, Hq = 4, Hkv = 2)", _sdpa_build(gqa=True),
          dict(L=3, S=5, E=4, Ev=3, B=1, H=4, Hkv=2), minimum=dict(H=2, Hkv=2)),
 ]
@@ -447,7 +455,7 @@ _ADDITIVE_CASES = [
          dict(S=5, Dq=3, Dk=4, A=3, B=2, L=3)),
     Case("float32 stays float32", _additive_build(), dict(S=5, Dq=3, Dk=4, A=3), dtype="float32"),
     Case("float32, large scores (overflow)", _additive_build(v_size=200.0), dict(S=6, Dq=3, Dk=4, A=4),
-         **_LARGE),
+         **LARGE_LOGITS),
     Case("boolean mask (B, S), True = attend", _additive_build(mask="bool"), dict(S=5, Dq=3, Dk=4, A=3, B=3)),
     Case("a fully masked row gives zero weights and context", _additive_build(mask="fully"),
          dict(S=4, Dq=3, Dk=2, A=3, B=2)),
@@ -676,7 +684,7 @@ _SELF_CASES = [
     Case("leading batch dim (B, L, d_model)", _self_build(), dict(L=4, d_model=6, E=4, Ev=3, d_out=5, B=2)),
     Case("float32 stays float32", _self_build(), dict(L=4, d_model=6, E=4, Ev=3, d_out=5), dtype="float32"),
     Case("float32, large logits (overflow)", _self_build(size=30.0), dict(L=4, d_model=6, E=4, Ev=3, d_out=5),
-         **_LARGE),
+         **LARGE_LOGITS),
     Case("is_causal", _self_build(causal=True), dict(L=5, d_model=6, E=4, Ev=3, d_out=5)),
     Case("boolean mask (True = attend)", _self_build(mask="bool"), dict(L=5, d_model=6, E=4, Ev=3, d_out=5)),
     Case("key-padding mask (B, 1, L)", _self_build(mask="padding"),
@@ -741,7 +749,7 @@ _MHA_CASES = [
     Case("leading batch dim (B, L, d_model)", _mha_build(), dict(L=4, S=5, d_model=8, H=2, E=4, B=2),
          minimum=dict(H=2)),
     Case("float32 stays float32", _mha_build(), dict(L=4, S=5, d_model=8, H=2, E=4), dtype="float32"),
-    Case("float32, large logits (overflow)", _mha_build(size=30.0), dict(L=4, S=5, d_model=8, H=2, E=4), **_LARGE),
+    Case("float32, large logits (overflow)", _mha_build(size=30.0), dict(L=4, S=5, d_model=8, H=2, E=4), **LARGE_LOGITS),
     Case("GQA (num_kv_heads = 2 of 4)", _mha_build(kv_heads=2), dict(L=3, S=5, d_model=8, H=4, E=2),
          minimum=dict(H=4)),
     Case("MQA (num_kv_heads = 1)", _mha_build(kv_heads=1), dict(L=3, S=5, d_model=8, H=4, E=2), minimum=dict(H=2)),

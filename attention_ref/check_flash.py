@@ -12,11 +12,11 @@ from __future__ import annotations
 import numpy as np
 
 from .check_attention import (
+    LARGE_LOGITS,
     SDPAParts,
     attention64,
     attention_mistakes,
-    bool_mask,
-    padding,
+    attention_options,
     qkv,
     repeat_kv,
     sdpa_parts,
@@ -138,25 +138,13 @@ def _flash_build(*, ints=False, mask=None, causal_=False, alignment=None, scale=
         if growing:  # positive queries, keys rising along j: the running max rises at every key block
             q = np.abs(q)
             k = (k + np.linspace(0.0, 3.0, S)[:, None]).astype(dtype)
-        kwargs = {"block_q": B_q, "block_k": B_k}
-        if mask == "padding":
-            kwargs["attn_mask"] = padding(rng, B, S)
-        elif mask == "fully":
-            kwargs["attn_mask"] = bool_mask(rng, L, S, fully_masked_row=True)
-        if causal_:
-            kwargs["is_causal"] = True
-        if alignment:
-            kwargs["causal_alignment"] = alignment
-        if scale is not None:
-            kwargs["scale"] = scale
-        if lse:
-            kwargs["return_lse"] = True
-        return Call((q, k, v), kwargs)
+        options = attention_options(rng, dtype, L, S, B, mask=mask, causal=causal_, scale=scale,
+                                    causal_alignment=alignment, return_lse=True if lse else None)
+        return Call((q, k, v), {"block_q": B_q, "block_k": B_k, **options})
 
     return build
 
 
-_LARGE = dict(dtype="float32", tol=(2e-3, 2e-3))
 
 _FLASH_CASES = [
     Case("tiny hand-checkable example (one tile)", _flash_build(ints=True), dict(L=2, S=3, E=2, Ev=2, B_q=2, B_k=3)),
@@ -169,7 +157,7 @@ _FLASH_CASES = [
     Case("leading batch dims (B, H, L, E)", _flash_build(), dict(L=5, S=7, E=4, Ev=3, B=2, H=2, B_q=2, B_k=3)),
     Case("float32 stays float32", _flash_build(), dict(L=5, S=9, E=4, Ev=3, B_q=3, B_k=4), dtype="float32"),
     Case("float32, large logits (overflow)", _flash_build(size=22.0), dict(L=4, S=7, E=4, Ev=3, B_q=2, B_k=3),
-         **_LARGE),
+         **LARGE_LOGITS),
     Case("is_causal (top-left), L < S", _flash_build(causal_=True), dict(L=4, S=7, E=4, Ev=3, B_q=2, B_k=3)),
     Case("causal_alignment='bottom_right', L < S", _flash_build(causal_=True,
          alignment="bottom_right"), dict(L=4, S=7, E=4, Ev=3, B_q=2, B_k=3)),
@@ -405,7 +393,7 @@ _MERGE_CASES = [
          dict(L=3, S=7, E=4, Ev=3), minimum=dict(S=3)),
     Case("float32 stays float32", _merge_build(chunks=3), dict(L=3, S=8, E=4, Ev=3), dtype="float32", minimum=dict(S=3)),
     Case("float32, large logsumexps (overflow)", _merge_build(chunks=3, size=22.0), dict(L=3, S=8, E=4, Ev=3),
-         minimum=dict(S=3), **_LARGE),
+         minimum=dict(S=3), **LARGE_LOGITS),
 ]
 
 register(
