@@ -90,6 +90,9 @@ _EXPORTS: dict[str, str] = {
     # --- stage 05: flash (issue 4) ---
     "flash_attention": "flash",
     "flash_attention_backward": "flash",
+    "forward_fa2": "flash",
+    "forward_fa1": "flash",
+    "backward_fa2": "flash",
     "attention_backward": "flash",
     "merge_attention_partials": "flash",
     "attention_weights_from_lse": "flash",

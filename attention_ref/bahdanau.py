@@ -80,7 +80,7 @@ def _weights(scores: Array, mask: Array | None) -> Array:
     """α = softmax(e) over the last axis; where ``mask`` (True = attend) is False, exactly 0."""
     if mask is None:
         return softmax(scores)
-    check_mask("mask", mask, tuple(scores.shape), "the scores' shape (..., S)", floating=False)
+    check_mask("mask", mask, tuple(scores.shape), ("bool",))
     return masked_softmax(scores, mask)
 
 

@@ -6,7 +6,7 @@ This materialises the full L × S matrix of weights P, which makes it the refere
 stage (multi-head, FlashAttention, the Numba kernels) is checked against. The core is two lines of
 :func:`scaled_dot_product_attention`; the helpers around it are shared with FlashAttention:
 :func:`attention_logits` (Z with a boolean or float mask applied), :func:`default_scale` (τ),
-:func:`compute_dtype` (float16 runs in float32) and :func:`repeat_kv_heads` (GQA).
+:func:`attention_arrays` (float16 runs in float32, GQA's repeated heads) and :func:`sum_kv_heads`.
 """
 
 from __future__ import annotations
@@ -21,33 +21,29 @@ from .softmax import softmax
 
 Array = Any
 
-FULLY_MASKED_CHOICES = ("zero", "nan")
-
-
 def default_scale(E: int) -> float:
-    """τ = 1/√E (Vaswani et al. 2017, §3.2.1), which keeps the logits' variance near 1 for any
-    head size E; τ = 1 when E = 0 (every logit is then 0 and O the mean of V, as in PyTorch)."""
+    """τ = 1/√E (Vaswani et al. 2017, §3.2.1); 1 for E = 0 (all logits 0: O = mean of V, as torch)."""
     return 1.0 / E**0.5 if E > 0 else 1.0
 
 
-def compute_dtype(xp: Any, dtype: Any) -> Any:
-    """The dtype the math runs in: float16 in float32 (its logits overflow at 65504), else itself."""
-    return xp.float32 if dtype == getattr(xp, "float16", None) else dtype
+def attention_arrays(query: Array, key: Array, value: Array, attn_mask: Array | None = None) -> tuple[Array, ...]:
+    """q, k, v in the compute dtype, GQA's key/value heads repeated, the mask broadcast to (..., Hq, L, S).
 
-
-def repeat_kv_heads(x: Array, query: Array) -> Array:
-    """GQA (Ainslie et al. 2023): key or value heads (..., H, S, ·) repeated to the query's Hq heads,
-    query head i reading key/value head i // (Hq / H), as PyTorch's repeat_interleave does."""
-    if x.ndim < 3 or x.shape[-3] == query.shape[-3]:
-        return x
-    xp = array_namespace(x)
-    hq = query.shape[-3]
-    return xp.take(x, xp.arange(hq, device=x.device) // (hq // x.shape[-3]), axis=-3)
+    float16 runs in float32 (its logits overflow at 65504); query head i reads key/value head
+    i // (Hq / H), as PyTorch's repeat_interleave.
+    """
+    xp = array_namespace(query, key, value)
+    work = xp.float32 if query.dtype == getattr(xp, "float16", None) else query.dtype
+    q, k, v = (xp.astype(x, work, copy=False) for x in (query, key, value))
+    if q.ndim > 2 and k.shape[-3] != q.shape[-3]:
+        heads = xp.arange(q.shape[-3], device=q.device) // (q.shape[-3] // k.shape[-3])
+        k, v = xp.take(k, heads, axis=-3), xp.take(v, heads, axis=-3)
+    mask = None if attn_mask is None else xp.broadcast_to(attn_mask, (*q.shape[:-1], k.shape[-2]))
+    return q, k, v, mask
 
 
 def sum_kv_heads(grad: Array, like: Array) -> Array:
-    """The gradient of :func:`repeat_kv_heads`: (..., Hq, S, ·) → the heads of ``like`` (..., H,
-    S, ·), summing the query heads that read one key/value head."""
+    """The gradient of GQA's repeated heads: (..., Hq, S, ·) summed to the H heads of ``like``."""
     if grad.ndim < 3 or grad.shape[-3] == like.shape[-3]:
         return grad
     xp = array_namespace(grad)
@@ -55,24 +51,20 @@ def sum_kv_heads(grad: Array, like: Array) -> Array:
     return xp.sum(xp.reshape(grad, (*batch, like.shape[-3], hq // like.shape[-3], s, d)), axis=-3)
 
 
-def attention_logits(q: Array, k: Array, attn_mask: Array | None, scale: float) -> Array:
-    """Z = τ Q Kᵀ + Δ (..., L, S) for q (..., L, E) and k (..., S, E): a float mask Δ is added; where
-    a boolean mask A is False the logit is −∞, so that key gets weight exactly 0."""
+def attention_logits(q: Array, k: Array, attn_mask: Array | None, scale: float, band: Any = None,
+                     i0: int = 0, j0: int = 0) -> Array:
+    """Z = τ Q Kᵀ + Δ (..., L, S), −∞ where a boolean A is False or the band hides the key.
+
+    q (..., L, E) holds the query rows from i0 on, k (..., S, E) the keys from j0 on; ``band`` is
+    (offset, left, right) of masks.band, or None.
+    """
     xp = array_namespace(q, k)
     z = xp.matmul(q, xp.matrix_transpose(k)) * scale
-    if attn_mask is None:
-        return z
-    return xp.where(attn_mask, z, -xp.inf) if attn_mask.dtype == xp.bool else z + xp.astype(attn_mask, z.dtype)
-
-
-def _dropout(weights: Array, p: float, rng: Any) -> Array:
-    """Zero each weight with probability p and scale the others by 1/(1 − p). The draw is made on
-    the host by ``rng`` (reproducible on every backend) and copied to the device once."""
-    if rng is None:
-        raise ValueError("dropout_p > 0 needs rng, a numpy.random.Generator")
-    xp = array_namespace(weights)
-    keep = xp.asarray(rng.random(tuple(weights.shape)) >= p, device=weights.device)
-    return xp.where(keep, weights / (1.0 - p), 0.0)
+    if attn_mask is not None:
+        z = xp.where(attn_mask, z, -xp.inf) if attn_mask.dtype == xp.bool else z + xp.astype(attn_mask, z.dtype)
+    if band is not None:
+        z = xp.where(band_mask(xp, i0, i0 + q.shape[-2], j0, j0 + k.shape[-2], *band, device=z.device), z, -xp.inf)
+    return z
 
 
 def scaled_dot_product_attention(
@@ -82,32 +74,31 @@ def scaled_dot_product_attention(
 ) -> Array | tuple[Array, Array]:
     """O = softmax(τ Q Kᵀ + Δ) V (Vaswani et al. 2017, eq. 1), as PyTorch's function of that name.
 
-    query (..., Hq, L, E), key (..., H, S, E), value (..., H, S, Ev) → O (..., Hq, L, Ev).
-    attn_mask: boolean A (True = attend) or float Δ (added), broadcast to (..., Hq, L, S);
-    is_causal: A = tril(ones(L, S)) (top-left; not with attn_mask). τ = scale or 1/√E. enable_gqa:
-    query head i uses key/value head i // (Hq / H). dropout_p: weights dropped with probability p
-    (drawn by rng, a numpy.random.Generator), the rest scaled by 1/(1 − p). A row with every key
-    masked gives 0 (fully_masked="zero", PyTorch) or NaN ("nan"); a NaN logit makes its row NaN.
-    float16 runs in float32. Returns O, and P (..., Hq, L, S) after dropout with return_weights.
+    query (..., Hq, L, E), key (..., H, S, E), value (..., H, S, Ev) → O (..., Hq, L, Ev). attn_mask:
+    A (bool, True = attend) or Δ (float, added), broadcast to (..., Hq, L, S); is_causal: A =
+    tril(ones(L, S)). τ = scale or 1/√E. enable_gqa: query head i uses key/value head i // (Hq / H).
+    dropout_p: weights dropped with probability p (drawn by rng, a numpy Generator), the rest / (1 − p).
+    A row with no key gives 0 (or NaN: fully_masked="nan"); a NaN logit makes its row NaN. float16
+    runs in float32. Returns O, and P (..., Hq, L, S) after dropout with return_weights.
     Export with ``python -m attention_ref.export scaled_dot_product_attention``.
     """
     check_attention(query, key, value, attn_mask, enable_gqa)
-    if check_bool("is_causal", is_causal) and attn_mask is not None:
+    check_bool(is_causal=is_causal, return_weights=return_weights)
+    check_choice("fully_masked", fully_masked, ("zero", "nan"))
+    if is_causal and attn_mask is not None:
         raise ValueError("pass either attn_mask or is_causal=True, not both")
-    if not 0.0 <= check_real("dropout_p", dropout_p) < 1.0:
-        raise ValueError(f"dropout_p must lie in [0, 1), got {dropout_p}")
-    check_bool("return_weights", return_weights)
-    check_choice("fully_masked", fully_masked, FULLY_MASKED_CHOICES)
+    if not 0.0 <= check_real("dropout_p", dropout_p) < 1.0 or (dropout_p > 0 and rng is None):
+        raise ValueError(f"dropout_p must lie in [0, 1), and dropout_p > 0 needs rng; got {dropout_p}, rng={rng}")
     xp = array_namespace(query, key, value)
-    L, S, tau = query.shape[-2], key.shape[-2], check_real("scale", scale, default_scale(query.shape[-1]))
-    q, k, v = (xp.astype(x, compute_dtype(xp, query.dtype), copy=False) for x in (query, key, value))
-    k, v = repeat_kv_heads(k, q), repeat_kv_heads(v, q)
-    if is_causal:
-        attn_mask = band_mask(xp, 0, L, 0, S, *band(L, S, is_causal=True))
-    weights = softmax(attention_logits(q, k, attn_mask, tau))  # P = softmax(τ Q Kᵀ + Δ)
+    L, S = query.shape[-2], key.shape[-2]
+    tau = default_scale(query.shape[-1]) if scale is None else check_real("scale", scale)
+    q, k, v, attn_mask = attention_arrays(query, key, value, attn_mask)
+    causal = band(L, S, is_causal=True) if is_causal else None  # A = tril(ones(L, S))
+    weights = softmax(attention_logits(q, k, attn_mask, tau, causal))  # P = softmax(τ Q Kᵀ + Δ)
     no_key = xp.all(weights == 0, axis=-1, keepdims=True)  # the rows with every key masked
-    if dropout_p > 0.0:
-        weights = _dropout(weights, dropout_p, rng)
+    if dropout_p > 0.0:  # the draw is made on the host by rng (the same on every backend)
+        keep = xp.asarray(rng.random(tuple(weights.shape)) >= dropout_p, device=weights.device)
+        weights = xp.where(keep, weights / (1.0 - dropout_p), 0.0)
     out = xp.matmul(weights, v)  # O = P V
     if fully_masked == "nan":
         out, weights = xp.where(no_key, xp.nan, out), xp.where(no_key, xp.nan, weights)

@@ -34,6 +34,9 @@ __all__ = ["ExportError", "export", "main"]
 PACKAGE = Path(__file__).resolve().parent
 OMIT = "# export: omit"
 NAMESPACE_LOOKUP = "array_namespace"
+# Python's own modules an exported file may import besides NumPy: the parameter containers
+# (AttentionParams, IOCount) are dataclasses.
+STANDARD_LIBRARY = ("from dataclasses import dataclass",)
 
 
 class ExportError(ValueError):
@@ -90,7 +93,10 @@ def _omitted(module: _Module, node: ast.AST) -> bool:
 
 
 def _annotations(node: ast.AST) -> list[ast.expr]:
-    """The annotations of a function's arguments and return value (left out of the export)."""
+    """The annotations of a function's arguments and return value (left out of the export) and of
+    a class's fields (kept as strings, which Python does not evaluate)."""
+    if isinstance(node, ast.AnnAssign):
+        return [node.annotation]
     if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
         return []
     args = node.args
@@ -166,6 +172,8 @@ def _resolve(module: _Module, name: str, root: ast.stmt, cache: dict[str, _Modul
     if name in ("np", NAMESPACE_LOOKUP) or hasattr(builtins, name):
         return None
     where = module.external.get(name, "not defined")
+    if where in STANDARD_LIBRARY:
+        return "", where
     raise ExportError(f"{module.name}.{getattr(root, 'name', '?')} needs {name!r} ({where}); "
                       "an exported file imports NumPy only")
 
@@ -175,8 +183,11 @@ def _closure(module_name: str, name: str, cache: dict[str, _Module]) -> list[tup
     order: list[tuple[_Module, ast.stmt]] = []
     queue = [(module_name, name)]
     while queue:
-        module = _load(queue[0][0], cache)
-        root = module.definitions[queue.pop(0)[1]]
+        module_name, name = queue.pop(0)
+        if not module_name:  # a standard-library import: see _imports
+            continue
+        module = _load(module_name, cache)
+        root = module.definitions[name]
         if any(r is root for _, r in order):
             continue
         order.append((module, root))
@@ -185,6 +196,12 @@ def _closure(module_name: str, name: str, cache: dict[str, _Module]) -> list[tup
             if where is not None:
                 queue.append(where)
     return order
+
+
+def _imports(parts: list[tuple[_Module, ast.stmt]], cache: dict[str, _Module]) -> list[str]:
+    """The standard-library imports the definitions need (besides ``import numpy as np``)."""
+    needed = {_resolve(m, n, r, cache) for m, r in parts for n in _free_names(m, r)}
+    return sorted(imp for where in needed if where and not where[0] for imp in [where[1]])
 
 
 def _offset(module: _Module, line: int, col: int) -> int:
@@ -202,8 +219,9 @@ def _lines(module: _Module, node: ast.AST) -> tuple[int, int]:
     return _offset(module, first, 0), _offset(module, node.end_lineno + 1, 0)
 
 
-def _edits(module: _Module, node: ast.AST) -> list[tuple[int, int, bytes]]:
-    """The export's changes to one kept node: the namespace lookup, imports, annotations."""
+def _edits(module: _Module, node: ast.AST, name: str) -> list[tuple[int, int, bytes]]:
+    """The export's changes to one kept node: the namespace lookup, imports, signatures without
+    annotations, and the docstring of a definition other than ``name`` cut to its first line."""
     if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == NAMESPACE_LOOKUP:
         return [(*_span(module, node), b"np")]
     if isinstance(node, (ast.Import, ast.ImportFrom)):
@@ -215,28 +233,63 @@ def _edits(module: _Module, node: ast.AST) -> list[tuple[int, int, bytes]]:
             indent = module.lines[node.lineno - 1][: node.col_offset]
             return [(start, end, b"" if local == "np" else indent + f"{local} = np\n".encode())]
         raise ExportError(f"{module.name}: an exported function imports {ast.unparse(node)!r}")
-    if isinstance(node, ast.arg) and node.annotation is not None:  # "name: int = 0" -> "name=0"
-        start = _offset(module, node.lineno, node.col_offset) + len(node.arg.encode())
-        end = _span(module, node.annotation)[1]
-        if module.source[end:end + 3] == b" = ":
-            return [(start, end + 3, b"=")]
-        return [(start, end, b"")]
-    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.returns is not None:
-        start, end = _span(module, node.returns)
-        close = module.source.rfind(b")", 0, module.source.rfind(b"->", 0, start))
-        return [(close + 1, end, b"")]
+    if isinstance(node, ast.AnnAssign):  # a dataclass field: "W_q: Array" -> "W_q: 'Array'"
+        return [(*_span(module, node.annotation), repr(ast.get_source_segment(module.source.decode(), node.annotation)).encode())]
+    if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+        edits = [_signature(module, node)] if isinstance(node, ast.FunctionDef) else []
+        doc = node.body[0] if node.body and isinstance(node.body[0], ast.Expr) else None
+        if node.name != name and doc is not None and isinstance(doc.value, ast.Constant):
+            lines = module.lines[doc.lineno - 1: doc.end_lineno]
+            if b"" in (x.strip() for x in lines):  # keep the summary paragraph (PEP 257)
+                keep = lines[: [x.strip() for x in lines].index(b"")]
+                quote = lines[0].lstrip()[:3]
+                edits.append((*_lines(module, doc), b"".join(keep[:-1]) + keep[-1].rstrip() + quote + b"\n"))
+        return edits
     return []
 
 
-def _text(module: _Module, root: ast.stmt) -> str:
+def _signature(module: _Module, node: ast.FunctionDef) -> tuple[int, int, bytes]:
+    """``def name(...):`` rebuilt without annotations and wrapped at 100 columns."""
+    source = module.source.decode()
+    args = node.args
+    positional = [*args.posonlyargs, *args.args]
+    defaults = [None] * (len(positional) - len(args.defaults)) + list(args.defaults)
+    params = [a.arg + ("" if d is None else "=" + ast.get_source_segment(source, d)) for a, d in zip(positional, defaults, strict=True)]
+    if args.posonlyargs:
+        params.insert(len(args.posonlyargs), "/")
+    if args.vararg or args.kwonlyargs:
+        params.append("*" + (args.vararg.arg if args.vararg else ""))
+    params += [a.arg + ("" if d is None else "=" + ast.get_source_segment(source, d))
+               for a, d in zip(args.kwonlyargs, args.kw_defaults, strict=True)]
+    if args.kwarg:
+        params.append("**" + args.kwarg.arg)
+    indent = " " * node.col_offset
+    lines, line = [], f"{indent}def {node.name}("
+    for i, param in enumerate(params):
+        piece = param + ("," if i < len(params) - 1 else "):")
+        if len(line) + len(piece) + 1 > 100 and not line.endswith("("):
+            lines.append(line.rstrip())
+            line = " " * (len(indent) + len("def ") + len(node.name) + 1)
+        line += piece + " "
+    lines.append(line.rstrip() if params else f"{indent}def {node.name}():")
+    start = _offset(module, node.lineno, 0)
+    return start, _offset(module, node.body[0].lineno, 0), ("\n".join(lines) + "\n").encode()
+
+
+def _text(module: _Module, root: ast.stmt, name: str) -> str:
     """The source of one definition with the export's edits applied."""
     start, end = _lines(module, root)
     kept, omitted = _walk(module, root)
-    edits = [e for node in kept for e in _edits(module, node)] + [(*_lines(module, s), b"") for s in omitted]
+    edits = [e for node in kept for e in _edits(module, node, name)] + [(*_lines(module, s), b"") for s in omitted]
     text = module.source[start:end]
     for s, e, new in sorted(edits, key=lambda edit: -edit[0]):
         text = text[: s - start] + new + text[e - start:]
     return text.decode()
+
+
+def _omitted_line(module: _Module, node: ast.stmt) -> str:
+    """The first line of an omitted statement, without the marker, for the file's header."""
+    return module.lines[node.lineno - 1].decode().strip().removesuffix(OMIT).strip().rstrip(":")
 
 
 def export(name: str) -> str:
@@ -250,11 +303,14 @@ def export(name: str) -> str:
     parts = _closure(module_name, name, cache)
     constants = [(m, r) for m, r in parts if isinstance(r, (ast.Assign, ast.AnnAssign))]
     definitions = [(m, r) for m, r in parts if not isinstance(r, (ast.Assign, ast.AnnAssign))]
-    header = (f"# {name} from attention_ref {attention_ref.__version__} with everything it needs, for NumPy "
-              f"arrays:\n# python -m attention_ref.export {name}\nimport numpy as np\n")
-    body = "\n\n".join(_text(m, r).rstrip("\n") for m, r in definitions)
-    consts = "".join(_text(m, r).rstrip("\n") + "\n" for m, r in constants)
-    return header + ("\n" + consts if consts else "") + "\n\n" + body + "\n"
+    omitted = [_omitted_line(m, s) for m, r in parts for s in _walk(m, r)[1]]
+    header = f"# {name} from attention_ref {attention_ref.__version__}: python -m attention_ref.export {name}\n"
+    if omitted:
+        header += "# left out here (the package has them): " + "; ".join(dict.fromkeys(omitted)) + "\n"
+    header += "".join(imp + "\n" for imp in ["import numpy as np", *_imports(parts, cache)])
+    body = "\n\n".join(_text(m, r, name).rstrip("\n") for m, r in definitions)
+    consts = "".join(_text(m, r, name).rstrip("\n") + "\n" for m, r in constants)
+    return header + "\n" + (consts + "\n" if consts else "") + body + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -45,13 +45,12 @@ from .contract import (
     check_same_dtype,
 )
 from .dot_product import (
+    attention_arrays,
     attention_logits,
-    compute_dtype,
     default_scale,
-    repeat_kv_heads,
     sum_kv_heads,
 )
-from .masks import band_mask, checked_band, tile_state
+from .masks import checked_band, tile_state
 from .softmax import safe_divisor, safe_log, safe_shift, softmax
 
 Array = Any  # an array of any array-API namespace (NumPy, CuPy, array-api-strict)
@@ -69,25 +68,9 @@ __all__ = [
     "merge_attention_partials",
 ]
 
-ALGORITHMS = ("fa1", "fa2")
-BACKENDS = ("numpy", "numba")
-
-
 # ---------------------------------------------------------------------------------------------
 # The cores: FA-2 forward, FA-1 forward, FA-2 backward
 # ---------------------------------------------------------------------------------------------
-
-
-def tile_logits(q_i: Array, k_j: Array, scale: float, mask: Array | None, band: tuple[int, int, int],
-                i0: int, j0: int, state: str) -> Array:
-    """Z_ij = τ Q_i K_jᵀ + Δ_ij of the tile whose rows start at i0 and keys at j0, with −∞ where
-    the mask A is False and, in a "partial" tile, where the band hides the key."""
-    xp = array_namespace(q_i, k_j)
-    i1, j1 = i0 + q_i.shape[-2], j0 + k_j.shape[-2]
-    z = attention_logits(q_i, k_j, None if mask is None else mask[..., i0:i1, j0:j1], scale)
-    if state == "partial":
-        z = xp.where(band_mask(xp, i0, i1, j0, j1, *band, device=z.device), z, -xp.inf)
-    return z
 
 
 def forward_fa2(q: Array, k: Array, v: Array, mask: Array | None, scale: float, band: tuple[int, int, int],
@@ -96,6 +79,7 @@ def forward_fa2(q: Array, k: Array, v: Array, mask: Array | None, scale: float, 
 
     q (..., L, E), k (..., S, E), v (..., S, Ev) → O (..., L, Ev) and λ (..., L), the logsumexp.
     O_i, ℓ_i, m_i stay on chip for a whole row of tiles; O_i is divided by ℓ_i once, at the end.
+    Export with ``python -m attention_ref.export forward_fa2``.
     """
     xp = array_namespace(q, k, v)
     L, S = q.shape[-2], k.shape[-2]
@@ -109,11 +93,12 @@ def forward_fa2(q: Array, k: Array, v: Array, mask: Array | None, scale: float, 
         m = xp.full((*q_i.shape[:-1], 1), -xp.inf, dtype=q.dtype, device=q.device)  # m_i = −∞
         for bj, j0 in enumerate(range(0, S, block_k)):  # line 6: for 1 ≤ j ≤ T_k
             j1 = min(j0 + block_k, S)
-            state = tile_state(i0, i1, j0, j1, *band)
+            state = tile_state(i0, i1, j0, j1, *band)  # §3.1.1: a tile the band hides is skipped
             if state == "skip" or (block_mask is not None and not block_mask[bi][bj]):
-                continue  # §3.1.1: a tile the band (or the block mask) hides wholly is not computed
+                continue
             k_j, v_j = k[..., j0:j1, :], v[..., j0:j1, :]  # line 7: load K_j, V_j
-            z = tile_logits(q_i, k_j, scale, mask, band, i0, j0, state)  # line 8: Z = τ Q_i K_jᵀ + Δ
+            a_ij = None if mask is None else mask[..., i0:i1, j0:j1]  # line 8: Z = τ Q_i K_jᵀ + Δ, masked
+            z = attention_logits(q_i, k_j, a_ij, scale, band if state == "partial" else None, i0, j0)
             m_new = xp.maximum(m, xp.max(z, axis=-1, keepdims=True))  # line 9: m⁽ʲ⁾ = max(m⁽ʲ⁻¹⁾, rowmax Z),
             p = xp.exp(z - safe_shift(m_new))  # P̃ = e^{Z − m⁽ʲ⁾},
             alpha = xp.exp(m - safe_shift(m_new))  # e^{m⁽ʲ⁻¹⁾ − m⁽ʲ⁾},
@@ -131,6 +116,7 @@ def forward_fa1(q: Array, k: Array, v: Array, mask: Array | None, scale: float, 
 
     O, ℓ, m live in HBM and every inner step reads and rewrites one query tile's rows; O is kept
     normalised. Shapes and results as :func:`forward_fa2`.
+    Export with ``python -m attention_ref.export forward_fa1``.
     """
     xp = array_namespace(q, k, v)
     L, S = q.shape[-2], k.shape[-2]
@@ -146,7 +132,8 @@ def forward_fa1(q: Array, k: Array, v: Array, mask: Array | None, scale: float, 
             if state == "skip" or (block_mask is not None and not block_mask[bi][bj]):
                 continue  # a tile the band (or the block mask) hides wholly adds e^{−∞} = 0: skipped
             q_i, o_i, l_i, m_i = (x[..., i0:i1, :] for x in (q, O, ell, m))  # line 9: load Q_i, O_i, ℓ_i, m_i
-            z = tile_logits(q_i, k_j, scale, mask, band, i0, j0, state)  # lines 10–11: S = τ Q_i K_jᵀ, MASK
+            a_ij = None if mask is None else mask[..., i0:i1, j0:j1]  # lines 10–11: S = τ Q_i K_jᵀ, MASK
+            z = attention_logits(q_i, k_j, a_ij, scale, band if state == "partial" else None, i0, j0)
             m_t = xp.max(z, axis=-1, keepdims=True)  # line 12: m̃ = rowmax(S),
             p = xp.exp(z - safe_shift(m_t))  # P̃ = e^{S − m̃},
             l_t = xp.sum(p, axis=-1, keepdims=True)  # ℓ̃ = rowsum(P̃)
@@ -166,6 +153,7 @@ def backward_fa2(q: Array, k: Array, v: Array, o: Array, lse: Array, do: Array, 
 
     P is recomputed tile by tile from λ instead of stored, P_ij = e^{Z_ij − λ_i}. Shapes as
     :func:`forward_fa2`, with o and do = dO (..., L, Ev) and lse = λ (..., L). Returns dQ, dK, dV.
+    Export with ``python -m attention_ref.export backward_fa2``.
     """
     xp = array_namespace(q, k, v)
     L, S = q.shape[-2], k.shape[-2]
@@ -182,7 +170,8 @@ def backward_fa2(q: Array, k: Array, v: Array, o: Array, lse: Array, do: Array, 
             if state == "skip" or (block_mask is not None and not block_mask[bi][bj]):
                 continue
             q_i, do_i = q[..., i0:i1, :], do[..., i0:i1, :]  # line 9: load Q_i, dO_i, λ_i, D_i
-            z = tile_logits(q_i, k_j, scale, mask, band, i0, j0, state)  # line 10: Z = τ Q_i K_jᵀ + Δ
+            a_ij = None if mask is None else mask[..., i0:i1, j0:j1]  # line 10: Z = τ Q_i K_jᵀ + Δ, masked
+            z = attention_logits(q_i, k_j, a_ij, scale, band if state == "partial" else None, i0, j0)
             p = xp.exp(z - lse[..., i0:i1, :])  # line 11: P = e^{Z − λ_i}
             dv_j = dv_j + xp.matmul(xp.matrix_transpose(p), do_i)  # line 12: dV_j += Pᵀ dO_i
             dp = xp.matmul(do_i, xp.matrix_transpose(v_j))  # line 13: dP = dO_i V_jᵀ
@@ -196,17 +185,6 @@ def backward_fa2(q: Array, k: Array, v: Array, o: Array, lse: Array, do: Array, 
 # ---------------------------------------------------------------------------------------------
 # Around the cores: checks, compute dtype, GQA heads, block mask, the tile report
 # ---------------------------------------------------------------------------------------------
-
-
-def _work_arrays(query: Array, key: Array, value: Array, attn_mask: Array | None) -> tuple[Array, ...]:
-    """q, k, v in the compute dtype with the key/value heads repeated for GQA (query head i reads
-    head i // (Hq / H)), and the mask broadcast to (..., Hq, L, S) so that tiles can be cut from it."""
-    xp = array_namespace(query, key, value)
-    q, k, v = (xp.astype(x, compute_dtype(xp, query.dtype), copy=False) for x in (query, key, value))
-    k, v = repeat_kv_heads(k, q), repeat_kv_heads(v, q)
-    if attn_mask is not None:
-        attn_mask = xp.broadcast_to(attn_mask, (*q.shape[:-1], k.shape[-2]))
-    return q, k, v, attn_mask
 
 
 def _host_block_mask(block_mask: Any, L: int, S: int, block_q: int, block_k: int) -> list[list[bool]] | None:
@@ -302,15 +280,15 @@ def flash_attention(
     band = checked_band(L, S, is_causal, window, causal_alignment)
     block_q, block_k = check_int("block_q", block_q, 1), check_int("block_k", block_k, 1)
     block_mask = _host_block_mask(block_mask, L, S, block_q, block_k)
-    check_choice("algorithm", algorithm, ALGORITHMS)
-    check_choice("backend", backend, BACKENDS)
-    return_lse, return_stats = check_bool("return_lse", return_lse), check_bool("return_stats", return_stats)
-    tau = check_real("scale", scale, default_scale(query.shape[-1]))
+    check_choice("algorithm", algorithm, ("fa2", "fa1"))
+    check_choice("backend", backend, ("numpy", "numba"))
+    check_bool(return_lse=return_lse, return_stats=return_stats)
+    tau = default_scale(query.shape[-1]) if scale is None else check_real("scale", scale)
     if backend == "numba":  # export: omit
         from .flash_numba import flash_attention_numba
 
         return flash_attention_numba(query, key, value, attn_mask, tau, band, block_mask, return_lse, return_stats)
-    q, k, v, mask = _work_arrays(query, key, value, attn_mask)
+    q, k, v, mask = attention_arrays(query, key, value, attn_mask)
     forward = forward_fa2
     if algorithm == "fa1":  # export: omit
         forward = forward_fa1
@@ -345,14 +323,14 @@ def flash_attention_backward(
     band = checked_band(L, S, is_causal, window, causal_alignment)
     block_q, block_k = check_int("block_q", block_q, 1), check_int("block_k", block_k, 1)
     block_mask = _host_block_mask(block_mask, L, S, block_q, block_k)
-    check_choice("backend", backend, BACKENDS)
-    tau = check_real("scale", scale, default_scale(query.shape[-1]))
+    check_choice("backend", backend, ("numpy", "numba"))
+    tau = default_scale(query.shape[-1]) if scale is None else check_real("scale", scale)
     if backend == "numba":  # export: omit
         from .flash_numba import flash_attention_backward_numba
 
         return flash_attention_backward_numba(query, key, value, out, lse, grad_out, attn_mask, tau, band, block_mask)
     xp = array_namespace(query, key, value)
-    q, k, v, mask = _work_arrays(query, key, value, attn_mask)
+    q, k, v, mask = attention_arrays(query, key, value, attn_mask)
     o, do, lse = (xp.astype(x, q.dtype, copy=False) for x in (out, grad_out, lse))
     dq, dk, dv = backward_fa2(q, k, v, o, lse, do, mask, tau, band, block_q, block_k, block_mask)
     return tuple(xp.astype(g, query.dtype) for g in (dq, sum_kv_heads(dk, key), sum_kv_heads(dv, value)))
@@ -368,16 +346,17 @@ def attention_backward(
     Shapes and options as :func:`flash_attention_backward`. This is the standard backward pass
     (FA-1 Algorithm 3), kept to check the tiled one against: P = softmax(Z); dV = Pᵀ dO;
     dP = dO Vᵀ; dS = P ∘ (dP − rowsum(P ∘ dP)); dQ = τ dS K; dK = τ dSᵀ Q. Returns dq, dk, dv.
+    Export with ``python -m attention_ref.export attention_backward``.
     """
     check_attention(query, key, value, attn_mask, enable_gqa)
     check_float_array("grad_out", grad_out)
     check_same_dtype("query and grad_out", query, grad_out)
     L, S = query.shape[-2], key.shape[-2]
     band = checked_band(L, S, is_causal, window, causal_alignment)
-    tau = check_real("scale", scale, default_scale(query.shape[-1]))
+    tau = default_scale(query.shape[-1]) if scale is None else check_real("scale", scale)
     xp = array_namespace(query, key, value)
-    q, k, v, mask = _work_arrays(query, key, value, attn_mask)
-    P = softmax(tile_logits(q, k, tau, mask, band, 0, 0, "partial"))  # the whole L × S matrix as one tile
+    q, k, v, mask = attention_arrays(query, key, value, attn_mask)
+    P = softmax(attention_logits(q, k, mask, tau, band))  # the whole L × S matrix
     do = xp.astype(grad_out, q.dtype, copy=False)
     dv = xp.matmul(xp.matrix_transpose(P), do)
     dp = xp.matmul(do, xp.matrix_transpose(v))
@@ -431,6 +410,7 @@ def attention_weights_from_lse(
     Shapes: query (..., Hq, L, E), key (..., H, S, E), lse (..., Hq, L) → P (..., Hq, L, S). This is
     what the backward pass recomputes tile by tile (FA-2 Alg. 2, line 11); here the whole matrix is
     formed on purpose, for pictures and checks.
+    Export with ``python -m attention_ref.export attention_weights_from_lse``.
     """
     check_attention(query, key, key, attn_mask, enable_gqa)
     check_float_array("lse", lse)
@@ -438,10 +418,10 @@ def attention_weights_from_lse(
         raise ValueError(f"lse must have shape {tuple(query.shape[:-1])} for query {tuple(query.shape)}, got {tuple(lse.shape)}")
     L, S = query.shape[-2], key.shape[-2]
     band = checked_band(L, S, is_causal, window, causal_alignment)
-    tau = check_real("scale", scale, default_scale(query.shape[-1]))
+    tau = default_scale(query.shape[-1]) if scale is None else check_real("scale", scale)
     xp = array_namespace(query, key, lse)
-    q, k, _, mask = _work_arrays(query, key, key, attn_mask)
-    z = tile_logits(q, k, tau, mask, band, 0, 0, "partial")
+    q, k, _, mask = attention_arrays(query, key, key, attn_mask)
+    z = attention_logits(q, k, mask, tau, band)
     return xp.exp(z - safe_shift(xp.astype(lse, q.dtype)[..., None]))
 
 
@@ -450,6 +430,7 @@ def expand_block_mask(block_mask: Array, L: int, S: int, block_q: int, block_k: 
 
     Block-sparse FlashAttention (FA-1 §3.3) with ``block_mask`` equals dense attention with this
     mask; the expansion is for references and pictures (it forms the L × S array).
+    Export with ``python -m attention_ref.export expand_block_mask``.
     """
     L, S = check_int("L", L), check_int("S", S)
     block_q, block_k = check_int("block_q", block_q, 1), check_int("block_k", block_k, 1)

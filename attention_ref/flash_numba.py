@@ -62,7 +62,7 @@ import numpy as np
 from numba import prange
 
 from .contract import check_attention, check_choice, check_gradients, check_real
-from .dot_product import default_scale, repeat_kv_heads, sum_kv_heads
+from .dot_product import attention_arrays, default_scale, sum_kv_heads
 from .masks import checked_band, key_range
 
 __all__ = ["numba_flash_forward", "numba_flash_backward"]
@@ -610,9 +610,7 @@ def _run_backward(q, k, v, o, lse, do, scale, lengths, band, kernel):
 
 def _numpy_cores_inputs(q, k, v, lengths):
     """For the NumPy cores: key/value heads repeated for GQA, the key lengths as a mask (B, Hq, L, S)."""
-    k, v = repeat_kv_heads(k, q), repeat_kv_heads(v, q)
-    mask = np.arange(k.shape[2]) < lengths[:, None, None, None]
-    return k, v, np.broadcast_to(mask, (*q.shape[:-1], k.shape[2]))
+    return attention_arrays(q, k, v, np.arange(k.shape[2]) < lengths[:, None, None, None])[1:]
 
 
 def _nan_rows(out, lse, band, lengths):
@@ -768,7 +766,7 @@ def numba_flash_forward(
     _check_numpy(query=query, key=key, value=value)
     L, S = query.shape[-2], key.shape[-2]
     band = checked_band(L, S, is_causal, window, causal_alignment)
-    scale = check_real("scale", scale, default_scale(query.shape[-1]))
+    scale = default_scale(query.shape[-1]) if scale is None else check_real("scale", scale)
     return _forward(query, key, value, scale, band, _key_lengths(key_lengths, tuple(query.shape[:-3]), S), kernel)
 
 
@@ -795,6 +793,6 @@ def numba_flash_backward(
     check_choice("kernel", kernel, _KERNELS)
     L, S = query.shape[-2], key.shape[-2]
     band = checked_band(L, S, is_causal, window, causal_alignment)
-    scale = check_real("scale", scale, default_scale(query.shape[-1]))
+    scale = default_scale(query.shape[-1]) if scale is None else check_real("scale", scale)
     lengths = _key_lengths(key_lengths, tuple(query.shape[:-3]), S)
     return _backward(query, key, value, out, lse, grad_out, scale, band, lengths, kernel)

@@ -216,38 +216,37 @@ def decode_step(
 
 
 def split_kv_attention(
-    q: Array, k: Array, v: Array, num_splits: int, *, scale: float | None = None, enable_gqa: bool = False,
-    attn_mask: Array | None = None, return_lse: bool = False,
+    query: Array, key: Array, value: Array, num_splits: int, *, scale: float | None = None,
+    enable_gqa: bool = False, attn_mask: Array | None = None, return_lse: bool = False,
 ) -> Array | tuple[Array, Array]:
     """Attention over the keys cut into ``num_splits`` chunks, merged exactly (Flash-Decoding).
 
-    Shapes: ``q (..., Hq, L, E)``, ``k (..., Hkv, S, E)``, ``v (..., Hkv, S, Ev)``, ``attn_mask``
-    broadcastable to (..., Hq, L, S) (boolean True = attend, or float added) → ``(..., Hq, L, Ev)``.
+    Shapes: query (..., Hq, L, E), key (..., Hkv, S, E), value (..., Hkv, S, Ev), attn_mask
+    broadcastable to (..., Hq, L, S) (boolean True = attend, or float added) → O (..., Hq, L, Ev).
     The keys are split into ``num_splits`` contiguous chunks of ⌊S/n⌋ or ⌈S/n⌉ tokens (1 ≤ n ≤ S);
-    each chunk s gives ``(O_s, λ_s) = flash_attention(q, k_s, v_s, return_lse=True)`` (in a real
-    kernel, in parallel: this is what keeps a GPU busy when L = 1) and
+    each chunk s gives ``(O_s, λ_s) = flash_attention(query, key_s, value_s, return_lse=True)`` (in
+    a real kernel, in parallel: this is what keeps a GPU busy when L = 1) and
     ``merge_attention_partials`` combines them:
 
         λ = log Σ_s e^{λ_s},   O = Σ_s e^{λ_s − λ} O_s.
 
-    A chunk whose keys are all masked has λ_s = −∞ and weight 0. Returns ``out``, or
-    ``(out, lse (..., Hq, L))`` with ``return_lse``.
-    Export with ``python -m attention_ref.export split_kv_attention``.
+    A chunk whose keys are all masked has λ_s = −∞ and weight 0. Returns O, or (O, λ (..., Hq, L))
+    with ``return_lse``. Export with ``python -m attention_ref.export split_kv_attention``.
     """
-    check_attention(q, k, v, attn_mask, enable_gqa, names=("q", "k", "v"))
-    S = k.shape[-2]
+    check_attention(query, key, value, attn_mask, enable_gqa)
+    S = key.shape[-2]
     n = check_int("num_splits", num_splits, 1)
     if n > max(S, 1):
-        raise ValueError(f"num_splits must lie in [1, S] = [1, {S}] for key {tuple(k.shape)}, got {num_splits!r}")
-    xp = array_namespace(q, k, v)
+        raise ValueError(f"num_splits must lie in [1, S] = [1, {S}] for key {tuple(key.shape)}, got {num_splits!r}")
     bounds = [s * S // n for s in range(n + 1)]
     outs, lses = [], []
     for j0, j1 in zip(bounds[:-1], bounds[1:], strict=True):
-        mask_s = attn_mask if attn_mask is None or attn_mask.ndim == 0 or attn_mask.shape[-1] == 1 else attn_mask[..., j0:j1]
-        o_s, lse_s = flash_attention(q, k[..., j0:j1, :], v[..., j0:j1, :], attn_mask=mask_s, scale=scale,
+        whole = attn_mask is None or attn_mask.ndim == 0 or attn_mask.shape[-1] == 1  # the same for every key
+        o_s, lse_s = flash_attention(query, key[..., j0:j1, :], value[..., j0:j1, :],
+                                     attn_mask=attn_mask if whole else attn_mask[..., j0:j1], scale=scale,
                                      enable_gqa=enable_gqa, return_lse=True)
         outs.append(o_s)
         lses.append(lse_s)
     out, lse = merge_attention_partials(outs, lses)
-    out = xp.astype(out, q.dtype)
+    out = array_namespace(out).astype(out, query.dtype)
     return (out, lse) if return_lse else out

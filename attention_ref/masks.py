@@ -40,23 +40,22 @@ ALIGNMENTS = ("top_left", "bottom_right")
 
 def band(L: int, S: int, is_causal: bool = False, window: tuple[int | None, int | None] | None = None,
          alignment: str = "top_left") -> tuple[int, int, int]:
-    """Causal and sliding-window masking as three ints (offset, left, right): query row i, at key
-    position p = i + offset, sees the keys p − left ≤ j ≤ p + right (L + S: unbounded)."""
+    """(offset, left, right): query row i, at p = i + offset, sees keys p − left ≤ j ≤ p + right."""
     left, right = (None, None) if window is None else window
-    left, right = L + S if left is None else left, L + S if right is None else right
+    left, right = L + S if left is None else left, L + S if right is None else right  # L + S: unbounded
     return (0 if alignment == "top_left" else S - L), left, (min(right, 0) if is_causal else right)
 
 
 def checked_band(L: int, S: int, is_causal: Any, window: Any, causal_alignment: Any) -> tuple[int, int, int]:
-    """:func:`band` for the options of FlashAttention and the Numba kernels, checked first."""
-    check_bool("is_causal", is_causal)
+    """:func:`band` of FlashAttention's and the Numba kernels' options, checked first."""
+    check_bool(is_causal=is_causal)
     check_choice("causal_alignment", causal_alignment, ALIGNMENTS)
     return band(L, S, is_causal, check_window(window), causal_alignment)
 
 
 def band_mask(xp: Any, i0: int, i1: int, j0: int, j1: int, offset: int, left: int, right: int,
               device: Any = None) -> Array:
-    """The band on query rows i0 ≤ i < i1 and keys j0 ≤ j < j1 as a boolean array, True = attend."""
+    """The band on rows i0 ≤ i < i1 and keys j0 ≤ j < j1 as a boolean array, True = attend."""
     p = xp.reshape(xp.arange(i0, i1, device=device), (i1 - i0, 1)) + offset
     j = xp.reshape(xp.arange(j0, j1, device=device), (1, j1 - j0))
     return xp.logical_and(j >= p - left, j <= p + right)
@@ -70,9 +69,8 @@ def key_range(i: int, offset: int, left: int, right: int, S: int) -> tuple[int, 
 
 
 def tile_state(i0: int, i1: int, j0: int, j1: int, offset: int, left: int, right: int) -> str:
-    """"skip" when the band hides every key j0 ≤ j < j1 from every row i0 ≤ i < i1, "full" when it
-    hides none, "partial" otherwise. Both ends of a row's key range grow with i, so the first and
-    the last row of the tile decide."""
+    """"skip", "full" or "partial": how much of the tile i0 ≤ i < i1, j0 ≤ j < j1 the band hides."""
+    # both ends of a row's key range grow with i, so the first and the last row decide
     lo_first, hi_first = key_range(i0, offset, left, right, j1)
     lo_last, hi_last = key_range(i1 - 1, offset, left, right, j1)
     if hi_last <= j0 or lo_first >= j1:
@@ -92,6 +90,7 @@ def causal_mask(L: int, S: int, alignment: str = "top_left", *, xp: ModuleType |
 
     Returns a boolean (L, S) array, True = attend. ``alignment`` is ``"top_left"`` (j ≤ i) or
     ``"bottom_right"`` (j ≤ i + S − L); see the module docstring.
+    Export with ``python -m attention_ref.export causal_mask``.
     """
     L, S = check_int("L", L), check_int("S", S)
     check_choice("alignment", alignment, ALIGNMENTS)
@@ -113,6 +112,7 @@ def sliding_window_mask(
     ``left``/``right`` of None mean unbounded on that side, so ``left=None, right=0`` is the
     causal mask and ``left=w, right=0`` is causal attention over the last w + 1 keys. p is i
     (``"top_left"``) or i + S − L (``"bottom_right"``). Returns a boolean (L, S) array.
+    Export with ``python -m attention_ref.export sliding_window_mask``.
     """
     L, S = check_int("L", L), check_int("S", S)
     window = tuple(None if w is None else check_int(name, w) for name, w in (("left", left), ("right", right)))
@@ -126,6 +126,7 @@ def padding_mask(lengths: Array, S: int, *, xp: ModuleType | None = None) -> Arr
     lengths: (B,) integers in [0, S] (an array keeps its own namespace unless ``xp`` is given).
     Returns a boolean (B, 1, 1, S) array (True for j < lengths[b]) that broadcasts against attention
     logits (B, H, L, S). For a single-head call with logits (B, L, S) use ``padding_mask(lengths, S)[:, 0]``.
+    Export with ``python -m attention_ref.export padding_mask``.
     """
     S = check_int("S", S)
     if xp is None and hasattr(lengths, "dtype"):

@@ -22,7 +22,10 @@ Array = Any
 
 
 def split_heads(x: Array, num_heads: int) -> Array:
-    """Split the feature axis into heads: (..., L, H·D) → (..., H, L, D)."""
+    """Split the feature axis into heads: (..., L, H·D) → (..., H, L, D).
+
+    Export with ``python -m attention_ref.export split_heads``.
+    """
     check_float_array("x", x, 2, "(..., L, H·D)")
     num_heads = check_int("num_heads", num_heads, 1)
     *batch, L, width = x.shape
@@ -33,7 +36,10 @@ def split_heads(x: Array, num_heads: int) -> Array:
 
 
 def merge_heads(x: Array) -> Array:
-    """Concatenate the heads back along the features: (..., H, L, D) → (..., L, H·D)."""
+    """Concatenate the heads back along the features: (..., H, L, D) → (..., L, H·D).
+
+    Export with ``python -m attention_ref.export merge_heads``.
+    """
     check_float_array("x", x, 3, "(..., H, L, D)")
     *batch, H, L, D = x.shape
     xp = array_namespace(x)
@@ -49,6 +55,7 @@ def init_multi_head_params(
     W_q: (d_model, H·D), W_k: (kdim, Hkv·D), W_v: (vdim, Hkv·D), W_o: (H·D, d_model) with
     D = head_dim (default d_model // H) and Hkv = num_kv_heads (default H; 1 gives MQA).
     rng is a ``numpy.random.Generator``; arrays are NumPy of ``dtype`` (float64 by default).
+    Export with ``python -m attention_ref.export init_multi_head_params``.
     """
     d_model, num_heads = check_int("d_model", d_model, 1), check_int("num_heads", num_heads, 1)
     num_kv_heads = _check_kv_heads(num_heads, num_kv_heads)
@@ -58,7 +65,8 @@ def init_multi_head_params(
     kdim, vdim = (d_model if n is None else check_int(name, n, 1) for name, n in (("kdim", kdim), ("vdim", vdim)))
     H, Hkv = num_heads, num_kv_heads
     shapes = ((d_model, H * D), (kdim, Hkv * D), (vdim, Hkv * D), (H * D, d_model))
-    return glorot_params(rng, shapes, check_bool("bias", bias), dtype)
+    check_bool(bias=bias)
+    return glorot_params(rng, shapes, bias, dtype)
 
 
 def _check_kv_heads(num_heads: int, num_kv_heads: Any) -> int:
@@ -71,16 +79,16 @@ def _check_kv_heads(num_heads: int, num_kv_heads: Any) -> int:
 
 def _check_multi_head(query: Array, key: Array, value: Array, num_heads: Any, num_kv_heads: Any,
                       attn_mask: Any, is_causal: Any, return_weights: Any, attention: Any) -> tuple[int, int]:
-    """The checks of multi_head_attention that the attention of step 3 does not make itself;
-    returns (H, Hkv)."""
+    """The checks of multi_head_attention that step 3's attention cannot make; returns (H, Hkv)."""
     for name, x in (("query", query), ("key", key), ("value", value)):
         check_float_array(name, x, 2, "(..., L, features)")
     check_same_dtype("query, key and value", query, key, value)
     num_heads = check_int("num_heads", num_heads, 1)
     check_choice("attention", attention, ("sdpa", "flash"))
-    if check_bool("is_causal", is_causal) and attn_mask is not None:
+    check_bool(is_causal=is_causal, return_weights=return_weights)
+    if is_causal and attn_mask is not None:
         raise ValueError("pass either attn_mask or is_causal=True, not both")
-    if check_bool("return_weights", return_weights) and attention == "flash":
+    if return_weights and attention == "flash":
         raise ValueError("attention='flash' never forms the weights; use attention='sdpa' for them")
     return num_heads, _check_kv_heads(num_heads, num_kv_heads)
 
@@ -92,25 +100,23 @@ def multi_head_attention(
 ) -> Array | tuple[Array, Array]:
     """Multi-head attention with optional GQA/MQA (Vaswani et al. 2017, §3.2.2).
 
-    query: (..., L, d_model), key: (..., S, kdim), value: (..., S, vdim); ``params`` from
-    :func:`init_multi_head_params` (or :func:`multi_head_params_from_torch`). Query head i attends
-    with key/value head i // (H / Hkv): Hkv = H is classic MHA, Hkv = 1 MQA, in between GQA.
-    ``attn_mask`` (True = attend, or float added) broadcasts to (..., H, L, S): an (L, S) mask, or a
-    padding mask (B, 1, 1, S); not together with ``is_causal``. ``attention="flash"`` computes step 3
-    with ``flash_attention`` instead (same result, weights not available). Returns (..., L, d_model),
-    and the per-head weights (..., H, L, S) with ``return_weights``.
-    Export with ``python -m attention_ref.export multi_head_attention``.
+    query (..., L, d_model), key (..., S, kdim), value (..., S, vdim); params from
+    init_multi_head_params or multi_head_params_from_torch. Query head i attends with key/value head
+    i // (H / Hkv): Hkv = H is MHA, Hkv = 1 MQA, in between GQA. attn_mask (A or Δ) broadcasts to
+    (..., H, L, S), e.g. (L, S) or a padding mask (B, 1, 1, S); not with is_causal. attention="flash":
+    step 3 by flash_attention (no weights). Returns (..., L, d_model), and the weights (..., H, L, S)
+    with return_weights. Export with ``python -m attention_ref.export multi_head_attention``.
     """
     H, Hkv = _check_multi_head(query, key, value, num_heads, num_kv_heads, attn_mask, is_causal,
                                return_weights, attention)
     xp = array_namespace(query, key, value)
-    # 1. project once: the H (or Hkv) heads' projections side by side     # (..., L, H·D), (..., S, Hkv·D)
+    # 1. project once, all heads side by side                        # (..., L, H·D), (..., S, Hkv·D)
     q = project(query, params.W_q, params.b_q, "query (W_q)")
     k = project(key, params.W_k, params.b_k, "key (W_k)")
     v = project(value, params.W_v, params.b_v, "value (W_v)")
-    # 2. split the features into heads                                    # (..., H, L, D), (..., Hkv, S, D)
+    # 2. split the features into heads                               # (..., H, L, D), (..., Hkv, S, D)
     q, k, v = split_heads(q, H), split_heads(k, Hkv), split_heads(v, Hkv)
-    # 3. attend, every query head with its key/value head                 # (..., H, L, D), (..., H, L, S)
+    # 3. attend: query head i with key/value head i // (H / Hkv)      # (..., H, L, D), (..., H, L, S)
     if attention == "flash":  # export: omit
         from .flash import flash_attention
 
@@ -118,7 +124,7 @@ def multi_head_attention(
         return xp.astype(project(merge_heads(heads), params.W_o, params.b_o, "output (W_o)"), query.dtype)
     heads, weights = scaled_dot_product_attention(q, k, v, attn_mask, is_causal=is_causal, enable_gqa=Hkv != H,
                                                   return_weights=True)
-    # 4. concatenate the heads, 5. project: Concat(head_1, …, head_H) W_o  # (..., L, H·D) → (..., L, d_model)
+    # 4. concatenate the heads and 5. project: Concat(head_1, …, head_H) W_o + b_o    # (..., L, d_model)
     out = xp.astype(project(merge_heads(heads), params.W_o, params.b_o, "output (W_o)"), query.dtype)
     return (out, xp.astype(weights, query.dtype)) if return_weights else out
 
@@ -136,6 +142,7 @@ def multi_head_params_from_torch(state_dict: Mapping[str, Any], num_heads: int) 
     Mind the masks: MultiheadAttention's boolean masks mean True = **ignore**, ours True = attend,
     so pass ``~key_padding_mask[:, None, None, :]`` or ``~attn_mask``.
     ``add_bias_kv`` (bias_k, bias_v) is not supported and raises ValueError.
+    Export with ``python -m attention_ref.export multi_head_params_from_torch``.
     """
     import numpy as np
 

@@ -82,16 +82,17 @@ def init_attention_params(
     rng: a ``numpy.random.Generator``. Query projection (d_model → d_k), key (kdim → d_k),
     value (vdim → d_v), output (d_v → d_out). Defaults: d_k = d_v = d_out = kdim = vdim = d_model.
     Returns NumPy arrays of ``dtype`` (float64 by default).
+    Export with ``python -m attention_ref.export init_attention_params``.
     """
     d_model = check_int("d_model", d_model, 1)
     d_k, d_v, kdim, vdim, d_out = (d_model if n is None else check_int(name, n, 1) for name, n in (
         ("d_k", d_k), ("d_v", d_v), ("kdim", kdim), ("vdim", vdim), ("d_out", d_out)))
-    return glorot_params(rng, ((d_model, d_k), (kdim, d_k), (vdim, d_v), (d_v, d_out)), check_bool("bias", bias), dtype)
+    check_bool(bias=bias)
+    return glorot_params(rng, ((d_model, d_k), (kdim, d_k), (vdim, d_v), (d_v, d_out)), bias, dtype)
 
 
 def project(x: Array, W: Array, b: Array | None, name: str) -> Array:
-    """x @ W + b, a projection with weights stored (in, out); when the feature sizes disagree the
-    error names the projection and both shapes."""
+    """x @ W + b, a projection with W stored (in, out); a mismatch names the projection and shapes."""
     if x.ndim < 1 or W.ndim != 2 or x.shape[-1] != W.shape[0]:
         raise ValueError(f"{name}: input has {x.shape[-1] if x.ndim else 0} features but the weight expects "
                          f"{W.shape[0] if W.ndim else 0} (input {tuple(x.shape)}, weight {tuple(W.shape)})")
@@ -115,13 +116,14 @@ def cross_attention(
     check_float_array("x", x, 2, "(..., L, d_model)")
     check_float_array("context", context, 2, "(..., S, d_ctx)")
     check_same_dtype("x and context", x, context)
+    check_bool(return_weights=return_weights)
     xp = array_namespace(x, context)
     q = project(x, params.W_q, params.b_q, "query projection W_q")
     k = project(context, params.W_k, params.b_k, "key projection W_k")
     v = project(context, params.W_v, params.b_v, "value projection W_v")
     out, weights = scaled_dot_product_attention(q, k, v, attn_mask, is_causal=is_causal, return_weights=True)
     out = xp.astype(project(out, params.W_o, params.b_o, "output projection W_o"), x.dtype)
-    return (out, xp.astype(weights, x.dtype)) if check_bool("return_weights", return_weights) else out
+    return (out, xp.astype(weights, x.dtype)) if return_weights else out
 
 
 def self_attention(

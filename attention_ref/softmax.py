@@ -25,31 +25,30 @@ Array = Any
 
 
 def safe_shift(m: Array) -> Array:
-    """The shift m of exp(x − m), with −∞ (a row with nothing seen yet) replaced by 0, so that
-    exp never computes (−∞) − (−∞). NaN stays NaN: a NaN logit makes its row NaN."""
+    """The shift m of e^{x − m} with −∞ (no entry seen yet) as 0: no (−∞) − (−∞). NaN stays NaN."""
     return array_namespace(m).where(m == -float("inf"), 0.0, m)
 
 
 def safe_divisor(total: Array) -> Array:
-    """A row sum ℓ with 0 (a row with every entry −∞) replaced by 1, so such a row divides 0 by 1."""
+    """A row sum ℓ with 0 (every entry −∞) replaced by 1: such a row divides 0 by 1."""
     return array_namespace(total).where(total == 0, 1.0, total)
 
 
 def safe_log(total: Array) -> Array:
-    """log ℓ, with log 0 = −∞ (a row with every entry −∞) and no divide-by-zero warning."""
+    """log ℓ with log 0 = −∞ (every entry −∞), without a divide-by-zero warning."""
     xp = array_namespace(total)
     return xp.where(total == 0, -xp.inf, xp.log(safe_divisor(total)))
 
 
 def softmax(x: Array, axis: int = -1) -> Array:
-    """Numerically stable softmax along ``axis``: e^{x_j − m} / Σ_k e^{x_k − m}, m = max_k x_k.
+    """Stable softmax along ``axis``, e^{x_j − m} / Σ_k e^{x_k − m} with m = max_k x_k (no overflow).
 
-    Subtracting the maximum changes nothing mathematically but keeps every exponent ≤ 0, so
-    nothing overflows. x: (..., n) floating. Returns x's shape and dtype; a row of all −∞ gives 0.
+    x: (..., n) floating. Returns x's shape and dtype; a row of all −∞ gives 0, one with a NaN NaN.
+    Export with ``python -m attention_ref.export softmax``.
     """
     xp = array_namespace(x)
-    if x.shape[axis] == 0:  # no entries: nothing to normalise (max would fail)
-        return xp.zeros_like(x)
+    if x.shape[axis] == 0:
+        return xp.zeros_like(x)  # no entries (max would fail)
     e = xp.exp(x - safe_shift(xp.max(x, axis=axis, keepdims=True)))
     return e / safe_divisor(xp.sum(e, axis=axis, keepdims=True))
 
@@ -59,6 +58,7 @@ def logsumexp(x: Array, axis: int = -1, keepdims: bool = False) -> Array:
 
     x: (..., n). Returns (...) (or (..., 1) with ``keepdims``). A row of all −∞ (or no entries at
     all) gives −∞, without a warning.
+    Export with ``python -m attention_ref.export logsumexp``.
     """
     xp = array_namespace(x)
     m, ell = softmax_stats(x, axis=axis)
@@ -72,9 +72,10 @@ def masked_softmax(x: Array, mask: Array, axis: int = -1) -> Array:
     x: (..., n) floating; mask: boolean, broadcastable to x. Entries equal to −∞ in ``x`` count as
     masked too. A row with nothing to attend to returns all zeros (PyTorch's choice for SDPA).
     Returns an array with x's shape and dtype.
+    Export with ``python -m attention_ref.export masked_softmax``.
     """
     check_float_array("x", x)
-    check_mask("mask", mask, tuple(x.shape), "x's shape", floating=False)
+    check_mask("mask", mask, tuple(x.shape), ("bool",))
     return softmax(array_namespace(x, mask).where(mask, x, -float("inf")), axis=axis)
 
 
@@ -84,6 +85,7 @@ def softmax_stats(x: Array, axis: int = -1) -> tuple[Array, Array]:
     These two numbers per row are all that the online softmax (Milakov & Gimelshein 2018) and
     FlashAttention keep. x: (..., n). Returns m, ℓ of shape (..., 1) (keeping ``axis``). An all
     −∞ row, or a chunk with no entries, gives (−∞, 0).
+    Export with ``python -m attention_ref.export softmax_stats``.
     """
     xp = array_namespace(x)
     if x.shape[axis] == 0:
@@ -100,6 +102,7 @@ def merge_softmax_stats(m1: Array, l1: Array, m2: Array, l2: Array) -> tuple[Arr
 
     Each argument: (..., 1) (any matching shapes). Returns (m, ℓ). When both chunks are empty
     (m₁ = m₂ = −∞) the result is (−∞, 0) and no NaN appears.
+    Export with ``python -m attention_ref.export merge_softmax_stats``.
     """
     xp = array_namespace(m1, l1, m2, l2)
     m = xp.maximum(m1, m2)
@@ -112,6 +115,7 @@ def online_softmax(x: Array, chunk_size: int, axis: int = -1) -> Array:
 
     Pass 1 keeps only (m, ℓ) per row and folds in one chunk at a time with
     :func:`merge_softmax_stats`; pass 2 writes e^{x − m} / ℓ. x: (..., n). Returns x's shape.
+    Export with ``python -m attention_ref.export online_softmax``.
     """
     chunk_size = check_int("chunk_size", chunk_size, 1)
     xp = array_namespace(x)

@@ -217,7 +217,7 @@ def test_bad_arrays(rng):
         numba_flash_forward(q.astype(np.float32), k, v)
     with pytest.raises(TypeError, match="query.*floating.*int64"):
         numba_flash_forward(q.astype(np.int64), k, v)
-    with pytest.raises(TypeError, match="query must be an array, got list"):
+    with pytest.raises(TypeError, match="query must be a floating-point array, got list"):
         numba_flash_forward(q.tolist(), k, v)
     with pytest.raises(ValueError, match="feature size"):
         numba_flash_forward(q[..., :2], k, v)
