@@ -187,16 +187,18 @@ def backward_fa2(q: Array, k: Array, v: Array, o: Array, lse: Array, do: Array, 
 # ---------------------------------------------------------------------------------------------
 
 
-def _host_block_mask(block_mask: Any, L: int, S: int, block_q: int, block_k: int) -> list[list[bool]] | None:
-    """The block mask checked and read on the host once, as nested lists of bools (or None)."""
+def _check_blocks(L: int, S: int, block_q: Any, block_k: Any, block_mask: Any) -> tuple[int, int, Any]:
+    """The tile sizes, and the block mask (⌈L/block_q⌉, ⌈S/block_k⌉) read on the host once as nested
+    lists of bools (or None)."""
+    block_q, block_k = check_int("block_q", block_q, 1), check_int("block_k", block_k, 1)
     if block_mask is None:
-        return None
+        return block_q, block_k, None
     block_mask = to_numpy(block_mask)  # export: omit
     n_q, n_k = -(-L // block_q), -(-S // block_k)
     if tuple(block_mask.shape) != (n_q, n_k):
         raise ValueError(f"block_mask must have shape (⌈L/block_q⌉, ⌈S/block_k⌉) = ({n_q}, {n_k}) for L={L}, "
                          f"S={S}, block_q={block_q}, block_k={block_k}; got {tuple(block_mask.shape)}")
-    return [[bool(b) for b in row] for row in block_mask.tolist()]
+    return block_q, block_k, [[bool(b) for b in row] for row in block_mask.tolist()]
 
 
 @dataclass(frozen=True)
@@ -278,8 +280,7 @@ def flash_attention(
     check_attention(query, key, value, attn_mask, enable_gqa)
     L, S = query.shape[-2], key.shape[-2]
     band = checked_band(L, S, is_causal, window, causal_alignment)
-    block_q, block_k = check_int("block_q", block_q, 1), check_int("block_k", block_k, 1)
-    block_mask = _host_block_mask(block_mask, L, S, block_q, block_k)
+    block_q, block_k, block_mask = _check_blocks(L, S, block_q, block_k, block_mask)
     check_choice("algorithm", algorithm, ("fa2", "fa1"))
     check_choice("backend", backend, ("numpy", "numba"))
     check_bool(return_lse=return_lse, return_stats=return_stats)
@@ -321,8 +322,7 @@ def flash_attention_backward(
     check_gradients(query, value, out, lse, grad_out)
     L, S = query.shape[-2], key.shape[-2]
     band = checked_band(L, S, is_causal, window, causal_alignment)
-    block_q, block_k = check_int("block_q", block_q, 1), check_int("block_k", block_k, 1)
-    block_mask = _host_block_mask(block_mask, L, S, block_q, block_k)
+    block_q, block_k, block_mask = _check_blocks(L, S, block_q, block_k, block_mask)
     check_choice("backend", backend, ("numpy", "numba"))
     tau = default_scale(query.shape[-1]) if scale is None else check_real("scale", scale)
     if backend == "numba":  # export: omit

@@ -613,17 +613,20 @@ def _numpy_cores_inputs(q, k, v, lengths):
     return attention_arrays(q, k, v, np.arange(k.shape[2]) < lengths[:, None, None, None])[1:]
 
 
-def _nan_rows(out, lse, band, lengths):
-    """Make a row with a NaN logit NaN, as the NumPy path does. The kernels give such a row 0 and
-    lse = -inf, which otherwise only a row that sees no key at all has: only the rows with
-    lse = -inf (usually none) are looked at, with the band's key_range."""
-    for b, i in zip(*np.nonzero(np.isneginf(lse).any(axis=1)), strict=True):
-        lo, hi = key_range(int(i), *band, int(lengths[b]))
-        if lo < hi:
-            rows = np.isneginf(lse[b, :, i])
-            out[b, rows, i] = np.nan
-            lse[b, rows, i] = np.nan
-    out[np.isnan(lse)] = np.nan
+def _nan_rows(q, k, out, lse, band, lengths):
+    """Make a row with a NaN logit NaN, as the NumPy path does (the kernels drop a NaN logit or give
+    its row 0): the rows whose query, or a key they see, holds a NaN. Looked for only when q or k
+    holds a NaN at all, which costs one pass over them."""
+    q_nan, k_nan = np.isnan(q).any(axis=-1), np.isnan(k).any(axis=-1)  # (B, Hq, L), (B, H, S)
+    if not (q_nan.any() or k_nan.any()):
+        return out, lse
+    group = q.shape[1] // k.shape[1]
+    nan_keys_before = np.concatenate([np.zeros(k_nan.shape[:-1] + (1,), int), np.cumsum(k_nan, axis=-1)], axis=-1)
+    for b, h, i in np.ndindex(*lse.shape):
+        lo, hi = key_range(i, *band, int(lengths[b]))
+        seen = nan_keys_before[b, h // group]
+        if lo < hi and (q_nan[b, h, i] or seen[hi] > seen[lo]):
+            out[b, h, i], lse[b, h, i] = np.nan, np.nan
     return out, lse
 
 
@@ -650,7 +653,7 @@ def _forward(query, key, value, scale, band, lengths, kernel):
         k, v, mask = _numpy_cores_inputs(q, k, v, lengths)
         out, lse = forward_fa2(q, k, v, mask, scale, band, 64, 64)
     else:
-        out, lse = _nan_rows(*_run_forward(q, k, v, scale, lengths, band, kernel), band, lengths)
+        out, lse = _nan_rows(q, k, *_run_forward(q, k, v, scale, lengths, band, kernel), band, lengths)
     return out.astype(query.dtype, copy=False).reshape(*query.shape[:-1], value.shape[-1]), lse.reshape(query.shape[:-1])
 
 

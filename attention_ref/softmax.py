@@ -46,6 +46,7 @@ def softmax(x: Array, axis: int = -1) -> Array:
     x: (..., n) floating. Returns x's shape and dtype; a row of all −∞ gives 0, one with a NaN NaN.
     Export with ``python -m attention_ref.export softmax``.
     """
+    check_float_array("x", x)
     xp = array_namespace(x)
     if x.shape[axis] == 0:
         return xp.zeros_like(x)  # no entries (max would fail)
@@ -87,6 +88,7 @@ def softmax_stats(x: Array, axis: int = -1) -> tuple[Array, Array]:
     −∞ row, or a chunk with no entries, gives (−∞, 0).
     Export with ``python -m attention_ref.export softmax_stats``.
     """
+    check_float_array("x", x)
     xp = array_namespace(x)
     if x.shape[axis] == 0:
         shape = tuple(1 if a == axis % x.ndim else n for a, n in enumerate(x.shape))
@@ -104,6 +106,8 @@ def merge_softmax_stats(m1: Array, l1: Array, m2: Array, l2: Array) -> tuple[Arr
     (m₁ = m₂ = −∞) the result is (−∞, 0) and no NaN appears.
     Export with ``python -m attention_ref.export merge_softmax_stats``.
     """
+    for name, a in (("m1", m1), ("l1", l1), ("m2", m2), ("l2", l2)):
+        check_float_array(name, a)
     xp = array_namespace(m1, l1, m2, l2)
     m = xp.maximum(m1, m2)
     return m, xp.exp(m1 - safe_shift(m)) * l1 + xp.exp(m2 - safe_shift(m)) * l2
@@ -117,6 +121,7 @@ def online_softmax(x: Array, chunk_size: int, axis: int = -1) -> Array:
     :func:`merge_softmax_stats`; pass 2 writes e^{x − m} / ℓ. x: (..., n). Returns x's shape.
     Export with ``python -m attention_ref.export online_softmax``.
     """
+    check_float_array("x", x)
     chunk_size = check_int("chunk_size", chunk_size, 1)
     xp = array_namespace(x)
     x_last = xp.moveaxis(x, axis, -1)
