@@ -19,6 +19,8 @@ module                stage
 ``bert``              08 a real pretrained encoder (MiniLM) in NumPy
 ``plotting``          heatmaps of attention weights used by every notebook
 ``backends``          choosing NumPy or CuPy for the notebooks
+``contract``          the input checks every public function shares
+``export``            ``python -m attention_ref.export NAME``: a function as a NumPy-only file
 ====================  =====================================================
 
 The core stages (02–04) are imported eagerly; everything else is resolved lazily, so

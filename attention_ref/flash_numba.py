@@ -8,15 +8,20 @@ scale ``1/sqrt(E)``, causal masks aligned top-left (``tril(ones(L, S))``) or bot
 entry, grouped-query attention (query head ``n`` uses KV head ``n // (Hq / H)``) and **rows with
 every key masked give 0** (``lse = -inf``, zero gradients).
 
-Every mask this module supports is a *band*: query row ``i`` (at aligned position ``p = i``, or
-``i + S - L`` bottom-right) sees exactly the keys ``lo(i) <= j < hi(i)`` with::
+Every mask this module supports is a *band* (``attention_ref.masks.band``): query row ``i`` (at
+aligned position ``p = i``, or ``i + S - L`` bottom-right) sees exactly the keys ``lo(i) <= j < hi(i)``
+of ``masks.key_range``, compiled here as ``_key_range``::
 
-    lo(i) = max(0, p - left)                       (left = None -> 0)
-    hi(i) = min(S, length[b], p + 1 if causal, p + right + 1)
+    lo(i) = max(0, p - left)                       (left unbounded: L + S)
+    hi(i) = min(S, length[b], p + right + 1)       (causal: right = 0)
 
 Both bounds grow with ``i``, so a block of query rows sees one contiguous range of key blocks and
 the kernels skip every tile outside it (Dao 2023, §3.1.1: causal tiles above the diagonal are never
 computed); only tiles that straddle a bound are masked element by element.
+
+The kernels come first; the last section of this file is the glue that checks the inputs (through
+``attention_ref.contract``, like every function of the package), packs them, and serves
+``flash_attention(..., backend="numba")`` with the NumPy backend's answers.
 
 Two tiers, selected by ``kernel=``:
 
