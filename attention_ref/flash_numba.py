@@ -568,7 +568,8 @@ def _run_forward(q, k, v, scale, lengths, band, kernel):
     with L, S, E, B > 0 -> out (B, Hq, L, Ev), lse (B, Hq, L)."""
     B, Hq, L, E = q.shape
     S, Ev, dtype = k.shape[2], v.shape[3], q.dtype
-    args = (lengths, *band[:1], False, *band[1:])  # (lengths, offset, causal, left, right)
+    offset, left, right = band  # causal is folded into right: the kernels' causal flag stays False
+    args = (lengths, offset, False, left, right)
     out = np.empty((B, Hq, L, Ev), dtype=dtype)
     lse = np.empty((B, Hq, L), dtype=dtype)
     if kernel == "readable":
@@ -591,7 +592,8 @@ def _run_backward(q, k, v, o, lse, do, scale, lengths, band, kernel):
     lse (B, Hq, L)) -> dq (B, Hq, L, E), dk (B, H, S, E), dv (B, H, S, Ev)."""
     B, Hq, L, E = q.shape
     H, S, Ev, dtype = k.shape[1], k.shape[2], v.shape[3], q.dtype
-    args = (lengths, *band[:1], False, *band[1:])
+    offset, left, right = band
+    args = (lengths, offset, False, left, right)
     # FA-2 pre-pass: D_i = rowsum(dO_i * O_i)
     delta = np.ascontiguousarray(np.einsum("bhle,bhle->bhl", do, o))
     if kernel == "readable":

@@ -61,10 +61,9 @@ def logsumexp(x: Array, axis: int = -1, keepdims: bool = False) -> Array:
     all) gives −∞, without a warning.
     Export with ``python -m attention_ref.export logsumexp``.
     """
-    xp = array_namespace(x)
-    m, ell = softmax_stats(x, axis=axis)
+    m, ell = softmax_stats(x, axis=axis)  # (checks x)
     out = m + safe_log(ell)
-    return out if keepdims else xp.squeeze(out, axis=axis)
+    return out if keepdims else array_namespace(out).squeeze(out, axis=axis)
 
 
 def masked_softmax(x: Array, mask: Array, axis: int = -1) -> Array:

@@ -19,6 +19,7 @@ CACHE = ar.KVCache(rng.standard_normal((1, 2, 3, 8)), rng.standard_normal((1, 2,
 QN = rng.standard_normal((1, 2, 1, 8))
 S_, H_ = rng.standard_normal((3, 4)), rng.standard_normal((3, 5, 6))
 W_A, U_A, V_A, W_G = rng.standard_normal((4, 7)), rng.standard_normal((6, 7)), rng.standard_normal(7), rng.standard_normal((4, 6))
+W_C = rng.standard_normal((10, 3))
 
 
 def _numba():
@@ -75,7 +76,21 @@ FUNCTIONS = {
         {"query": "query", "keys": "keys", "mask": "mask"}),
     "luong_attention": (lambda query=S_, keys=H_, **kw: ar.luong_attention(query, keys, "general", W_G, **kw),
                         {"query": "h_t", "keys": "h_s", "mask": "mask"}),
+    "cross_attention": (lambda query=X, keys=X, **kw: ar.cross_attention(query, keys, ar.init_attention_params(rng, 8), **kw),
+                        {"query": "x", "keys": "context", "attn_mask": "attn_mask", "is_causal": "is_causal"}),
+    "attention_weights_from_lse": (
+        lambda query=Q, key=K, **kw: ar.attention_weights_from_lse(query, key, LSE, **{"enable_gqa": True, **kw}),
+        {k: v for k, v in FLASH.items() if k not in ("value", "block_q")}),
+    "additive_score": (lambda query=S_, keys=H_, **kw: ar.additive_score(query, keys, W_A, U_A, V_A, **kw),
+                       {"query": "query", "keys": "keys"}),
+    "luong_general_score": (lambda query=S_, keys=H_: ar.luong_general_score(query, keys, W_G), {"query": "h_t", "keys": "h_s"}),
+    "luong_attentional_state": (lambda query=S_, keys=H_[:, 0]: ar.luong_attentional_state(keys, query, W_C),
+                                {"query": "h_t", "keys": "context"}),
+    "append_kv": (lambda key=QN, value=QN: ar.append_kv(CACHE, key, value), {"key": "k_new", "value": "v_new"}),
+    "split_heads": (lambda query=X, num_heads=2: ar.split_heads(query, num_heads), {"query": "x", "num_heads": "num_heads"}),
+    "merge_heads": (lambda query=Q: ar.merge_heads(query), {"query": "x"}),
     "softmax": (lambda query=X, **kw: ar.softmax(query, **kw), {"query": "x"}),
+    "logsumexp": (lambda query=X, **kw: ar.logsumexp(query, **kw), {"query": "x"}),
     "online_softmax": (lambda query=X, block_q=3, **kw: ar.online_softmax(query, block_q, **kw),
                        {"query": "x", "block_q": "chunk_size"}),
     "masked_softmax": (lambda query=X, mask=X > 0, **kw: ar.masked_softmax(query, mask, **kw), {"query": "x", "mask": "mask"}),
