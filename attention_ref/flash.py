@@ -77,36 +77,40 @@ def forward_fa2(q: Array, k: Array, v: Array, mask: Array | None, scale: float, 
                 block_q: int, block_k: int, block_mask: list[list[bool]] | None = None) -> tuple[Array, Array]:
     """FlashAttention-2 forward pass (Dao 2023, Algorithm 1): query tiles outer, key tiles inner.
 
-    q (..., L, E), k (..., S, E), v (..., S, Ev) → O (..., L, Ev) and λ (..., L), the logsumexp.
-    O_i, ℓ_i, m_i stay on chip for a whole row of tiles; O_i is divided by ℓ_i once, at the end.
+    q (..., L, E), k (..., S, E), v (..., S, Ev); mask None, A or Δ (..., L, S); band (offset, left,
+    right) from masks.band; block_mask None or T_q × T_k bools. Returns O (..., L, Ev) and λ (..., L).
     Export with ``python -m attention_ref.export forward_fa2``.
     """
     xp = array_namespace(q, k, v)
-    L, S = q.shape[-2], k.shape[-2]
-    O = xp.zeros((*q.shape[:-1], v.shape[-1]), dtype=q.dtype, device=q.device)  # line 2: O, λ in HBM
+    L, S, Ev = q.shape[-2], k.shape[-2], v.shape[-1]
+    O = xp.zeros((*q.shape[:-1], Ev), dtype=q.dtype, device=q.device)  # line 2: O and λ in HBM
     lse = xp.zeros(q.shape[:-1], dtype=q.dtype, device=q.device)
-    for bi, i0 in enumerate(range(0, L, block_q)):  # line 3: for 1 ≤ i ≤ T_q
+    for bi, i0 in enumerate(range(0, L, block_q)):  # line 3: for each query tile i
         i1 = min(i0 + block_q, L)
         q_i = q[..., i0:i1, :]  # line 4: load Q_i
-        o_i = xp.zeros((*q_i.shape[:-1], v.shape[-1]), dtype=q.dtype, device=q.device)  # line 5: O_i = 0,
-        ell = xp.zeros((*q_i.shape[:-1], 1), dtype=q.dtype, device=q.device)  # ℓ_i = 0,
-        m = xp.full((*q_i.shape[:-1], 1), -xp.inf, dtype=q.dtype, device=q.device)  # m_i = −∞
-        for bj, j0 in enumerate(range(0, S, block_k)):  # line 6: for 1 ≤ j ≤ T_k
+        # line 5: on chip, O_i = 0, ℓ_i = 0, m_i = −∞
+        o_i = xp.zeros((*q_i.shape[:-1], Ev), dtype=q.dtype, device=q.device)
+        ell = xp.zeros((*q_i.shape[:-1], 1), dtype=q.dtype, device=q.device)
+        m = xp.full((*q_i.shape[:-1], 1), -xp.inf, dtype=q.dtype, device=q.device)
+        for bj, j0 in enumerate(range(0, S, block_k)):  # line 6: for each key tile j
             j1 = min(j0 + block_k, S)
             state = tile_state(i0, i1, j0, j1, *band)  # §3.1.1: a tile the band hides is skipped
             if state == "skip" or (block_mask is not None and not block_mask[bi][bj]):
                 continue
             k_j, v_j = k[..., j0:j1, :], v[..., j0:j1, :]  # line 7: load K_j, V_j
-            a_ij = None if mask is None else mask[..., i0:i1, j0:j1]  # line 8: Z = τ Q_i K_jᵀ + Δ, masked
+            # line 8: Z = τ Q_i K_jᵀ + Δ, masked by A and, in a partial tile, by the band
+            a_ij = None if mask is None else mask[..., i0:i1, j0:j1]
             z = attention_logits(q_i, k_j, a_ij, scale, band if state == "partial" else None, i0, j0)
-            m_new = xp.maximum(m, xp.max(z, axis=-1, keepdims=True))  # line 9: m⁽ʲ⁾ = max(m⁽ʲ⁻¹⁾, rowmax Z),
-            p = xp.exp(z - safe_shift(m_new))  # P̃ = e^{Z − m⁽ʲ⁾},
-            alpha = xp.exp(m - safe_shift(m_new))  # e^{m⁽ʲ⁻¹⁾ − m⁽ʲ⁾},
-            ell = alpha * ell + xp.sum(p, axis=-1, keepdims=True)  # ℓ⁽ʲ⁾ = e^{m⁽ʲ⁻¹⁾ − m⁽ʲ⁾} ℓ⁽ʲ⁻¹⁾ + rowsum P̃
-            o_i = alpha * o_i + xp.matmul(p, v_j)  # line 10: O⁽ʲ⁾ = diag(e^{m⁽ʲ⁻¹⁾ − m⁽ʲ⁾}) O⁽ʲ⁻¹⁾ + P̃ V_j
-            m = m_new  # (the paper prints diag(·)⁻¹ in line 10: a known typo)
-        O[..., i0:i1, :] = o_i / safe_divisor(ell)  # lines 12, 14: O_i = diag(ℓ)⁻¹ O_i, written to HBM
-        lse[..., i0:i1] = (m + safe_log(ell))[..., 0]  # lines 13, 15: λ_i = m_i + log ℓ_i, written
+            # line 9: m_new = max(m, rowmax Z), P̃ = e^{Z − m_new}, ℓ = e^{m − m_new} ℓ + rowsum P̃
+            m_new = xp.maximum(m, xp.max(z, axis=-1, keepdims=True))
+            p = xp.exp(z - safe_shift(m_new))
+            alpha = xp.exp(m - safe_shift(m_new))
+            ell = alpha * ell + xp.sum(p, axis=-1, keepdims=True)
+            # line 10: O_i = diag(e^{m − m_new}) O_i + P̃ V_j (the paper's diag(·)⁻¹ here is a typo)
+            o_i = alpha * o_i + xp.matmul(p, v_j)
+            m = m_new
+        O[..., i0:i1, :] = o_i / safe_divisor(ell)  # lines 12, 14: O_i = diag(ℓ)⁻¹ O_i, to HBM
+        lse[..., i0:i1] = (m + safe_log(ell))[..., 0]  # lines 13, 15: λ_i = m_i + log ℓ_i, to HBM
     return O, lse
 
 
@@ -115,7 +119,7 @@ def forward_fa1(q: Array, k: Array, v: Array, mask: Array | None, scale: float, 
     """FlashAttention forward pass (Dao et al. 2022, Algorithm 2 without dropout): key tiles outer.
 
     O, ℓ, m live in HBM and every inner step reads and rewrites one query tile's rows; O is kept
-    normalised. Shapes and results as :func:`forward_fa2`.
+    normalised. Inputs and results as :func:`forward_fa2`.
     Export with ``python -m attention_ref.export forward_fa1``.
     """
     xp = array_namespace(q, k, v)
@@ -123,23 +127,26 @@ def forward_fa1(q: Array, k: Array, v: Array, mask: Array | None, scale: float, 
     O = xp.zeros((*q.shape[:-1], v.shape[-1]), dtype=q.dtype, device=q.device)  # line 3: O = 0,
     ell = xp.zeros((*q.shape[:-1], 1), dtype=q.dtype, device=q.device)  # ℓ = 0,
     m = xp.full((*q.shape[:-1], 1), -xp.inf, dtype=q.dtype, device=q.device)  # m = −∞ in HBM
-    for bj, j0 in enumerate(range(0, S, block_k)):  # line 6: for 1 ≤ j ≤ T_k
+    for bj, j0 in enumerate(range(0, S, block_k)):  # line 6: for each key tile j
         j1 = min(j0 + block_k, S)
         k_j, v_j = k[..., j0:j1, :], v[..., j0:j1, :]  # line 7: load K_j, V_j
-        for bi, i0 in enumerate(range(0, L, block_q)):  # line 8: for 1 ≤ i ≤ T_q
+        for bi, i0 in enumerate(range(0, L, block_q)):  # line 8: for each query tile i
             i1 = min(i0 + block_q, L)
-            state = tile_state(i0, i1, j0, j1, *band)
+            state = tile_state(i0, i1, j0, j1, *band)  # a tile the band hides adds e^{−∞} = 0
             if state == "skip" or (block_mask is not None and not block_mask[bi][bj]):
-                continue  # a tile the band (or the block mask) hides wholly adds e^{−∞} = 0: skipped
-            q_i, o_i, l_i, m_i = (x[..., i0:i1, :] for x in (q, O, ell, m))  # line 9: load Q_i, O_i, ℓ_i, m_i
-            a_ij = None if mask is None else mask[..., i0:i1, j0:j1]  # lines 10–11: S = τ Q_i K_jᵀ, MASK
+                continue
+            q_i, o_i, l_i, m_i = (x[..., i0:i1, :] for x in (q, O, ell, m))  # line 9: load them
+            # lines 10–11: S = τ Q_i K_jᵀ, MASK(S)
+            a_ij = None if mask is None else mask[..., i0:i1, j0:j1]
             z = attention_logits(q_i, k_j, a_ij, scale, band if state == "partial" else None, i0, j0)
-            m_t = xp.max(z, axis=-1, keepdims=True)  # line 12: m̃ = rowmax(S),
-            p = xp.exp(z - safe_shift(m_t))  # P̃ = e^{S − m̃},
-            l_t = xp.sum(p, axis=-1, keepdims=True)  # ℓ̃ = rowsum(P̃)
-            m_new = xp.maximum(m_i, m_t)  # line 13: m_new = max(m_i, m̃),
+            # line 12: m̃ = rowmax(S), P̃ = e^{S − m̃}, ℓ̃ = rowsum(P̃)
+            m_t = xp.max(z, axis=-1, keepdims=True)
+            p = xp.exp(z - safe_shift(m_t))
+            l_t = xp.sum(p, axis=-1, keepdims=True)
+            # line 13: m_new = max(m_i, m̃), ℓ_new = e^{m_i − m_new} ℓ_i + e^{m̃ − m_new} ℓ̃
+            m_new = xp.maximum(m_i, m_t)
             a, b = xp.exp(m_i - safe_shift(m_new)), xp.exp(m_t - safe_shift(m_new))
-            l_new = a * l_i + b * l_t  # ℓ_new = e^{m_i − m_new} ℓ_i + e^{m̃ − m_new} ℓ̃
+            l_new = a * l_i + b * l_t
             # line 15: O_i ← diag(ℓ_new)⁻¹ (diag(ℓ_i) e^{m_i − m_new} O_i + e^{m̃ − m_new} P̃ V_j)
             O[..., i0:i1, :] = (l_i * a * o_i + b * xp.matmul(p, v_j)) / safe_divisor(l_new)
             ell[..., i0:i1, :], m[..., i0:i1, :] = l_new, m_new  # line 16: ℓ_i ← ℓ_new, m_i ← m_new
@@ -151,26 +158,27 @@ def backward_fa2(q: Array, k: Array, v: Array, o: Array, lse: Array, do: Array, 
                  block_mask: list[list[bool]] | None = None) -> tuple[Array, Array, Array]:
     """FlashAttention-2 backward pass (Dao 2023, Algorithm 2): key tiles outer, query tiles inner.
 
-    P is recomputed tile by tile from λ instead of stored, P_ij = e^{Z_ij − λ_i}. Shapes as
-    :func:`forward_fa2`, with o and do = dO (..., L, Ev) and lse = λ (..., L). Returns dQ, dK, dV.
+    P is recomputed tile by tile from λ instead of stored, P_ij = e^{Z_ij − λ_i}. Inputs as
+    :func:`forward_fa2`, with o = O and do = dO (..., L, Ev), lse = λ (..., L). Returns dQ, dK, dV.
     Export with ``python -m attention_ref.export backward_fa2``.
     """
     xp = array_namespace(q, k, v)
     L, S = q.shape[-2], k.shape[-2]
-    dq, dk, dv = xp.zeros_like(q), xp.zeros_like(k), xp.zeros_like(v)  # line 3: dQ, dK, dV = 0 in HBM
+    dq, dk, dv = xp.zeros_like(q), xp.zeros_like(k), xp.zeros_like(v)  # line 3: dQ = 0 in HBM
     D = xp.sum(do * o, axis=-1, keepdims=True)  # line 4: D = rowsum(dO ∘ O)
-    lse = safe_shift(lse[..., None])  # a row with every key masked (λ = −∞) has Z = −∞ and P = 0
-    for bj, j0 in enumerate(range(0, S, block_k)):  # line 5: for 1 ≤ j ≤ T_k
+    lse = safe_shift(lse[..., None])  # a row with every key masked (λ = −∞) has Z = −∞: P = 0
+    for bj, j0 in enumerate(range(0, S, block_k)):  # line 5: for each key tile j
         j1 = min(j0 + block_k, S)
         k_j, v_j = k[..., j0:j1, :], v[..., j0:j1, :]  # line 6: load K_j, V_j
         dk_j, dv_j = xp.zeros_like(k_j), xp.zeros_like(v_j)  # line 7: dK_j = 0, dV_j = 0 on chip
-        for bi, i0 in enumerate(range(0, L, block_q)):  # line 8: for 1 ≤ i ≤ T_q
+        for bi, i0 in enumerate(range(0, L, block_q)):  # line 8: for each query tile i
             i1 = min(i0 + block_q, L)
             state = tile_state(i0, i1, j0, j1, *band)
             if state == "skip" or (block_mask is not None and not block_mask[bi][bj]):
                 continue
             q_i, do_i = q[..., i0:i1, :], do[..., i0:i1, :]  # line 9: load Q_i, dO_i, λ_i, D_i
-            a_ij = None if mask is None else mask[..., i0:i1, j0:j1]  # line 10: Z = τ Q_i K_jᵀ + Δ, masked
+            # line 10: Z = τ Q_i K_jᵀ + Δ, masked
+            a_ij = None if mask is None else mask[..., i0:i1, j0:j1]
             z = attention_logits(q_i, k_j, a_ij, scale, band if state == "partial" else None, i0, j0)
             p = xp.exp(z - lse[..., i0:i1, :])  # line 11: P = e^{Z − λ_i}
             dv_j = dv_j + xp.matmul(xp.matrix_transpose(p), do_i)  # line 12: dV_j += Pᵀ dO_i

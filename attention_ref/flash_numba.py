@@ -597,7 +597,8 @@ def _run_backward(q, k, v, o, lse, do, scale, lengths, band, kernel):
     # FA-2 pre-pass: D_i = rowsum(dO_i * O_i)
     delta = np.ascontiguousarray(np.einsum("bhle,bhle->bhl", do, o))
     if kernel == "readable":
-        dq, dk, dv = np.zeros((B, Hq, L, E), dtype=dtype), np.zeros((B, H, S, E), dtype=dtype), np.zeros((B, H, S, Ev), dtype=dtype)
+        dq = np.zeros((B, Hq, L, E), dtype=dtype)
+        dk, dv = np.zeros((B, H, S, E), dtype=dtype), np.zeros((B, H, S, Ev), dtype=dtype)
         _bwd_readable(q, k, v, do, lse, delta, scale, *args, dq, dk, dv)
         return dq, dk, dv
     nkb = -(-S // BLOCK_K)
