@@ -10,13 +10,18 @@ tree), not from a list kept by hand. On the way:
 * the array-namespace lookup ``array_namespace(...)`` becomes ``np``: the exported code runs on
   NumPy arrays (the package's own code also runs on CuPy and other array-API libraries);
 * a statement whose first line ends with the comment ``# export: omit`` is left out with its body
-  (the Numba backend, FlashAttention-1 next to FlashAttention-2, reports for pictures);
-* type annotations are left out, since their names (``Array``, ``Any``) live in other imports;
+  (the Numba backend, FlashAttention-1 next to FlashAttention-2, reports for pictures); the file's
+  second line names what was left out;
+* the annotations of signatures are left out, since their names (``Array``, ``Any``) live in other
+  imports, and the signatures are rewrapped; a dataclass's field annotations become strings;
+* every definition but ``NAME`` keeps the summary paragraph of its docstring (the package has the
+  rest), so the file stays short;
 * imports inside functions of names from the package are dropped (the definitions come along),
   and ``import numpy as xp`` becomes ``xp = np``.
 
-A name the file would need from any other library is an error (:class:`ExportError`), never a
-silently broken file. ``tests/test_export.py`` runs every exported file in an interpreter where
+The only other import a file may have is Python's own ``from dataclasses import dataclass``, for the
+functions that return a parameter container (AttentionParams, IOCount). A name the file would need
+from any other library is an error (:class:`ExportError`), never a silently broken file. ``tests/test_export.py`` runs every exported file in an interpreter where
 only NumPy can be imported and compares it with the package.
 """
 
@@ -51,6 +56,7 @@ class _Module:
     source: bytes
     tree: ast.Module
     lines: list[bytes]
+    starts: list[int] = field(default_factory=list)  # byte offset of each line's start
     definitions: dict[str, ast.stmt] = field(default_factory=dict)
     imports: dict[str, tuple[str, str]] = field(default_factory=dict)  # local name -> (module, name)
     external: dict[str, str] = field(default_factory=dict)  # local name -> "import ..." it came from
@@ -61,7 +67,11 @@ def _load(name: str, cache: dict[str, _Module]) -> _Module:
     if name not in cache:
         source = (PACKAGE / f"{name}.py").read_bytes()
         tree = ast.parse(source)
-        module = _Module(name, source, tree, source.splitlines(keepends=True))
+        lines = source.splitlines(keepends=True)
+        starts = [0]
+        for line in lines:
+            starts.append(starts[-1] + len(line))
+        module = _Module(name, source, tree, lines, starts)
         for node in tree.body:
             if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
                 module.definitions[node.name] = node
@@ -206,7 +216,7 @@ def _imports(parts: list[tuple[_Module, ast.stmt]], cache: dict[str, _Module]) -
 
 def _offset(module: _Module, line: int, col: int) -> int:
     """The byte offset in the module's source of (1-based line, byte column)."""
-    return sum(len(x) for x in module.lines[: line - 1]) + col
+    return module.starts[line - 1] + col
 
 
 def _span(module: _Module, node: ast.AST) -> tuple[int, int]:
