@@ -95,7 +95,7 @@ def scaled_dot_product_attention(
     q, k, v, attn_mask = attention_arrays(query, key, value, attn_mask)
     causal = band(L, S, is_causal=True) if is_causal else None  # A = tril(ones(L, S))
     weights = softmax(attention_logits(q, k, attn_mask, tau, causal))  # P = softmax(τ Q Kᵀ + Δ)
-    no_key = xp.all(weights == 0, axis=-1, keepdims=True)  # the rows with every key masked
+    no_key = xp.all(weights == 0, axis=-1, keepdims=True) if fully_masked == "nan" else None  # no key seen
     if dropout_p > 0.0:  # the draw is made on the host by rng (the same on every backend)
         keep = xp.asarray(rng.random(tuple(weights.shape)) >= dropout_p, device=weights.device)
         weights = xp.where(keep, weights / (1.0 - dropout_p), 0.0)
