@@ -22,6 +22,8 @@ module                stage
 ``backends``          choosing NumPy or CuPy for the notebooks
 ``check``             homework: check a student's function, diagnose its mistake
 ``exercises``         student versions of the notebooks (``make exercises``)
+``contract``          the input checks every public function shares
+``export``            ``python -m attention_ref.export NAME``: a function as a NumPy-only file
 ====================  =====================================================
 
 The core stages (02–04) are imported eagerly; everything else is resolved lazily, so
@@ -93,6 +95,9 @@ _EXPORTS: dict[str, str] = {
     # --- stage 05: flash (issue 4) ---
     "flash_attention": "flash",
     "flash_attention_backward": "flash",
+    "forward_fa2": "flash",
+    "forward_fa1": "flash",
+    "backward_fa2": "flash",
     "attention_backward": "flash",
     "merge_attention_partials": "flash",
     "attention_weights_from_lse": "flash",
