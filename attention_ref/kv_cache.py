@@ -75,6 +75,10 @@ class KVCache:
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError(f"a KVCache is immutable (cannot set {name!r}): append_kv returns a new one")
 
+    def __reduce__(self) -> tuple[type, tuple[Array, Array]]:
+        # copy, deepcopy and pickle rebuild the cache through __init__ (setattr is closed).
+        return KVCache, (self.keys, self.values)
+
     def __repr__(self) -> str:
         return f"KVCache(keys {tuple(self.keys.shape)}, values {tuple(self.values.shape)}, {self.keys.dtype})"
 

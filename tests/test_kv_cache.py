@@ -264,3 +264,16 @@ def test_split_kv_checks_shapes_and_dtypes_like_sdpa(rng):
         split_kv_attention(q.astype(np.float32), k, v, 2)
     with pytest.raises(ValueError, match=r"attn_mask.*\(1, 7\)"):
         split_kv_attention(q, k, v, 2, attn_mask=np.ones((1, 7), dtype=bool))
+
+
+def test_a_cache_survives_copy_deepcopy_and_pickle():
+    import copy
+    import pickle
+
+    from attention_ref import KVCache
+
+    cache = KVCache(np.ones((1, 2, 3, 4)), np.zeros((1, 2, 3, 5)))
+    for clone in (copy.copy(cache), copy.deepcopy(cache), pickle.loads(pickle.dumps(cache))):
+        assert isinstance(clone, KVCache)
+        np.testing.assert_array_equal(clone.keys, cache.keys)
+        np.testing.assert_array_equal(clone.values, cache.values)
