@@ -18,6 +18,7 @@ module                stage
 ``kv_cache``          07 KV-cache decoding, split-KV (Flash-Decoding)
 ``bert``              08 a real pretrained encoder (MiniLM) in NumPy
 ``plotting``          heatmaps of attention weights used by every notebook
+``explorer``          interactive explorer (Jupyter widget, offline HTML page)
 ``backends``          choosing NumPy or CuPy for the notebooks
 ====================  =====================================================
 
@@ -128,6 +129,12 @@ _EXPORTS: dict[str, str] = {
     "BertLayerParams": "bert",
     "BertModel": "bert",
     "BertOutput": "bert",
+    # --- attention explorer (issue 16): widget, static fallback, offline HTML ---
+    "explore": "explorer",
+    "export_html": "explorer",
+    "explorer_html": "explorer",
+    "StaticAttentionView": "explorer",
+    "AttentionExplorer": "explorer_widget",
 }
 
 __all__ = sorted(_EXPORTS)
