@@ -288,6 +288,7 @@ function render({ model, el: host }) {
         rows[side].forEach((g) => {
           g.classList.remove("ar-active", "ar-target", "ar-pinned");
           g.querySelector("rect").style.fill = "";
+          g.classList.remove("ar-dark");
           g.querySelector(".ar-weight").textContent = "";
           g.removeAttribute("data-weight");
         });
@@ -306,6 +307,7 @@ function render({ model, el: host }) {
           g.dataset.weight = fmt(p);
           g.querySelector("rect").style.fill = colour(p);
           g.classList.add("ar-target");
+          if (p >= 0.3) g.classList.add("ar-dark");  // white label on the darkest fills
           if (p >= 0.005) g.querySelector(".ar-weight").textContent = p.toFixed(2).replace(/^0/, "");
           if (p < 0.005) continue;
           const line = svg("line", { class: "ar-line", x1: xl + 4, y1: y(r), x2: xr - 4, y2: y(c),
