@@ -6,6 +6,7 @@ way of the HTML export and the static fallback.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,24 @@ class AttentionExplorer(anywidget.AnyWidget):
         """The explorer's current state, as :func:`attention_ref.explorer.explorer_state` makes it."""
         keys = explorer_state.__kwdefaults__.keys() | {"tokens", "weights", "shape"}
         return {key: getattr(self, key) for key in keys}
+
+    def update(self, tokens: Sequence[str], weights: Any, **options: Any) -> None:
+        """Show other tokens and weights (a new sentence, say), checked like :func:`explore`, in
+        one message to the page. Options (layer, head, view, ...) default to the current ones
+        where they still fit, else to the first layer and head and no pinned token."""
+        current = {key: getattr(self, key) for key in explorer_state.__kwdefaults__}
+        current["selected"] = None if self.selected < 0 else self.selected
+        current["layer_names"] = current["layer_names"] or None
+        current["head_names"] = current["head_names"] or None
+        current["sinks"] = None  # found again in the new tokens unless given
+        try:
+            state = explorer_state(tokens, weights, **{**current, **options})
+        except ValueError:
+            fresh = {"layer": 0, "head": 0, "selected": None, "layer_names": None, "head_names": None}
+            state = explorer_state(tokens, weights, **{**current, **fresh, **options})
+        with self.hold_sync(), self.hold_trait_notifications():
+            for key, value in state.items():
+                setattr(self, key, value)
 
     def to_html(self, path: str | Path) -> Path:
         """Write the current view as a self-contained HTML page; returns the path."""

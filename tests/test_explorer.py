@@ -201,6 +201,24 @@ def test_widget_traits_hold_the_state_and_validate_indices(weights):
     assert w._esm == static_file("explorer.js") and w._css == static_file("explorer.css")
 
 
+def test_widget_update_swaps_tokens_and_weights_in_one_step(weights, rng):
+    pytest.importorskip("anywidget")
+    w = explore(TOKENS, weights, layer=2, head=3, selected=6, view="average", static=False)
+    messages = []
+    w.comm.send = lambda data=None, **kw: messages.append(data)  # what would go to the page
+    short = ["<s>", "a", "b"]
+    w.update(short, random_weights(rng, (2, 2, 3, 3)))  # layer 2, head 3, token 6 no longer fit
+    assert (w.tokens, w.shape, w.layer, w.head, w.selected) == (short, [2, 2, 3, 3], 0, 0, -1)
+    assert w.view == "average" and w.sinks == [0]
+    (message,) = messages  # one message: the page never sees new tokens with old weights
+    assert {"tokens", "shape", "layer"} <= set(message["state"]) and message["buffer_paths"] == [["weights"]]
+    w.update(TOKENS, weights, head=1, hide_sinks=True)  # options still fit: kept or given
+    assert (w.layer, w.head, w.hide_sinks, w.sinks) == (0, 1, True, [0, 7])
+    with pytest.raises(ValueError, match="tokens has 3 entries"):
+        w.update(short, weights)
+    assert w.tokens == TOKENS  # a refused update changes nothing
+
+
 def test_widget_synced_state_carries_the_weights_as_one_binary_buffer(weights):
     pytest.importorskip("anywidget")
     from ipywidgets.widgets.widget import _remove_buffers

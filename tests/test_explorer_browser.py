@@ -196,6 +196,16 @@ def test_click_pins_a_query_and_hovering_a_key_reads_the_exact_weight(driver, pa
     assert root.find_elements(By.CSS_SELECTOR, ".ar-line") == []
 
 
+def test_keyboard_focus_and_enter_do_what_hover_and_click_do(driver, page):
+    from selenium.webdriver.common.keys import Keys
+
+    root = open_page(driver, page.as_uri())
+    driver.execute_script("arguments[0].focus()", token(root, "q", IT))
+    assert root.find_element(By.CSS_SELECTOR, "svg.ar-lines").get_attribute("data-active") == str(IT)
+    ActionChains(driver).send_keys(Keys.ENTER).perform()
+    assert driver.find_element(By.CSS_SELECTOR, ".ar-explorer").get_attribute("data-selected") == str(IT)
+
+
 def test_key_direction_shows_which_queries_attend_to_a_key(driver, tmp_path, weights):
     path = export_html(TOKENS, weights, tmp_path / "k.html", layer=0, head=3, direction="key")
     root = open_page(driver, path.as_uri())
@@ -359,4 +369,101 @@ def test_widget_front_end_against_an_anywidget_style_model(driver, tmp_path, wei
 
     driver.execute_script("window.cleanup()")  # anywidget calls it when the view is removed
     assert driver.execute_script("return window.listenerCount()") == 0
+    assert console_errors(driver) == []
+
+
+# ----------------------------------------------------------------------------- in JupyterLab itself
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def jupyterlab(tmp_path):
+    """A JupyterLab server on localhost serving tmp_path (skipped without the ``lab`` extra)."""
+    pytest.importorskip("jupyterlab", reason="JupyterLab is not installed (pip install -e '.[lab]')")
+    import os
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    port = _free_port()
+    env = {**os.environ, "JUPYTER_CONFIG_DIR": str(tmp_path / ".jupyter"), "JUPYTER_RUNTIME_DIR": str(tmp_path / ".rt")}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
+         "--ServerApp.port_retries=0", "--ServerApp.token=", "--ServerApp.password=",
+         "--LabApp.expose_app_in_browser=True", "--LabApp.news_url=", "--allow-root",
+         f"--ServerApp.root_dir={tmp_path}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/api/status", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("JupyterLab did not start within 60 s")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_widget_in_jupyterlab_renders_and_syncs_both_ways(driver, jupyterlab, tmp_path, weights):
+    """The real thing: anywidget's JupyterLab extension loads the packaged script; a click in the
+    page reaches Python's traits, and a trait set in Python redraws the page."""
+    import nbformat
+
+    np.save(tmp_path / "w.npy", weights)
+    cells = [
+        "import numpy as np\nfrom attention_ref.explorer import explore\n"
+        f"tokens = {TOKENS!r}\nw = explore(tokens, np.load('w.npy'), layer=1, head=2)\nw",
+        "print('python sees', w.layer, w.head, w.selected, w.view)",
+        "w.layer = 2",
+    ]
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, tmp_path / "explorer.ipynb")
+
+    driver.get(f"{jupyterlab}/lab/tree/explorer.ipynb")
+    wait = WebDriverWait(driver, 90)
+    wait.until(lambda d: d.execute_script(
+        "const w = window.jupyterapp && window.jupyterapp.shell.currentWidget;"
+        "return !!(w && w.sessionContext && w.sessionContext.session && w.sessionContext.session.kernel"
+        " && w.sessionContext.session.kernel.status === 'idle')"))
+
+    def run(index: int):
+        driver.execute_script(
+            "const panel = window.jupyterapp.shell.currentWidget; panel.content.activeCellIndex = arguments[0];"
+            "return window.jupyterapp.commands.execute('notebook:run-cell');", index)
+
+    def output_text(index: int) -> str:
+        return driver.execute_script(
+            "return window.jupyterapp.shell.currentWidget.content.widgets[arguments[0]].outputArea.node.innerText",
+            index)
+
+    run(0)
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".ar-explorer .ar-readout"))
+    root = driver.find_element(By.CSS_SELECTOR, ".ar-explorer")
+    assert (root.get_attribute("data-layer"), root.get_attribute("data-head")) == ("1", "2")
+    root.find_element(By.CSS_SELECTOR, ".ar-head-one:nth-child(4)").click()  # head 3
+    root = driver.find_element(By.CSS_SELECTOR, ".ar-explorer")
+    token(root, "q", IT).click()
+    run(1)
+    wait.until(lambda d: "python sees" in output_text(1))
+    assert output_text(1).strip() == f"python sees 1 3 {IT} head"
+    run(2)
+    wait.until(lambda d: d.find_element(By.CSS_SELECTOR, ".ar-explorer").get_attribute("data-layer") == "2")
+    root = driver.find_element(By.CSS_SELECTOR, ".ar-explorer")
+    away(driver)
+    shown = shown_weights(root, "k")
+    np.testing.assert_allclose([shown[j] for j in range(N)], weights[2, 3, IT], atol=5e-5)
     assert console_errors(driver) == []

@@ -274,6 +274,15 @@ function render({ model, el: host }) {
           if ((side === "q") !== (get("direction") === "query")) return;
           set("selected", get("selected") === i ? -1 : i);
         });
+        // the keyboard does what the mouse does: Tab to a token, Enter or Space to pin it
+        g.setAttribute("tabindex", "0");
+        g.setAttribute("role", "button");
+        g.setAttribute("aria-label", `${side === "q" ? "query" : "key"} ${tokens[i]} (position ${i})`);
+        g.addEventListener("focus", () => { local.hover = { side, index: i }; drawFocus(); });
+        g.addEventListener("blur", () => { local.hover = null; drawFocus(); });
+        g.addEventListener("keydown", (event) => {
+          if (event.key === "Enter" || event.key === " ") { event.preventDefault(); g.dispatchEvent(new MouseEvent("click")); }
+        });
         box.appendChild(g);
       }
     }
