@@ -172,18 +172,18 @@ function render({ model, el: host }) {
     return selected >= 0 ? selected : null;
   }
 
-  function headLabel() {
+  // "layer 3 · head 1", "layer 3 · average of 12 heads"; head = -1 for the average
+  function headLabel(head = get("view") === "average" ? -1 : get("head")) {
     const [L, H] = shape();
     const layerName = L > 1 ? names("layer_names", "layer", L)[get("layer")] + " · " : "";
-    if (get("view") === "average") return `${layerName}average of ${H} heads`;
-    return layerName + (H > 1 ? names("head_names", "head", H)[get("head")] : "");
+    if (head < 0) return `${layerName}average of ${H} heads`;
+    return layerName + (H > 1 ? names("head_names", "head", H)[head] : "");
   }
 
-  function pairText(i, j, raw, shown) {
+  function pairText(i, j, raw, shown, where = headLabel()) {
     const tokens = get("tokens");
     const rescaled = get("hide_sinks") && get("sinks").length
       ? ` (${fmt(shown)} of the weight left without the hidden tokens)` : "";
-    const where = headLabel();
     return `${where ? where + ": " : ""}query “${tokens[i]}” (${i}) → key “${tokens[j]}” (${j}): ` +
       `p = ${fmt(raw)}${rescaled}`;
   }
@@ -393,9 +393,7 @@ function render({ model, el: host }) {
         const rect = overlay.getBoundingClientRect();
         const c = Math.floor((event.clientX - rect.left) / cell), r = Math.floor((event.clientY - rect.top) / cell);
         if (r < 0 || c < 0 || r >= n || c >= n) return;
-        const label = h < 0 ? "average" : name;
-        readout.textContent = `${label}: ` + pairText(m.keep[r], m.keep[c], m.raw[r][c], m.shown[r][c])
-          .replace(/^[^:]*: /, "");
+        readout.textContent = pairText(m.keep[r], m.keep[c], m.raw[r][c], m.shown[r][c], headLabel(h));
       });
       overlay.addEventListener("mouseleave", () => drawFocus());
       panel.addEventListener("click", () => {
