@@ -231,41 +231,54 @@ def summary(state: dict[str, Any]) -> str:
 
 
 def static_figure(state: dict[str, Any]) -> Any:
-    """A matplotlib Figure of the state's view (drawn with :mod:`attention_ref.plotting`), not
-    registered with pyplot, so a notebook does not show it a second time."""
+    """A matplotlib Figure of the state's view, drawn with :func:`attention_ref.plotting.plot_attention`
+    on one colour scale from 0 to 1 — one head or the head average, or every head of the layer in a
+    grid ("grid"). Not registered with pyplot, so a notebook does not show it a second time."""
     from matplotlib.figure import Figure
 
-    from .plotting import plot_attention, plot_heads
+    from .plotting import plot_attention
 
     tokens = state["tokens"]
-    if state["view"] == "grid" and state["shape"][1] > 1:
-        import matplotlib.pyplot as plt
-
-        w = state_weights(state)[state["layer"]]
-        hidden = set(state["sinks"]) if state["hide_sinks"] else set()
-        keep = [i for i in range(len(tokens)) if i not in hidden]
-        panels = []
-        for h in range(w.shape[0]):
-            panels.append(view_matrix({**state, "view": "head", "head": h})[0])
-        names = state["head_names"] or [f"head {h}" for h in range(w.shape[0])]
-        labels = [tokens[i] for i in keep]
-        fig = plot_heads(np.stack(panels), labels, labels, titles=names, ncols=min(len(panels), 6))
-        plt.close(fig)  # plot_heads registers the figure with pyplot; the bundle carries the PNG
+    num_heads = state["shape"][1]
+    if state["view"] == "grid" and num_heads > 1:
+        names = state["head_names"] or [f"head {h}" for h in range(num_heads)]
+        panels = [view_matrix({**state, "view": "head", "head": h}) for h in range(num_heads)]
+        keep = panels[0][1]
+        labels = [tokens[i] for i in keep] if len(keep) <= 24 else None
+        ncols = min(num_heads, 4)
+        nrows = -(-num_heads // ncols)
+        fig = Figure(figsize=(2.7 * ncols + 0.8, 2.6 * nrows + 0.6), layout="constrained")
+        axes = fig.subplots(nrows, ncols, squeeze=False)
+        for h, ax in enumerate(axes.flat):
+            if h >= num_heads:
+                ax.axis("off")
+                continue
+            plot_attention(panels[h][0], labels, labels, ax=ax, title=names[h], colorbar=False, vmax=1.0)
+            ax.title.set_fontsize(9)
+            ax.tick_params(labelsize=6)
+            if h % ncols:
+                ax.set_ylabel("")
+                ax.set_yticklabels([])
+            if h < num_heads - ncols:
+                ax.set_xlabel("")
+                ax.set_xticklabels([])
+        bar = fig.colorbar(axes.flat[0].images[0], ax=axes, shrink=0.6)
+        bar.set_label("attention weight p" + (" (rescaled)" if state["hide_sinks"] and state["sinks"] else ""))
         fig.suptitle(_static_title(state), fontsize=10)
         return fig
     m, keep = view_matrix(state)
     labels = [tokens[i] for i in keep]
     size = min(0.3 * len(keep) + 2.2, 12.0)
-    fig = Figure(figsize=(size + 1.2, size))
+    fig = Figure(figsize=(size + 1.2, size), layout="constrained")
     ax = fig.add_subplot()
     plot_attention(m, labels, labels, ax=ax, title=_static_title(state), vmax=1.0)
+    fig.axes[-1].set_ylabel("attention weight p" + (" (rescaled)" if state["hide_sinks"] and state["sinks"] else ""))
     if state["selected"] in keep:
         from matplotlib.patches import Rectangle
 
         r = keep.index(state["selected"])
         box = ((-0.5, r - 0.5), len(keep), 1) if state["direction"] == "query" else ((r - 0.5, -0.5), 1, len(keep))
         ax.add_patch(Rectangle(*box, fill=False, edgecolor="#d95f02", linewidth=2))
-    fig.tight_layout()
     return fig
 
 
