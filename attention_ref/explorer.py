@@ -3,13 +3,13 @@
 Works offline everywhere: the JavaScript and CSS ship inside the package
 (``attention_ref/static/explorer.js`` and ``explorer.css``) and load from no URL.
 
-* ``explore(tokens, weights)`` — in Jupyter (JupyterLab, Notebook 7, VS Code) an ``anywidget``
-  widget, :class:`attention_ref.explorer_widget.AttentionExplorer`; elsewhere (no anywidget, no
+* ``explore(tokens, weights)`` — in a Jupyter kernel an ``anywidget`` widget (tested in
+  JupyterLab 4.6), :class:`attention_ref.explorer_widget.AttentionExplorer`; elsewhere (no anywidget, no
   kernel, or ``ATTENTION_REF_EXPLORER=static`` in the environment) a :class:`StaticAttentionView`,
   a PNG of the same view drawn with :mod:`attention_ref.plotting`.
 * ``export_html(tokens, weights, "out.html")`` — one self-contained HTML file (data, script and
-  style inline; a Content-Security-Policy that forbids every request) that opens in any browser
-  offline and runs the same script as the widget. From the shell:
+  style inline; a Content-Security-Policy that forbids every request) that opens offline in a
+  current browser (tested in Chromium) and runs the same script as the widget. From the shell:
   ``python -m attention_ref.show_heads "A sentence." --html out.html``.
 
 weights: P of shape (layers, H, N, N), (H, N, N) or (N, N) — rows are queries, columns keys, each
@@ -472,7 +472,7 @@ def export_html(tokens: Sequence[str], weights: Array, path: str | Path, **optio
     """Write the explorer to ``path`` as one self-contained HTML file and return the path.
 
     Data, script and style are inline and the page's Content-Security-Policy forbids every
-    request, so it opens offline in any browser and behaves like the widget. Options as for
+    request, so it opens offline in a current browser and behaves like the widget. Options as for
     :func:`explore` (layer, head, view, direction, hide_sinks, sinks, selected, title,
     layer_names, head_names)."""
     return write_html(explorer_state(tokens, weights, **options), path)
