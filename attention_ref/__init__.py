@@ -19,6 +19,7 @@ module                stage
 ``bert``              08 a real pretrained encoder (MiniLM) in NumPy
 ``ring``              10 ring attention across MPI processes, and its simulator
 ``plotting``          heatmaps of attention weights used by every notebook
+``explorer``          interactive explorer (Jupyter widget, offline HTML page)
 ``backends``          choosing NumPy or CuPy for the notebooks
 ``check``             homework: check a student's function, diagnose its mistake
 ``exercises``         student versions of the notebooks (``make exercises``)
@@ -151,6 +152,12 @@ _EXPORTS: dict[str, str] = {
     "simulate_ring_attention_backward": "ring",
     "RingEvent": "ring",
     "RingStats": "ring",
+    # --- attention explorer (issue 16): widget, static fallback, offline HTML ---
+    "explore": "explorer",
+    "export_html": "explorer",
+    "explorer_html": "explorer",
+    "StaticAttentionView": "explorer",
+    "AttentionExplorer": "explorer_widget",
 }
 
 __all__ = sorted(_EXPORTS)
