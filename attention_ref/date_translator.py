@@ -1,6 +1,6 @@
 """Stage 01: a toy translator, human-readable dates -> ISO dates, with Bahdanau attention.
 
-"Saturday, 27 November 2026", "27/11/26", "nov 27 2026", "2026 November 27th", ... all become
+"Friday, 27 November 2026", "27/11/26", "nov 27 2026", "2026 November 27th", ... all become
 "2026-11-27". The model is the RNNsearch of Bahdanau, Cho and Bengio 2014 (arXiv:1409.0473,
 appendix A), shrunk to a few tens of thousands of parameters:
 
@@ -96,9 +96,9 @@ def _parts(d: _dt.date) -> dict[str, str]:
 
 DATE_FORMATS: dict[str, str] = {
     # day before month
-    "weekday_day_month_year": "{Weekday}, {D} {Month} {YYYY}",  # Saturday, 27 November 2026
+    "weekday_day_month_year": "{Weekday}, {D} {Month} {YYYY}",  # Friday, 27 November 2026
     "day_month_year": "{D} {Month} {YYYY}",  # 27 November 2026
-    "wkd_day_mon_year": "{Wkd} {D} {Mon} {YYYY}",  # Sat 27 Nov 2026
+    "wkd_day_mon_year": "{Wkd} {D} {Mon} {YYYY}",  # Fri 27 Nov 2026
     "ordinal_of_month_year": "{Dth} of {Month} {YYYY}",  # 27th of November 2026
     "dd/mm/yy": "{DD}/{MM}/{YY}",  # 27/11/26
     "dd/mm/yyyy": "{DD}/{MM}/{YYYY}",  # 27/11/2026
@@ -109,8 +109,8 @@ DATE_FORMATS: dict[str, str] = {
     "mon_day_year": "{Mon} {D} {YYYY}",  # Nov 27 2026
     "month_day_comma_year": "{Month} {D}, {YYYY}",  # November 27, 2026
     "mon_dot_day_comma_year": "{Mon}. {D}, {YYYY}",  # Nov. 27, 2026
-    "weekday_month_ordinal_year": "{Weekday}, {Month} {Dth}, {YYYY}",  # Saturday, November 27th, 2026
-    "wkd_mon_day_year": "{Wkd}, {Mon} {D}, {YYYY}",  # Sat, Nov 27, 2026
+    "weekday_month_ordinal_year": "{Weekday}, {Month} {Dth}, {YYYY}",  # Friday, November 27th, 2026
+    "wkd_mon_day_year": "{Wkd}, {Mon} {D}, {YYYY}",  # Fri, Nov 27, 2026
     # year first
     "year_month_ordinal": "{YYYY} {Month} {Dth}",  # 2026 November 27th
     "year_mon_day": "{YYYY} {Mon} {D}",  # 2026 Nov 27
@@ -145,7 +145,7 @@ def _random_dates(rng: np.random.Generator, n: int) -> list[_dt.date]:
 
 
 def make_date_dataset(n: int, seed: int | Sequence[int] = 0) -> list[tuple[str, str]]:
-    """``n`` (input, target) pairs, e.g. ("Sat 27 Nov 2026", "2026-11-27").
+    """``n`` (input, target) pairs, e.g. ("Fri 27 Nov 2026", "2026-11-27").
 
     Dates are uniform over 1950-01-01 .. 2049-12-31, the format uniform over
     :data:`DATE_FORMATS`, the case "as is" / lower / upper with probabilities 0.5 / 0.3 / 0.2.
