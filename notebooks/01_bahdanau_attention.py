@@ -223,14 +223,14 @@ plt.show()
 
 # %% [markdown]
 # Luong's attentional state mixes the context back into the decoder state before the softmax over
-# the vocabulary: $\tilde s_i = \tanh(W_c [c_i; s_i])$ (eq. 5, their $\tilde h_t$).
+# the vocabulary: the *attentional state* $\hat s_i = \tanh(W_c [c_i; s_i])$ (eq. 5, their $\tilde h_t$).
 
 # %%
 c_i, a_i = luong_attention(s, H, "dot")
 W_c = xp.asarray(rng.normal(size=(6, 3)) / np.sqrt(6))
-s_tilde = luong_attentional_state(c_i, s, W_c)
+s_hat = luong_attentional_state(c_i, s, W_c)
 print("c_i =", np.round(to_numpy(c_i), 4))
-print("s̃_i = tanh(W_c [c_i; s_i]) =", np.round(to_numpy(s_tilde), 4))
+print("ŝ_i = tanh(W_c [c_i; s_i]) =", np.round(to_numpy(s_hat), 4))
 
 # %% [markdown]
 # ## 3. A translator whose alignments we can see
@@ -268,8 +268,9 @@ print("sizes:", model.sizes, " parameters:", model.num_parameters)
 # are stored *(in, out)*, so $W x$ in an equation is `x @ W` in the code, and a batch of $B$
 # sentences runs at once (the first axis of every array).
 #
-# **The GRU step** (Cho et al. 2014; Bahdanau et al. appendix A.1.1). With input $x$ and previous
-# state $s$:
+# **The GRU step** (Cho et al. 2014; Bahdanau et al. appendix A.1.1). With input $x$ (in the encoder
+# the embedding of one source character, in the decoder $[\operatorname{emb}(y_{i-1}); c_i]$) and
+# previous state $s$:
 #
 # $$
 # \begin{aligned}

@@ -478,7 +478,7 @@ print("cross-attention (L=4, S=10) max abs diff < 1e-12:", bool(np.max(np.abs(to
 # Vaswani et al. compare four ways to build a layer that maps a sequence of $N$ vectors of width
 # $d_{\text{model}}$ to another such sequence:
 #
-# | layer type | work per layer | sequential operations | maximum path length |
+# | layer type | complexity per layer | sequential operations | maximum path length |
 # | --- | --- | --- | --- |
 # | self-attention | $O(N^2 \cdot d_{\text{model}})$ | $O(1)$ | $O(1)$ |
 # | recurrent | $O(N \cdot d_{\text{model}}^2)$ | $O(N)$ | $O(N)$ |
@@ -487,8 +487,8 @@ print("cross-attention (L=4, S=10) max abs diff < 1e-12:", bool(np.max(np.abs(to
 #
 # Why each entry is what it is:
 #
-# * **Work.** Self-attention forms $N^2$ logits $q_i \cdot k_j$ of $d_{\text{model}}$ multiply-adds
-#   each, and the $N^2$-term average $PV$ costs the same again. A recurrent layer multiplies the
+# * **Complexity per layer** (multiply-adds). Self-attention forms $N^2$ logits $q_i \cdot k_j$ of
+#   $d_{\text{model}}$ multiply-adds each, and the average $PV$ costs the same again. A recurrent layer multiplies the
 #   state by a $d_{\text{model}} \times d_{\text{model}}$ matrix at each of $N$ steps. A convolution
 #   applies $\kappa$ such matrices at each of $N$ positions. Restricted attention scores only $r$ keys
 #   per query. (The table counts the mixing across positions; the projections $XW_Q$, $XW_K$,
