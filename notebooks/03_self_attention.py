@@ -624,7 +624,7 @@ print("the two 'the' outputs identical:", bool(np.allclose(out_causal[0], out_ca
 # on where it stands: shuffling changes each token's set of visible keys, not only the order of the
 # output rows. Even the two identical "the" tokens now differ — the first sees only itself, the second
 # sees five tokens. The mask itself carries order information, which is why decoder-only models
-# trained without any positional encoding can still learn about positions.
+# trained without any positional encoding can still learn about positions (Haviv et al. 2022).
 
 # %% [markdown]
 # **3. Left or right?** $PE(a)\cdot PE(b)$ cannot tell a key before the query from one after it
