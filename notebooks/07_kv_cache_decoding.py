@@ -358,7 +358,7 @@ for Hkv, kind in ((8, "MHA"), (2, "GQA"), (1, "MQA")):
     ref = scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     flash = flash_attention(q, k, v, is_causal=True, enable_gqa=True)
     for dtype, tol in (("float64", 1e-12), ("float32", 1e-5)):
-        a = [xp.asarray(t.astype(dtype)) for t in (q, k, v)]
+        a = [xp.asarray(x.astype(dtype)) for x in (q, k, v)]
         out, cache = decode_all(*a, chunks, enable_gqa=True)
         print(f"{kind} (H_kv = {Hkv}) {dtype}: cache {tuple(cache.keys.shape)}, "
               f"error vs SDPA < {tol:.0e}: {rel_err(out, ref) < tol}, vs flash < {tol:.0e}: {rel_err(out, flash) < tol}")

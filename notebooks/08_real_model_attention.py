@@ -163,9 +163,9 @@ print("layer 0 weights equal stage 02's:", bool(np.allclose(to_numpy(P0), to_num
 # %%
 pairs = ["A man is playing a guitar.", "Someone is playing an instrument.",
          "The stock market fell sharply today.", "Share prices dropped steeply this afternoon."]
-e = to_numpy(sentence_embedding(model, pairs))
+vectors = to_numpy(sentence_embedding(model, pairs))
 print("cosine similarity (rows/columns in the order above):")
-print(np.round(e @ e.T, 2))
+print(np.round(vectors @ vectors.T, 2))
 
 # %% [markdown]
 # ## 4. Every head of every layer
@@ -257,11 +257,11 @@ plt.show()
 
 # %% [markdown]
 # **Sinks.** Clark, Khandelwal, Levy & Manning (2019, "What Does BERT Look At?") found the same
-# habit in BERT-base over a thousand Wikipedia passages: many heads put most of their weight on
-# `[SEP]` (and `[CLS]`, and punctuation), and changing the attention to `[SEP]` hardly changes
-# BERT's output. Their reading: attending to a sink is a **no-op**, what a head does when its
+# habit in BERT-base over about a thousand Wikipedia passages: many heads put most of their weight
+# on `[SEP]` (and on `[CLS]` and punctuation), and the gradient of BERT's loss with respect to the
+# attention on `[SEP]` is small — changing it hardly changes the output. Their reading: attending to a sink is a **no-op**, what a head does when its
 # pattern does not apply to the current token — a softmax row must sum to 1 and has to put its
-# weight somewhere. MiniLM, on this sentence, uses `[CLS]` where BERT-base uses `[SEP]`.
+# weight somewhere. MiniLM, on this sentence, uses `[CLS]` where BERT-base mostly uses `[SEP]`.
 #
 # **Previous token.** The previous-token head of layer 0 is almost a shifted identity matrix: row
 # $i$ puts nearly all its weight on key $i - 1$. Nothing in the architecture builds this in. The
@@ -567,7 +567,7 @@ for name, (input_ids, input_mask) in inputs.items():
 # is the learned absolute embedding $\text{Emb}_{\text{pos}}[i]$ added to each token, so training
 # must have shaped $W_Q$ and $W_K$ so that the query made from position $i$'s embedding matches
 # the key made from position $i-1$'s, for every position the model has seen. That is a learned
-# pattern, not a built-in one — and it can only hold for positions seen in training (up to 512).
+# pattern, not a built-in one, learned for each of the 512 positions of the table separately.
 
 # %% [markdown]
 # **3. Hide a sink.** Hide the *key* `[CLS]` from every query (as section 7 hid *animal*), then
