@@ -46,7 +46,9 @@ Public functions
 itself, except in the command-line demo (``mpiexec -n 4 python -m attention_ref.ring --seq-len
 16384 --causal --layout zigzag``). Arrays are NumPy (or CuPy with a CUDA-aware MPI); the simulator
 takes any array-API namespace. Self-attention only (the queries, keys and values of a rank cover the
-same positions); no ``attn_mask``, no dropout.
+same positions); no ``attn_mask``, no dropout. Inputs are checked through the shared contract
+(:mod:`attention_ref.contract`), so a bad q, k or v gets the error SDPA gives; over MPI every rank
+checks its own shards before any transfer and all ranks raise the first error found.
 """
 
 from __future__ import annotations
@@ -361,6 +363,7 @@ def _empty_result(q: Array, v: Array) -> tuple[Array, Array]:
 
 
 def _check_options(is_causal: Any, scale: Any, layout: Any = None) -> None:
+    """is_causal a bool, scale None or a real number, layout (when given) one of LAYOUTS."""
     check_bool(is_causal=is_causal)
     if scale is not None:
         check_real("scale", scale)
