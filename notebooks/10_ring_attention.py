@@ -681,3 +681,184 @@ print(inspect.getsource(ring_attention_sendrecv))
 # * Compute per step grows as $c^2$, the transfer as $c$ ($c = N/R$): the transfer hides once
 #   $c \ge F b H_{kv} / (2 H W)$ — about 2K tokens per H100 over NVLink and 20K over InfiniBand
 #   for multi-head attention, doubled for a causal zigzag step, divided by $H/H_{kv}$ with GQA.
+
+# %% [markdown]
+# ## Exercises
+#
+# The checker knows the per-rank step. It hands your function the steps a real ring hands a rank —
+# the first step from $O = 0$, $\lambda = -\infty$; later steps with a running $(O, \lambda)$; causal
+# blocks that are wholly visible, partly visible or hidden; zigzag shards of two chunks — and names
+# the classic mistakes whose answers reproduce yours.
+
+# %%
+from attention_ref import merge_attention_partials
+from attention_ref.check import check
+
+
+def chunk_rows(spans):
+    """Where each chunk's rows lie in a shard: the chunks one after the other, in the order of spans."""
+    starts = np.cumsum([0] + [b - a for a, b in spans])
+    return [slice(int(s), int(e)) for s, e in zip(starts[:-1], starts[1:])]
+
+
+print(chunk_rows([(2, 4), (12, 14)]))  # rank 1 of 4, zigzag, N = 16: rows 0–1 and 2–3
+
+
+# %% [markdown]
+# **1. The per-rank step.** Write
+# `ring_attention_step(q, k_blk, v_blk, out, lse, q_spans, kv_spans, *, is_causal=False)`: attend
+# this rank's queries `q` $(\dots, H, L_r, E)$ to the key/value block in hand and merge the result
+# into the running `out` $(\dots, H, L_r, E_v)$ and `lse` $(\dots, H, L_r)$. `q_spans` and
+# `kv_spans` give the global positions `(start, stop)` of the chunks of `q` and of the block, in the
+# order their rows are stored (`chunk_rows` finds the rows). For every pair of a query chunk and a
+# key chunk: skip it if the causal mask hides it; otherwise compute
+# $(O_b, \lambda_b)$ = `flash_attention(Q_c, K_j, V_j, is_causal=..., return_lse=True)` — with the
+# causal mask only for a chunk paired with itself — and merge it into that chunk's running result
+# with `merge_attention_partials`. Return the new `(out, lse)` and leave the inputs unchanged.
+
+# %% nbgrader={"grade": false, "grade_id": "ring-step-solution", "locked": false, "schema_version": 3, "solution": true, "task": false}
+def ring_attention_step(q, k_blk, v_blk, out, lse, q_spans, kv_spans, *, is_causal=False):
+    ### BEGIN SOLUTION
+    ### STUB # for each query chunk (its rows of q, out, lse) and each key chunk (its rows of the block):
+    ### STUB #   skip the pair if the causal mask hides every key from every query, else
+    ### STUB #   O_b, λ_b = flash_attention(Q_c, K_j, V_j, is_causal=<the chunk with itself?>, return_lse=True)
+    ### STUB #   and merge it into the running (O, λ) of the query chunk with merge_attention_partials
+    ### STUB raise NotImplementedError()
+    new_out, new_lse = [], []
+    for (qa, qb), rows in zip(q_spans, chunk_rows(q_spans)):
+        o, lam = out[..., rows, :], lse[..., rows]  # the running (O, λ) of this query chunk
+        for (ka, kb), cols in zip(kv_spans, chunk_rows(kv_spans)):
+            if is_causal and ka > qb - 1:
+                continue  # every key after every query: hidden
+            o_b, lam_b = flash_attention(q[..., rows, :], k_blk[..., cols, :], v_blk[..., cols, :],
+                                         is_causal=is_causal and (ka, kb) == (qa, qb), return_lse=True)
+            o, lam = merge_attention_partials([o, o_b], [lam, lam_b])
+        new_out.append(o)
+        new_lse.append(lam)
+    return np.concatenate(new_out, axis=-2), np.concatenate(new_lse, axis=-1)
+    ### END SOLUTION
+
+
+# %% nbgrader={"grade": true, "grade_id": "ring-step-check", "locked": true, "points": 3, "schema_version": 3, "solution": false, "task": false}
+check(ring_attention_step, "ring_attention_step", raise_on_failure=True)
+
+
+# %% [markdown]
+# **2. Break the merge on purpose.** Copy your step into `broken_step` and replace the merge by a
+# plain sum of the partial outputs, `o, lam = o + o_b, np.logaddexp(lam, lam_b)`. Run the checker on
+# it (without `raise_on_failure`). Which case fails first, and what does the checker diagnose? Why
+# does the first case — the first step of the ring — still pass?
+
+# %% nbgrader={"grade": false, "grade_id": "ring-broken-merge", "locked": false, "schema_version": 3, "solution": true, "task": false}
+### BEGIN SOLUTION
+def broken_step(q, k_blk, v_blk, out, lse, q_spans, kv_spans, *, is_causal=False):
+    new_out, new_lse = [], []
+    for (qa, qb), rows in zip(q_spans, chunk_rows(q_spans)):
+        o, lam = out[..., rows, :], lse[..., rows]
+        for (ka, kb), cols in zip(kv_spans, chunk_rows(kv_spans)):
+            if is_causal and ka > qb - 1:
+                continue
+            o_b, lam_b = flash_attention(q[..., rows, :], k_blk[..., cols, :], v_blk[..., cols, :],
+                                         is_causal=is_causal and (ka, kb) == (qa, qb), return_lse=True)
+            o, lam = o + o_b, np.logaddexp(lam, lam_b)  # the mistake: no weights e^{λ − λ_new}
+        new_out.append(o)
+        new_lse.append(lam)
+    return np.concatenate(new_out, axis=-2), np.concatenate(new_lse, axis=-1)
+
+
+check(broken_step, "ring_attention_step")
+### END SOLUTION
+
+# %% [markdown] nbgrader={"grade": true, "grade_id": "ring-broken-merge-answer", "locked": false, "points": 1, "schema_version": 3, "solution": true, "task": false}
+# It fails at case 2, "a later step: merge the block into the running (O, λ)", and the checker
+# diagnoses "partial outputs added without the logsumexp weights": $O$ and $O_b$ are each averages
+# of values, normalised over *different* keys, so they must be weighted by their shares of the
+# softmax mass, $e^{\lambda - \lambda_{\text{new}}}$ and $e^{\lambda_b - \lambda_{\text{new}}}$
+# (which sum to 1); a sum counts the values twice. At the first step the running result is
+# $O = 0$, $\lambda = -\infty$ — the identity of the merge — so $O + O_b = O_b$ happens to be right:
+# the mistake only shows once a rank has seen two blocks. (λ stays right, since `np.logaddexp` is
+# the correct update of λ.)
+
+# %% [markdown]
+# **3. Predict the work per rank.** Causal attention over $N = 16$ tokens on $R = 4$ ranks. Before
+# running anything, predict how many logits $z_{ij}$ each rank computes at each step, in the
+# contiguous and in the zigzag layout (a chunk paired with itself, $n$ tokens, costs $n(n+1)/2$
+# logits; a wholly visible $n \times m$ pair $nm$; a hidden pair nothing). What is each layout's
+# critical path — the sum over steps of the busiest rank's work? Then run the cell below.
+
+# %% [markdown] nbgrader={"grade": true, "grade_id": "ring-work-answer", "locked": false, "points": 2, "schema_version": 3, "solution": true, "task": false}
+# **Contiguous** (4 tokens per rank): at step 0 every rank computes its diagonal block, 10 logits.
+# At step $s \ge 1$ rank $r$ holds the block of rank $r - s$, which lies in its past only if
+# $s \le r$: 16 logits, otherwise 0. Rank 0: 10, 0, 0, 0; rank 1: 10, 16, 0, 0; rank 2: 10, 16,
+# 16, 0; rank 3: 10, 16, 16, 16. Critical path $10 + 3 \cdot 16 = 58$ logits.
+# **Zigzag** (chunks of 2 tokens, rank $r$ holds chunks $r$ and $7 - r$): at step 0 two diagonal
+# pairs (3 each) and the late chunk against the early one (4): 10 on every rank. At every later
+# step exactly two $2 \times 2$ pairs are visible on every rank: 8. Critical path
+# $10 + 3 \cdot 8 = 34 = 136 / 4$, the ideal; both layouts compute $16 \cdot 17 / 2 = 136$ logits
+# in all.
+
+# %%
+x16 = rng.standard_normal((1, 1, 16, 4))
+for layout in ("contiguous", "zigzag"):
+    _, events = simulate_ring_attention(x16, x16, x16, 4, is_causal=True, layout=layout)
+    work = np.zeros((4, 4), dtype=int)  # [step, rank]
+    for e in events:
+        work[e.step, e.rank] = e.work
+    print(f"{layout}: logits per step (rows) and rank (columns)\n{work}\n"
+          f"critical path {work.max(axis=1).sum()}, total {work.sum()}\n")
+
+# %% [markdown]
+# **4. Change R and watch memory and traffic.** The cell below gives, for one layer of the
+# Llama-3-70B-shaped attention of section 6 and $N = 2^{20}$ tokens, the bytes one rank holds
+# (`ring_bytes_per_rank`), and from the simulator (a smaller sequence, one head) what one rank sends
+# per step and over the whole ring. Change the list of $R$. What is the smallest power of two $R$
+# for which one rank holds at most 2 GiB? Memory falls as $1/R$ — does the traffic of a rank fall
+# too? Why not?
+
+# %%
+x_mem = rng.standard_normal((1, 1, 1024, 64))
+print("   R   GiB per rank (N = 1M)   KiB per step, one rank   KiB over the ring, one rank   (N = 1024)")
+for R in (1, 2, 4, 8, 16, 32):
+    _, events = simulate_ring_attention(x_mem, x_mem, x_mem, R, is_causal=True, layout="zigzag")
+    sent = [e.bytes_sent for e in events if e.rank == 0]
+    print(f"{R:4d}   {ring_bytes_per_rank(2**20, R) / GiB:20.3f}   {max(sent) / 1024:22.1f}   "
+          f"{sum(sent) / 1024:27.1f}")
+
+# %% [markdown] nbgrader={"grade": true, "grade_id": "ring-memory-answer", "locked": false, "points": 1, "schema_version": 3, "solution": true, "task": false}
+# On a ring ($R \ge 2$) one rank holds $44\,\text{GiB}/R$ here ($2 \cdot \tfrac{N}{R} \cdot 128 \cdot (2 \cdot 64 +
+# 3 \cdot 2 \cdot 8)$ bytes), so $R = 32$ is the smallest power of two under 2 GiB (1.375 GiB; $R =
+# 16$ needs 2.75 GiB). A block shrinks as $1/R$, so what a rank sends per step falls as $1/R$ too —
+# but it sends $R - 1$ blocks, so over the whole ring each rank still sends $\tfrac{R-1}{R}$ of the
+# whole sequence's keys and values: the traffic per rank hardly changes with $R$ (and the total over
+# all ranks grows as $R - 1$). Ring attention trades memory for time on the link, which is why the
+# transfer must hide behind compute (exercise 5).
+
+# %% [markdown]
+# **5. Where does communication stop hiding?** A cluster links its nodes with 200 Gb/s Ethernet
+# ($W = 25$ GB/s each way); its GPUs do $F = 400$ TFLOP/s of bfloat16. A causal zigzag ring runs
+# $H = 32$ query heads of $E = 128$. With `min_block` (section 7) compute $c^*$ for multi-head
+# attention ($H_{kv} = 32$) and for GQA with $H_{kv} = 4$, and the largest number of ranks $R$ for
+# which a sequence of $N = 256\text{K}$ tokens still hides every transfer. Keep them in the dicts
+# `c_star` and `R_max` (keys `"MHA"`, `"GQA"`). Which would you change first to run on $R = 128$?
+
+# %% nbgrader={"grade": false, "grade_id": "ring-link-solution", "locked": false, "schema_version": 3, "solution": true, "task": false}
+### BEGIN SOLUTION
+F_cluster, W_ethernet, N_long = 400e12, 25e9, 256 * 1024
+c_star = {name: min_block(F_cluster, W_ethernet, H=32, H_kv=H_kv, causal_zigzag=True)
+          for name, H_kv in (("MHA", 32), ("GQA", 4))}
+R_max = {name: int(N_long // c) for name, c in c_star.items()}  # c = N/R must stay ≥ c*
+for name in c_star:
+    print(f"{name}: c* = {c_star[name]:,.0f} tokens per rank → R ≤ {R_max[name]} for N = {N_long:,} "
+          f"(c = {N_long / R_max[name]:,.0f})")
+print(f"at R = 128: c = {N_long // 128:,} tokens per rank")
+### END SOLUTION
+
+# %% [markdown] nbgrader={"grade": true, "grade_id": "ring-link-answer", "locked": false, "points": 2, "schema_version": 3, "solution": true, "task": false}
+# $c^* = F b H_{kv} / (2 H W)$, doubled for a causal zigzag step: 32,000 tokens for multi-head
+# attention and 4,000 with GQA 8:1. A ring of $R$ ranks gives each $c = N/R$ tokens, so with
+# $N = 262{,}144$ the transfers hide for $R \le 8$ (MHA) and $R \le 65$ (GQA; 64 as a power of two).
+# At $R = 128$, $c = 2{,}048$: even the GQA ring would wait for the link about half of every step.
+# The first lever is the link: inside a node, NVLink's 450 GB/s lowers $c^*$ 18-fold (GQA: 222
+# tokens), so rings are laid out within nodes or split across them with other parallelism (heads
+# across nodes, a shorter ring per node). Fewer key/value heads help the same way; a faster GPU
+# makes it worse.

@@ -100,6 +100,56 @@ FUNCTIONS = {
     "truncate_kv": (lambda block_q=2: ar.truncate_kv(CACHE, block_q), {"block_q": "max_length"}),
 }
 
+# Stage 10, ring attention: the per-rank steps and the simulator, and the MPI rings on a one-rank
+# communicator (their checks run before any transfer). A ring is self-attention: L = S.
+class OneRank:
+    """The three calls of an mpi4py communicator that a ring of one rank makes."""
+
+    def Get_size(self):
+        return 1
+
+    def Get_rank(self):
+        return 0
+
+    def allgather(self, item):
+        return [item]
+
+
+QR = np.repeat(K, 2, axis=1)  # (2, 4, 7, 8)
+OUT_R, LSE_R = ar.flash_attention(QR, K, V, enable_gqa=True, return_lse=True)
+SPANS = ([(7, 12)], [(0, 7)])  # Q's 5 queries after K's 7 keys: visible, causal or not
+RING = {k: v for k, v in ATTENTION.items() if k != "attn_mask"}
+SIMULATOR = {**RING, "block_q": "world_size", "causal_alignment": "layout"}
+MPI_RING = {**RING, "causal_alignment": "layout"}
+FUNCTIONS.update({
+    "ring_attention_step": (
+        lambda query=Q, key=K, value=V, **kw: ar.ring_attention_step(
+            query, key, value, np.zeros((2, 4, 5, 3)), np.full((2, 4, 5), -np.inf), *SPANS,
+            **{"enable_gqa": True, **kw}), RING),
+    "ring_attention_backward_step": (
+        lambda query=Q, key=K, value=V, grad_out=DO, **kw: ar.ring_attention_backward_step(
+            query, key, value, OUT, LSE, grad_out, np.zeros(Q.shape), np.zeros(K.shape), np.zeros(V.shape),
+            *SPANS, **{"enable_gqa": True, **kw}), {**RING, "grad_out": "grad_out"}),
+    "simulate_ring_attention": (
+        lambda query=QR, key=K, value=V, block_q=2, causal_alignment="zigzag", **kw: ar.simulate_ring_attention(
+            query, key, value, block_q, layout=causal_alignment, **{"enable_gqa": True, **kw}), SIMULATOR),
+    "simulate_ring_attention_backward": (
+        lambda query=QR, key=K, value=V, grad_out=OUT_R, block_q=2, causal_alignment="zigzag", **kw:
+        ar.simulate_ring_attention_backward(query, key, value, OUT_R, LSE_R, grad_out, block_q,
+                                            layout=causal_alignment, **{"enable_gqa": True, **kw}),
+        {**SIMULATOR, "grad_out": "grad_out"}),
+    "ring_attention one rank": (
+        lambda query=QR, key=K, value=V, causal_alignment="zigzag", **kw: ar.ring_attention(
+            query, key, value, OneRank(), layout=causal_alignment, **{"enable_gqa": True, **kw}), MPI_RING),
+    "ring_attention_sendrecv one rank": (
+        lambda query=QR, key=K, value=V, causal_alignment="zigzag", **kw: ar.ring_attention_sendrecv(
+            query, key, value, OneRank(), layout=causal_alignment, **{"enable_gqa": True, **kw}), MPI_RING),
+    "ring_attention_backward one rank": (
+        lambda query=QR, key=K, value=V, grad_out=OUT_R, causal_alignment="zigzag", **kw:
+        ar.ring_attention_backward(query, key, value, OUT_R, LSE_R, grad_out, OneRank(), layout=causal_alignment,
+                                   **{"enable_gqa": True, **kw}), {**MPI_RING, "grad_out": "grad_out"}),
+})
+
 # (role, what, bad value, exception). The arrays are wrong in kind (TypeError) or in shape (ValueError).
 BAD = [
     ("query", "None", None, TypeError),

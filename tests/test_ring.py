@@ -18,6 +18,7 @@ from attention_ref import (
     flash_attention,
     flash_attention_backward,
     local_shard,
+    ring_attention_backward_step,
     ring_attention_step,
     scaled_dot_product_attention,
     shard,
@@ -83,14 +84,24 @@ def test_shard_errors():
     x = np.zeros((2, 10, 4))
     with pytest.raises(ValueError, match="layout must be one of"):
         shard(x, 2, layout="striped")
-    with pytest.raises(ValueError, match="world_size must be an int ≥ 1"):
+    with pytest.raises(ValueError, match="world_size must be an int >= 1"):
         shard(x, 0)
+    with pytest.raises(TypeError, match="world_size must be an int"):
+        shard(x, 2.0)
     with pytest.raises(ValueError, match="rank must be an int in"):
         local_shard(x, 2, 2)
+    with pytest.raises(TypeError, match="rank must be an int"):
+        local_shard(x, 2, True)
     with pytest.raises(ValueError, match="axis 3 is out of range"):
         shard(x, 2, axis=3)
+    with pytest.raises(TypeError, match="x must be an array, got list"):
+        shard(x.tolist(), 2)
     with pytest.raises(ValueError, match=r"shard lengths \[5, 4\]"):
         unshard([x[:, :5], x[:, 5:9]])
+    with pytest.raises(TypeError, match="shards must be a list of arrays"):
+        unshard(x)
+    with pytest.raises(TypeError, match=r"shards\[1\] must be an array"):
+        unshard([x, None])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,22 +302,137 @@ def test_zigzag_balances_causal_work(rng, R):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_bad_inputs(rng):
+BAD_INPUTS = {  # the same bad input, as SDPA and flash_attention see it
+    "integer query": lambda q, k, v: (q.astype(np.int64), k, v),
+    "float32 query beside float64": lambda q, k, v: (q.astype(np.float32), k, v),
+    "a list": lambda q, k, v: (q.tolist(), k, v),
+    "None": lambda q, k, v: (q, None, v),
+    "heads not a multiple": lambda q, k, v: (np.concatenate([q, q[:, :1]], axis=1), k, v),
+    "key and value of different lengths": lambda q, k, v: (q, k, v[..., :10, :]),
+    "one dimension": lambda q, k, v: (q[0, 0, 0], k, v),
+}
+
+
+@pytest.mark.parametrize("bad", BAD_INPUTS)
+def test_bad_inputs_get_the_contracts_error(rng, bad):
+    """The simulator and the per-rank step raise what scaled_dot_product_attention raises."""
+    q, k, v = BAD_INPUTS[bad](*_qkv(rng, 12))
+    with pytest.raises((TypeError, ValueError)) as expected:
+        scaled_dot_product_attention(q, k, v)
+    with pytest.raises(expected.type) as simulated:
+        simulate_ring_attention(q, k, v, 2)
+    assert str(simulated.value) == str(expected.value)
+    spans = shard_spans(12, 1, "contiguous")[0]
+    with pytest.raises(expected.type) as stepped:
+        ring_attention_step(q, k, v, np.zeros((2, 2, 12, 6)), np.zeros((2, 2, 12)), spans, spans)
+    assert str(stepped.value) == str(expected.value)
+
+
+def test_bad_ring_inputs(rng):
     q, k, v = _qkv(rng, 12)
-    with pytest.raises(TypeError, match="real floating dtype"):
-        simulate_ring_attention(q.astype(np.int64), k, v, 2)
-    with pytest.raises(TypeError, match="share one real floating dtype"):
-        simulate_ring_attention(q.astype(np.float32), k, v, 2)
-    with pytest.raises(ValueError, match="same tokens"):
+    with pytest.raises(ValueError, match="self-attention: query and key must cover the same tokens"):
         simulate_ring_attention(q, k[..., :10, :], v[..., :10, :], 2)
-    with pytest.raises(ValueError, match=r"query heads \(4\) and key/value heads \(2\)"):
-        simulate_ring_attention(np.concatenate([q, q], axis=1), k, v, 2)
-    with pytest.raises(ValueError, match=r"\(\.\.\., H, N, E\)"):
-        simulate_ring_attention(q[0, 0], k[0, 0], v[0, 0], 2)
-    with pytest.raises(ValueError, match="world_size"):
+    with pytest.raises(ValueError, match="world_size must be an int >= 1"):
         simulate_ring_attention(q, k, v, 0)
-    with pytest.raises(ValueError, match="layout"):
+    with pytest.raises(TypeError, match="world_size must be an int"):
+        simulate_ring_attention(q, k, v, 2.0)
+    with pytest.raises(ValueError, match="layout must be one of"):
         simulate_ring_attention(q, k, v, 2, layout="striped")
+    with pytest.raises(TypeError, match="is_causal must be True or False"):
+        simulate_ring_attention(q, k, v, 2, is_causal="no")
+    with pytest.raises(TypeError, match="return_lse must be True or False"):
+        simulate_ring_attention(q, k, v, 2, return_lse=1)
+    with pytest.raises(TypeError, match="scale must be a real number"):
+        simulate_ring_attention(q, k, v, 2, scale="0.3")
+
+
+def test_bad_step_inputs(rng):
+    q, k, v = _qkv(rng, 12)
+    out, lse = np.zeros((2, 2, 12, 6)), np.full((2, 2, 12), -np.inf)
+    spans = [(0, 12)]
+    with pytest.raises(ValueError, match=r"out must have shape \(2, 2, 12, 6\) for query"):
+        ring_attention_step(q, k, v, out[..., :5], lse, spans, spans)
+    with pytest.raises(TypeError, match="lse must be a floating-point array, got NoneType"):
+        ring_attention_step(q, k, v, out, None, spans, spans)
+    with pytest.raises(ValueError, match=r"q_spans \[\(0, 10\)\] cover 10 tokens, but query has 12"):
+        ring_attention_step(q, k, v, out, lse, [(0, 10)], spans)
+    with pytest.raises(ValueError, match="kv_spans .* cover 11 tokens, but key has 12"):
+        ring_attention_step(q, k, v, out, lse, spans, [(0, 5), (6, 12)])
+    with pytest.raises(TypeError, match="kv_spans must be a list of chunks"):
+        ring_attention_step(q, k, v, out, lse, spans, (0, 12))
+    with pytest.raises(TypeError, match="q_spans entries must be an int"):
+        ring_attention_step(q, k, v, out, lse, [(0.0, 12.0)], spans)
+    with pytest.raises(ValueError, match="start <= stop"):
+        ring_attention_step(q, k, v, out, lse, [(12, 0)], spans)
+    with pytest.raises(TypeError, match="is_causal must be True or False"):
+        ring_attention_step(q, k, v, out, lse, spans, spans, is_causal=None)
+    grads = (np.zeros(q.shape), np.zeros(k.shape), np.zeros(v.shape))
+    with pytest.raises(ValueError, match=r"dk_blk must have shape \(2, 2, 12, 8\) like key"):
+        ring_attention_backward_step(q, k, v, out, lse, out, grads[0], grads[1][..., :3], grads[2],
+                                     spans, spans)
+    with pytest.raises(TypeError, match="grad_out must be a floating-point array"):
+        ring_attention_backward_step(q, k, v, out, lse, out.astype(int), *grads, spans, spans)
+
+
+def test_two_dimensional_inputs_work_as_in_sdpa(rng):
+    q, k, v = (x[0, 0] for x in _qkv(rng, 12))  # (N, E): no batch, no heads
+    out, _ = simulate_ring_attention(q, k, v, 3, is_causal=True, layout="zigzag")
+    ref = scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert np.max(np.abs(out - ref)) <= TOL["float64"]
+
+
+EXPORT_CHILD = """
+import importlib.util, pickle, sys
+sys.path.append(sys.argv[1])  # NumPy, and nothing else
+try:
+    import attention_ref
+except ImportError:
+    pass
+else:
+    raise SystemExit("attention_ref is importable: this interpreter is not NumPy-only")
+spec = importlib.util.spec_from_file_location("exported", sys.argv[2])
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+name, calls = pickle.loads(sys.stdin.buffer.read())
+sys.stdout.buffer.write(pickle.dumps([getattr(module, name)(*args, **kw) for args, kw in calls]))
+"""
+
+
+@pytest.mark.parametrize("name", ["ring_attention_step", "ring_attention_backward_step"])
+def test_the_steps_export_to_numpy_only_files(rng, tmp_path, name):
+    """`python -m attention_ref.export` gives a file that runs where only NumPy is importable."""
+    import pickle
+    from pathlib import Path
+
+    import attention_ref
+    from attention_ref.export import export
+
+    numpy_only = tmp_path / "numpy_only"
+    numpy_only.mkdir()
+    for entry in Path(np.__file__).resolve().parent.parent.iterdir():
+        if entry.name == "numpy" or entry.name.startswith(("numpy.libs", "numpy-")):
+            (numpy_only / entry.name).symlink_to(entry)
+    (tmp_path / "step.py").write_text(export(name))
+    q, k, v = _qkv(rng, 19, Hq=4, Hkv=2)
+    out, lse = flash_attention(q, k, v, is_causal=True, enable_gqa=True, return_lse=True)
+    spans, shards = shard_spans(19, 3, "zigzag"), [shard(x, 3, layout="zigzag") for x in (q, k, v, out)]
+    kw = {"is_causal": True, "enable_gqa": True}
+    calls = []
+    for owner in range(3):  # rank 1 with each block
+        qr, kb, vb, orr = shards[0][1], shards[1][owner], shards[2][owner], shards[3][1]
+        lr = shard(lse, 3, layout="zigzag", axis=-1)[1]
+        if name == "ring_attention_step":
+            args = (qr, kb, vb, np.zeros_like(orr), np.full(lr.shape, -np.inf), spans[1], spans[owner])
+        else:
+            args = (qr, kb, vb, orr, lr, orr, np.zeros_like(qr), np.zeros_like(kb), np.zeros_like(vb),
+                    spans[1], spans[owner])
+        calls.append((args, kw))
+    run = subprocess.run([sys.executable, "-I", "-S", "-c", EXPORT_CHILD, str(numpy_only), str(tmp_path / "step.py")],
+                         input=pickle.dumps((name, calls)), capture_output=True, timeout=120)
+    assert run.returncode == 0, run.stderr.decode()[-3000:]
+    for got, (args, kw) in zip(pickle.loads(run.stdout), calls):
+        for g, w in zip(got, getattr(attention_ref, name)(*args, **kw)):
+            np.testing.assert_array_equal(g, w)
 
 
 def test_ring_module_does_not_import_mpi():
@@ -314,12 +440,6 @@ def test_ring_module_does_not_import_mpi():
             "sys.exit(1 if 'mpi4py' in sys.modules else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
-
-
-def test_non_arrays_are_a_type_error(rng):
-    q, k, v = _qkv(rng, 12)
-    with pytest.raises(TypeError, match="arrays of one array library"):
-        simulate_ring_attention(q.tolist(), k, v, 2)
 
 
 def test_backward_names_misshapen_out_lse_grad_out(rng):

@@ -84,9 +84,19 @@ def worker() -> None:
     except ValueError as exc:
         grad_message = str(exc)
     grad_messages = comm.gather(grad_message, root=0)
+    # a bad option on rank 1 only, and options that differ between ranks: the same error everywhere
+    option_messages = []
+    for bad in ({"is_causal": "no" if rank == 1 else False}, {"is_causal": rank == 1},
+                {"scale": 0.5 if rank == 1 else None}):
+        try:
+            ring_attention(good, good, good, comm, **bad)
+            option_messages.append(None)
+        except (TypeError, ValueError) as exc:
+            option_messages.append(f"{type(exc).__name__}: {exc}")
+    option_messages = comm.gather(option_messages, root=0)
     if rank == 0:
         print(json.dumps({"world_size": R, "cases": cases, "bad_shard_messages": messages,
-                          "bad_grad_out_messages": grad_messages}))
+                          "bad_grad_out_messages": grad_messages, "bad_option_messages": option_messages}))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,6 +168,13 @@ def _check(report: dict, n: int) -> None:
     grad_messages = report["bad_grad_out_messages"]
     assert grad_messages == [grad_messages[0]] * n
     assert "grad_out must have shape (1, 1, 4, 4)" in grad_messages[0] and "on rank 1" in grad_messages[0]
+    option_messages = report["bad_option_messages"]
+    assert option_messages == [option_messages[0]] * n
+    bad_type, causal_differs, scale_differs = option_messages[0]
+    assert bad_type == "TypeError: is_causal must be True or False, got 'no' (on rank 1)"
+    assert causal_differs.startswith("ValueError: every rank must pass the same")
+    assert "rank 1 (True, 'contiguous', False, None)" in causal_differs
+    assert scale_differs.startswith("ValueError: every rank must pass the same")
 
 
 def test_mpiexec_2_ranks_equal_whole_sequence_attention():
