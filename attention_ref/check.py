@@ -42,7 +42,8 @@ with its printing captured (and counted, not shown) and its warnings recorded.
 
 Checked functions: ``softmax``, ``masked_softmax``, ``online_softmax``, ``additive_attention``,
 ``scaled_dot_product_attention``, ``self_attention``, ``multi_head_attention``, ``flash_attention``,
-``flash_attention_backward``, ``merge_attention_partials``, ``decode_step``.
+``flash_attention_backward``, ``merge_attention_partials``, ``decode_step`` (stages 01–07), and
+``ring_attention_step`` (stage 10); ``python -m attention_ref.check --list`` shows every registered one.
 
 Adding a battery (a later stage)
 --------------------------------

@@ -450,8 +450,9 @@ def close(got: np.ndarray, expected: np.ndarray, tol: tuple[float, float]) -> np
     atol, rtol = tol
     with np.errstate(all="ignore"):
         g, e = np.asarray(got, np.float64), np.asarray(expected, np.float64)
-        ok = np.abs(g - e) <= atol + rtol * np.abs(e)
-        ok |= (np.isnan(g) & np.isnan(e)) | (np.isinf(g) & (g == e))
+        # only a finite expected value has a tolerance (rtol·∞ would make anything close to ±∞)
+        ok = np.isfinite(e) & (np.abs(g - e) <= atol + rtol * np.abs(e))
+        ok |= (np.isnan(g) & np.isnan(e)) | (np.isinf(e) & (g == e))
     return ok
 
 

@@ -762,3 +762,11 @@ def test_reports_are_deterministic():
 def test_an_unknown_name_lists_the_known_ones():
     with pytest.raises(ValueError, match="scaled_dot_product_attention"):
         check(stable_softmax, "my_softmax")
+
+
+def test_a_finite_answer_is_never_close_to_an_infinite_one():
+    from attention_ref.check_core import close
+
+    expected = np.array([-np.inf, np.inf, 1.0, np.nan])
+    assert close(np.array([-np.inf, np.inf, 1.0, np.nan]), expected, (1e-8, 1e-6)).all()
+    assert not close(np.array([0.0, 1e300, np.inf, 0.0]), expected, (1e-8, 1e-6)).any()
