@@ -95,6 +95,48 @@ def static_file(name: str) -> str:
 # ----------------------------------------------------------------------------- one contract
 
 
+def _weights_as_4d(weights: Array) -> tuple[np.ndarray, np.ndarray]:
+    """P on the host and as (layers, H, N, N); TypeError/ValueError naming ``weights``'s shape."""
+    w = to_numpy(weights)
+    if not isinstance(w, np.ndarray) or w.dtype.kind != "f":
+        dtype = getattr(w, "dtype", type(w).__name__)
+        raise TypeError(f"weights must be a real floating-point array, got dtype {dtype}")
+    if w.ndim not in (2, 3, 4):
+        raise ValueError(
+            f"weights must have shape (layers, H, N, N), (H, N, N) or (N, N), got shape {w.shape}"
+        )
+    w4 = w.reshape((1,) * (4 - w.ndim) + w.shape)
+    if w4.shape[-2] != w4.shape[-1]:
+        raise ValueError(f"weights must be square in the last two axes (N, N), got shape {w.shape}")
+    if w4.size > MAX_WEIGHTS:
+        raise ValueError(
+            f"weights has {w4.size} numbers (shape {w.shape}); the explorer takes at most "
+            f"{MAX_WEIGHTS}: pass fewer layers or a shorter text"
+        )
+    if not np.all(np.isfinite(w4)) or (w4.size and float(w4.min()) < 0):
+        raise ValueError("weights must be finite and non-negative (attention weights P)")
+    return w, w4
+
+
+def _index(value: int, size: int, name: str, shape: tuple[int, ...]) -> int:
+    """An integer in [0, size) (a NumPy integer too, never a bool)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    if not 0 <= value < size:
+        raise ValueError(f"{name} must lie in [0, {size}) for weights of shape {shape}, got {value}")
+    return int(value)
+
+
+def _labels(values: Sequence[str] | None, size: int, name: str, shape: tuple[int, ...]) -> list[str]:
+    """``size`` label strings, or [] for none."""
+    if values is None:
+        return []
+    values = [str(v) for v in values]
+    if len(values) != size:
+        raise ValueError(f"{name} has {len(values)} entries but weights {shape} have {size}")
+    return values
+
+
 def explorer_state(
     tokens: Sequence[str],
     weights: Array,
@@ -117,48 +159,13 @@ def explorer_state(
     ``shape`` its 4-D shape; ``selected`` is -1 for no pinned token. Raises TypeError or ValueError
     naming the argument and the shapes seen.
     """
-    w = to_numpy(weights)
-    if not isinstance(w, np.ndarray) or w.dtype.kind != "f":
-        dtype = getattr(w, "dtype", type(w).__name__)
-        raise TypeError(f"weights must be a real floating-point array, got dtype {dtype}")
-    if w.ndim not in (2, 3, 4):
-        raise ValueError(
-            f"weights must have shape (layers, H, N, N), (H, N, N) or (N, N), got shape {w.shape}"
-        )
-    w4 = w.reshape((1,) * (4 - w.ndim) + w.shape)
-    num_layers, num_heads, n_rows, n = w4.shape
-    if n_rows != n:
-        raise ValueError(f"weights must be square in the last two axes (N, N), got shape {w.shape}")
-    if w4.size > MAX_WEIGHTS:
-        raise ValueError(
-            f"weights has {w4.size} numbers (shape {w.shape}); the explorer takes at most "
-            f"{MAX_WEIGHTS}: pass fewer layers or a shorter text"
-        )
-    if not np.all(np.isfinite(w4)) or (w4.size and float(w4.min()) < 0):
-        raise ValueError("weights must be finite and non-negative (attention weights P)")
+    w, w4 = _weights_as_4d(weights)
+    num_layers, num_heads, n, _ = w4.shape
     if isinstance(tokens, str):
         raise TypeError("tokens must be a sequence of N token strings, not one string")
     tokens = [str(t) for t in tokens]
     if len(tokens) != n:
         raise ValueError(f"tokens has {len(tokens)} entries but weights {w.shape} have N = {n}")
-
-    def index(value: int, size: int, name: str, *, allow_none: bool = False) -> int:
-        if allow_none and value is None:
-            return -1
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-            raise TypeError(f"{name} must be an integer, got {value!r}")
-        if not 0 <= value < size:
-            raise ValueError(f"{name} must lie in [0, {size}) for weights of shape {w.shape}, got {value}")
-        return int(value)
-
-    def labels(values: Sequence[str] | None, size: int, name: str) -> list[str]:
-        if values is None:
-            return []
-        values = [str(v) for v in values]
-        if len(values) != size:
-            raise ValueError(f"{name} has {len(values)} entries but weights {w.shape} have {size}")
-        return values
-
     if view not in VIEWS:
         raise ValueError(f"view must be one of {VIEWS}, got {view!r}")
     if direction not in DIRECTIONS:
@@ -166,21 +173,21 @@ def explorer_state(
     if sinks is None:
         sink_ids = [i for i, t in enumerate(tokens) if t in SINK_TOKENS]
     else:
-        sink_ids = sorted({index(i, n, "sinks") for i in sinks})
+        sink_ids = sorted({_index(i, n, "sinks", w.shape) for i in sinks})
     return {
         "tokens": tokens,
         "weights": np.ascontiguousarray(w4, dtype="<f4").tobytes(),
         "shape": [num_layers, num_heads, n, n],
-        "layer": index(layer, num_layers, "layer"),
-        "head": index(head, num_heads, "head"),
+        "layer": _index(layer, num_layers, "layer", w.shape),
+        "head": _index(head, num_heads, "head", w.shape),
         "view": view,
         "direction": direction,
         "hide_sinks": bool(hide_sinks),
         "sinks": sink_ids,
-        "selected": index(selected, n, "selected", allow_none=True),
+        "selected": -1 if selected is None else _index(selected, n, "selected", w.shape),
         "title": str(title),
-        "layer_names": labels(layer_names, num_layers, "layer_names"),
-        "head_names": labels(head_names, num_heads, "head_names"),
+        "layer_names": _labels(layer_names, num_layers, "layer_names", w.shape),
+        "head_names": _labels(head_names, num_heads, "head_names", w.shape),
     }
 
 
