@@ -214,8 +214,10 @@ def view_matrix(state: dict[str, Any]) -> tuple[np.ndarray, list[int]]:
 def _view_label(state: dict[str, Any]) -> str:
     num_layers, num_heads = state["shape"][:2]
     parts = []
-    if num_layers > 1:
-        parts.append(state["layer_names"][state["layer"]] if state["layer_names"] else f"layer {state['layer']}")
+    if state["layer_names"]:  # named layers are named even when only one is passed
+        parts.append(state["layer_names"][state["layer"]])
+    elif num_layers > 1:
+        parts.append(f"layer {state['layer']}")
     if state["view"] == "grid" and num_heads > 1:
         parts.append("all heads")
     elif state["view"] == "average" and num_heads > 1:
