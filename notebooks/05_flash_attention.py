@@ -229,8 +229,9 @@ plt.show()
 # the row, and $\lambda = m + \log \ell = \log \sum_k e^{z_k}$ comes for free. FA-1 instead keeps $O$
 # normalised after every tile: substituting $\tilde o = \ell\, O$ into the update gives its line 12,
 # $O \leftarrow \operatorname{diag}(\ell_{\text{new}})^{-1} (\operatorname{diag}(\ell)\, e^{m - m_{\text{new}}} O + \tilde P V_J)$
-# — the same numbers, with a division per tile. FA-2 drops those divisions (§3.1: fewer operations that
-# are not matrix products).
+# — the same numbers, with a division per tile (FA-1 takes $\tilde P$ against the tile's own maximum
+# $\tilde m$ and multiplies it by $e^{\tilde m - m_{\text{new}}}$, which is the same thing). FA-2 drops
+# those divisions (§3.1: fewer operations that are not matrix products).
 #
 # A numeric check on one row of $S = 10$ logits in tiles of $B_k = 4$: after every tile the running
 # $\tilde o$ must equal the sum over the keys seen so far, and FA-1's normalised $O$ must equal
@@ -727,13 +728,13 @@ print(f"smallest M at which FA-2's forward pass moves fewer numbers than standar
       f"  (2E² = {2 * E**2})")
 
 # %% [markdown]
-# Left: every flash curve falls like $1/M$ until the tiles stop growing ($B_k$ of FA-1 is capped at
-# $E$, and once $M \approx NE$ a single pass suffices), while standard attention does not depend on $M$
-# at all. Right: at a fixed, realistic $M$ both grow like $N^2$, but with the constant $E^2/M$ instead
+# Left: every flash curve falls like $1/M$ until the tiles stop growing (the streamed tile is capped
+# at $E$ rows, and once $M \approx NE$ a single pass suffices), while standard attention does not depend
+# on $M$ at all. Right: at a fixed, realistic $M$ both grow like $N^2$, but with the constant $E^2/M$ instead
 # of 1.
 #
-# **The crossover.** At $M = 4096$ FA-2 moves about twice as many numbers as standard attention: the
-# ratio printed is 0.5. Count where the numbers go. FA-2 reads all of $K$ and $V$ once per query tile,
+# **The crossover.** At $M = 4096$ FA-2 moves about twice as many numbers as standard attention (the
+# ratio printed is 0.51). Count where the numbers go. FA-2 reads all of $K$ and $V$ once per query tile,
 # $T_q \cdot 2NE$ numbers with $T_q = N / B_q$; per logit that is $2E / B_q$ numbers (one key and one
 # value row, shared by the $B_q$ queries of the tile). Standard attention moves about 4 numbers per
 # logit: $Z$ written and read back, $P$ written and read back. With $B_q = \lceil M/4E \rceil$:
@@ -906,16 +907,16 @@ for block in (16, 32, 64, 128, 256):
 # $\frac{T(T+1)}{2} B^2 = \frac{N^2}{2}(1 + \frac{1}{T})$ logits, a fraction $\frac{1}{2}(1 + B/N)$ of
 # $N^2$ — 0.508 for $B = 16$, 0.625 for $B = 256$. The wasted share is the part above the diagonal
 # inside the $T$ diagonal tiles, $T B (B-1)/2$ logits, a share $(B - 1)/(N + B)$ of those computed: 1.4 %
-# for $B = 16$, 19.9 % for $B = 256$. Small tiles waste less
-# arithmetic but cost elsewhere: $K$ and $V$ are read once per query tile (section 9: more slow-memory
+# for $B = 16$, 19.9 % for $B = 256$. Small tiles waste less arithmetic but cost elsewhere: $K$ and $V$ are read once per query tile (section 9: more slow-memory
 # traffic), small matrix products run far below the hardware's peak, and each tile has its fixed
 # overhead (here a Python loop step; on a GPU a thread block's set-up).
 
 # %% [markdown]
 # **5. FA-1's crossover.** Section 9 found that FA-2's forward pass moves fewer numbers than standard
-# attention once $M \gtrsim 2E^2$. Predict from the closed form of FA-1's forward pass (`help(io_closed_form)`)
-# whether FA-1 needs a larger or a smaller $M$ for $N = 4096$, $E = 64$, and roughly where it lies; then
-# find it by a scan.
+# attention once $M \gtrsim 2E^2$. FA-1 keeps a key/value tile on chip and, for every key tile, reads $Q$,
+# $O$, $\ell$, $m$ of all queries and writes $O$, $\ell$, $m$ back. Predict whether FA-1 needs a larger or
+# a smaller $M$ than FA-2 to beat standard attention for $N = 4096$, $E = 64$, and roughly where its
+# crossover lies; then find it by a scan.
 
 # %%
 std_4096 = sum(io_closed_form("standard_forward", 4096, 4096, 64, 64))
@@ -928,4 +929,4 @@ print(f"FA-1 forward moves fewer numbers than standard attention from M = {fa1_c
 # $N(E_v + 2)$: about $N(3E + 4)$ per key tile, so $\approx \frac{4E}{M} N^2 (3E + 4)$ in all, against
 # standard attention's $\approx 4N^2$. Equal when $M \approx E(3E + 4) = 12\,544$ for $E = 64$ — half as
 # much again as FA-2's $2E^2 = 8192$, because FA-1 also moves its running $O$ through slow memory. The
-# scan gives 12 545 (the first $M$ with $B_k = 50$ tiles of keys).
+# scan gives 12 545 (the first $M$ with $B_k = 50$ keys per tile).
