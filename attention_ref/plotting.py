@@ -88,50 +88,53 @@ def plot_heads(
     ncols: int | None = None,
     figsize: tuple[float, float] | None = None,
     cmap: str = "viridis",
+    vmax: float = 1.0,
 ) -> Any:
-    """Grid of attention heads.
+    """Grid of attention heads on one colour scale [0, vmax], with one colour bar for all panels.
 
     weights: (H, L, S) — one panel per head, ``ncols`` per row — or (layers, H, L, S) — one row
-    per layer, one column per head. Tick labels are drawn when there is room. Returns the Figure.
+    per layer, one column per head. Query labels go down the left column and key labels along the
+    bottom row (every panel shares them) when there are at most 40 of each. Returns the Figure.
     """
     import matplotlib.pyplot as plt
 
-    w = to_numpy(weights)
-    if w.ndim == 3:
-        n = w.shape[0]
-        ncols = ncols or min(n, 4)
-        nrows = math.ceil(n / ncols)
-        panels = [w[h] for h in range(n)]
-        default_titles = [f"head {h}" for h in range(n)]
-    elif w.ndim == 4:
-        nrows, ncols = w.shape[0], w.shape[1]
-        panels = [w[layer, h] for layer in range(nrows) for h in range(ncols)]
-        default_titles = [f"L{layer} H{h}" for layer in range(nrows) for h in range(ncols)]
-    else:
-        raise ValueError(f"weights must be (H, L, S) or (layers, H, L, S), got shape {w.shape}")
-    titles = list(titles) if titles is not None else default_titles
+    panels, titles, nrows, ncols = _head_panels(to_numpy(weights), titles, ncols)
     if figsize is None:
-        figsize = (2.6 * ncols, 2.4 * nrows)
-    fig, axes = plt.subplots(nrows, ncols, figsize=figsize, squeeze=False)
-    show_labels = ncols <= 4 and panels[0].shape[1] <= 16
+        figsize = (2.4 * ncols + 1.0, 2.3 * nrows + 0.6)
+    fig, axes = plt.subplots(nrows, ncols, figsize=figsize, squeeze=False, layout="constrained")
+    L, S = panels[0].shape
     for index, ax in enumerate(axes.flat):
         if index >= len(panels):
             ax.axis("off")
             continue
-        ax.imshow(panels[index], cmap=cmap, vmin=0.0, aspect="auto", interpolation="nearest")
+        image = ax.imshow(panels[index], cmap=cmap, vmin=0.0, vmax=vmax, aspect="auto",
+                          interpolation="nearest")
         ax.set_title(titles[index], fontsize=8)
-        if show_labels and key_labels is not None:
-            ax.set_xticks(range(len(key_labels)))
+        row, col = divmod(index, ncols)
+        bottom = row == nrows - 1 or index + ncols >= len(panels)
+        ax.set_xticks(range(S) if bottom and key_labels is not None and S <= 40 else [])
+        if bottom and key_labels is not None and S <= 40:
             ax.set_xticklabels(key_labels, rotation=90, fontsize=6)
-        else:
-            ax.set_xticks([])
-        if show_labels and query_labels is not None and index % ncols == 0:
-            ax.set_yticks(range(len(query_labels)))
+        ax.set_yticks(range(L) if col == 0 and query_labels is not None and L <= 40 else [])
+        if col == 0 and query_labels is not None and L <= 40:
             ax.set_yticklabels(query_labels, fontsize=6)
-        else:
-            ax.set_yticks([])
-    fig.tight_layout()
+    fig.colorbar(image, ax=axes, shrink=0.6, label="attention weight p (same scale in every panel)")
     return fig
+
+
+def _head_panels(w: Any, titles: Sequence[str] | None, ncols: int | None) -> tuple[list, list, int, int]:
+    """The (L, S) panels of an (H, L, S) or (layers, H, L, S) array, their titles and grid shape."""
+    if w.ndim == 3:
+        ncols = ncols or min(w.shape[0], 4)
+        panels = [w[h] for h in range(w.shape[0])]
+        default = [f"head {h}" for h in range(w.shape[0])]
+    elif w.ndim == 4:
+        ncols = w.shape[1]
+        panels = [w[layer, h] for layer in range(w.shape[0]) for h in range(w.shape[1])]
+        default = [f"layer {layer} head {h}" for layer in range(w.shape[0]) for h in range(w.shape[1])]
+    else:
+        raise ValueError(f"weights must be (H, L, S) or (layers, H, L, S), got shape {w.shape}")
+    return panels, list(titles) if titles is not None else default, math.ceil(len(panels) / ncols), ncols
 
 
 SAVE_FIGURES_ENV_VAR = "ATTENTION_REF_SAVE_FIGURES"

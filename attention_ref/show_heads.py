@@ -63,8 +63,7 @@ def show_heads(
     tokens, weights, layer_ids = sentence_attention(sentence, checkpoint=checkpoint, layers=layers)
     titles = [f"layer {layer} head {h}" for layer in layer_ids for h in range(weights.shape[1])]
     fig = plot_heads(weights, tokens, tokens, titles=titles)
-    fig.suptitle(sentence, fontsize=10)
-    fig.tight_layout()
+    fig.suptitle(f"Attention of every head (rows: queries, columns: keys): {sentence}", fontsize=10)
     path = save_figure(fig, output, force=True)
     plt.close(fig)
     return Path(path)
