@@ -34,8 +34,8 @@ from typing import Any
 
 from array_api_compat import array_namespace
 
-from .contract import check_choice, check_float_array, check_mask, check_same_dtype
-from .softmax import masked_softmax, softmax
+from .contract import check_choice, check_float_arrays, check_mask
+from .softmax import masked_softmax, stable_softmax
 
 Array = Any
 
@@ -56,14 +56,14 @@ __all__ = [
 # ----------------------------------------------------------------------------------------------
 def _check_matrix(name: str, w: Array, rows: int | None, cols: int | None, shape_doc: str) -> None:
     """A floating (rows, cols) weight matrix (None: any size)."""
-    check_float_array(name, w)
+    check_float_arrays(**{name: w})
     if w.ndim != 2 or w.shape[0] != (rows or w.shape[0]) or w.shape[1] != (cols or w.shape[1]):
         raise ValueError(f"{name} must have shape {shape_doc}, got shape {tuple(w.shape)}")
 
 
 def _check_vector(name: str, v: Array, size: int) -> None:
     """A floating vector (size,)."""
-    check_float_array(name, v)
+    check_float_arrays(**{name: v})
     if v.ndim != 1 or v.shape[0] != size:
         raise ValueError(f"{name} must have shape (A={size},), got shape {tuple(v.shape)}")
 
@@ -79,7 +79,7 @@ def _check_leading(a_name: str, a: Array, a_doc: str, b_name: str, b: Array, b_d
 def _weights(scores: Array, mask: Array | None) -> Array:
     """α = softmax(e) over the last axis; where ``mask`` (True = attend) is False, exactly 0."""
     if mask is None:
-        return softmax(scores)
+        return stable_softmax(scores)
     check_mask("mask", mask, tuple(scores.shape), ("bool",))
     return masked_softmax(scores, mask)
 
@@ -107,16 +107,16 @@ def additive_score(
     Returns the unnormalised scores e of shape (..., S).
     Export with ``python -m attention_ref.export additive_score``.
     """
-    check_float_array("query", query, 1, "(..., Dq)")
-    check_float_array("keys", keys, 2, "(..., S, Dk)")
+    check_float_arrays(1, "(..., Dq)", query=query)
+    check_float_arrays(2, "(..., S, Dk)", keys=keys)
     _check_matrix("W_a", W_a, query.shape[-1], None, f"(Dq={query.shape[-1]}, A)")
     A = W_a.shape[1]
     _check_matrix("U_a", U_a, keys.shape[-1], A, f"(Dk={keys.shape[-1]}, A={A})")
     _check_vector("v_a", v_a, A)
     _check_leading("query", query, "(..., Dq)", "keys", keys, "(..., S, Dk)", 1, 2)
-    arrays = (query, keys, W_a, U_a, v_a) + (() if projected_keys is None else (projected_keys,))
-    check_same_dtype("query, keys, W_a, U_a, v_a" + (", projected_keys" if projected_keys is not None else ""), *arrays)
-    xp = array_namespace(*arrays)
+    given = {} if projected_keys is None else {"projected_keys": projected_keys}
+    check_float_arrays(query=query, keys=keys, W_a=W_a, U_a=U_a, v_a=v_a, **given)
+    xp = array_namespace(query, keys, W_a, U_a, v_a, *given.values())
     if projected_keys is None:
         projected_keys = xp.matmul(keys, U_a)  # U_a h_j for every j: (..., S, A)
     elif tuple(projected_keys.shape) != (*keys.shape[:-1], A):
@@ -155,13 +155,11 @@ def additive_attention(
 # ----------------------------------------------------------------------------------------------
 # Luong scores
 # ----------------------------------------------------------------------------------------------
-def _check_luong(h_t: Array, h_s: Array, *weights: tuple[str, Array]) -> None:
+def _check_luong(h_t: Array, h_s: Array, **weights: Array) -> None:
     """h_t (..., Dt), h_s (..., S, Ds) and the weights, floating arrays of one dtype."""
-    check_float_array("h_t", h_t, 1, "(..., Dt)")
-    check_float_array("h_s", h_s, 2, "(..., S, Ds)")
-    for name, w in weights:
-        check_float_array(name, w)
-    check_same_dtype(", ".join(("h_t", "h_s", *(n for n, _ in weights))), h_t, h_s, *(w for _, w in weights))
+    check_float_arrays(1, "(..., Dt)", h_t=h_t)
+    check_float_arrays(2, "(..., S, Ds)", h_s=h_s)
+    check_float_arrays(h_t=h_t, h_s=h_s, **weights)
 
 
 def luong_dot_score(h_t: Array, h_s: Array) -> Array:
@@ -185,7 +183,7 @@ def luong_general_score(h_t: Array, h_s: Array, W_a: Array) -> Array:
     Shapes: h_t (..., Dt); h_s (..., S, Ds); W_a (Dt, Ds). Returns the scores (..., S).
     Export with ``python -m attention_ref.export luong_general_score``.
     """
-    _check_luong(h_t, h_s, ("W_a", W_a))
+    _check_luong(h_t, h_s, W_a=W_a)
     _check_matrix("W_a", W_a, h_t.shape[-1], h_s.shape[-1], f"(Dt={h_t.shape[-1]}, Ds={h_s.shape[-1]})")
     xp = array_namespace(h_t, h_s, W_a)
     projected = xp.matmul(h_t, W_a)  # h_tᵀ W_a: (..., Ds)
@@ -200,7 +198,7 @@ def luong_concat_score(h_t: Array, h_s: Array, W_a: Array, v_a: Array) -> Array:
     This is Bahdanau's additive score with [W_a; U_a] stacked into one matrix.
     Export with ``python -m attention_ref.export luong_concat_score``.
     """
-    _check_luong(h_t, h_s, ("W_a", W_a), ("v_a", v_a))
+    _check_luong(h_t, h_s, W_a=W_a, v_a=v_a)
     Dt, Ds = h_t.shape[-1], h_s.shape[-1]
     _check_matrix("W_a", W_a, Dt + Ds, None, f"(Dt + Ds={Dt + Ds}, A)")
     _check_vector("v_a", v_a, W_a.shape[1])
@@ -250,11 +248,11 @@ def luong_attentional_state(context: Array, h_t: Array, W_c: Array) -> Array:
     distribution is then softmax(h̃_t @ W_s) (eq. 6).
     Export with ``python -m attention_ref.export luong_attentional_state``.
     """
-    check_float_array("context", context, 1, "(..., Dc)")
-    check_float_array("h_t", h_t, 1, "(..., Dt)")
+    check_float_arrays(1, "(..., Dc)", context=context)
+    check_float_arrays(1, "(..., Dt)", h_t=h_t)
     Dc, Dt = context.shape[-1], h_t.shape[-1]
     _check_matrix("W_c", W_c, Dc + Dt, None, f"(Dc + Dt={Dc + Dt}, D)")
-    check_same_dtype("context, h_t and W_c", context, h_t, W_c)
+    check_float_arrays(context=context, h_t=h_t, W_c=W_c)
     _check_leading("context", context, "(..., Dc)", "h_t", h_t, "(..., Dt)", 1, 1)
     xp = array_namespace(context, h_t, W_c)
     return xp.tanh(xp.matmul(context, W_c[:Dc, :]) + xp.matmul(h_t, W_c[Dc:, :]))

@@ -20,21 +20,21 @@ from typing import Any
 import numpy as np
 from array_api_compat import array_namespace
 
+from .backends import to_numpy
+
 Shape = tuple[int, ...]
 
 
-def check_float_array(name: str, x: Any, ndim: int = 0, shape_doc: str = "") -> None:
-    """``x`` must be an array of real floating dtype with at least ``ndim`` dimensions."""
-    if not (hasattr(x, "dtype") and array_namespace(x).isdtype(x.dtype, "real floating")):
-        raise TypeError(f"{name} must be a floating-point array, got {getattr(x, 'dtype', type(x).__name__)}")
-    if x.ndim < ndim:
-        raise ValueError(f"{name} must have at least {ndim} dimensions {shape_doc}, got shape {tuple(x.shape)}")
-
-
-def check_same_dtype(names: str, *arrays: Any) -> None:
-    """Arrays that are combined must share one dtype: nothing is promoted silently."""
-    if any(x.dtype != arrays[0].dtype for x in arrays):
-        raise TypeError(f"{names} must share one dtype, got {', '.join(str(x.dtype) for x in arrays)}")
+def check_float_arrays(ndim: int = 0, shape_doc: str = "", **arrays: Any) -> None:
+    """Each of ``arrays`` (passed by name) must be an array of real floating dtype with at least
+    ``ndim`` dimensions (``shape_doc`` shows them), and all of one dtype: nothing is promoted silently."""
+    for name, x in arrays.items():
+        if not (hasattr(x, "dtype") and array_namespace(x).isdtype(x.dtype, "real floating")):
+            raise TypeError(f"{name} must be a floating-point array, got {getattr(x, 'dtype', type(x).__name__)}")
+        if x.ndim < ndim:
+            raise ValueError(f"{name} must have at least {ndim} dimensions {shape_doc}, got shape {tuple(x.shape)}")
+    if len({x.dtype for x in arrays.values()}) > 1:
+        raise TypeError(f"{', '.join(arrays)} must share one dtype, got {', '.join(str(x.dtype) for x in arrays.values())}")
 
 
 def check_mask(name: str, mask: Any, shape: Shape, kinds: tuple[str, ...] = ("bool", "real floating")) -> None:
@@ -47,9 +47,7 @@ def check_mask(name: str, mask: Any, shape: Shape, kinds: tuple[str, ...] = ("bo
 
 def check_attention(query: Any, key: Any, value: Any, attn_mask: Any = None, enable_gqa: Any = False) -> None:
     """query (..., Hq, L, E), key and value (..., H, S, E | Ev) as SDPA takes them (H | Hq: GQA)."""
-    for name, x in (("query", query), ("key", key), ("value", value)):
-        check_float_array(name, x, 2, "(..., L, E)")
-    check_same_dtype("query, key and value", query, key, value)
+    check_float_arrays(2, "(..., L, E)", query=query, key=key, value=value)
     check_bool(enable_gqa=enable_gqa)
     hq, h = (query.shape[-3], key.shape[-3]) if min(query.ndim, key.ndim) > 2 else (1, 1)
     for wrong, rule in ((not query.ndim == key.ndim == value.ndim, "query, key and value must have the same rank"),
@@ -65,14 +63,28 @@ def check_attention(query: Any, key: Any, value: Any, attn_mask: Any = None, ena
 
 def check_gradients(query: Any, value: Any, out: Any, lse: Any, grad_out: Any) -> None:
     """out = O and grad_out = dO (..., Hq, L, Ev) of query's dtype, lse = λ (..., Hq, L)."""
+    check_float_arrays(query=query, out=out, grad_out=grad_out)
+    check_float_arrays(lse=lse)  # λ is kept in the compute dtype (float32 for float16 inputs)
     for name, x, shape in (("out", out, (*query.shape[:-1], value.shape[-1])),
                            ("grad_out", grad_out, (*query.shape[:-1], value.shape[-1])),
                            ("lse", lse, tuple(query.shape[:-1]))):
-        check_float_array(name, x)
         if tuple(x.shape) != shape:
             raise ValueError(f"{name} must have shape {shape} for query {tuple(query.shape)} and value "
                              f"{tuple(value.shape)}, got {tuple(x.shape)}")
-    check_same_dtype("query, out and grad_out", query, out, grad_out)
+
+
+def check_blocks(L: int, S: int, block_q: Any, block_k: Any, block_mask: Any) -> tuple[int, int, Any]:
+    """The tile sizes, and the block mask (⌈L/block_q⌉, ⌈S/block_k⌉) read on the host once as nested
+    lists of bools (or None)."""
+    block_q, block_k = check_int("block_q", block_q, 1), check_int("block_k", block_k, 1)
+    if block_mask is None:
+        return block_q, block_k, None
+    block_mask = to_numpy(block_mask)  # export: omit
+    n_q, n_k = -(-L // block_q), -(-S // block_k)
+    if tuple(block_mask.shape) != (n_q, n_k):
+        raise ValueError(f"block_mask must have shape (⌈L/block_q⌉, ⌈S/block_k⌉) = ({n_q}, {n_k}) for L={L}, "
+                         f"S={S}, block_q={block_q}, block_k={block_k}; got {tuple(block_mask.shape)}")
+    return block_q, block_k, [[bool(b) for b in row] for row in block_mask.tolist()]
 
 
 def check_bool(**flags: Any) -> None:

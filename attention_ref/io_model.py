@@ -31,9 +31,9 @@ from typing import Any
 
 import numpy as np
 
-from .contract import check_choice, check_float_array, check_int, check_real
+from .contract import check_choice, check_float_arrays, check_int, check_real
 from .dot_product import default_scale
-from .softmax import softmax
+from .softmax import stable_softmax
 
 __all__ = [
     "IOCount",
@@ -112,7 +112,7 @@ def _blocks(n: int, b: int) -> list[slice]:
 def _check_2d(**arrays: np.ndarray) -> None:
     """One head: every array (length, features)."""
     for name, a in arrays.items():
-        check_float_array(name, a)
+        check_float_arrays(**{name: a})
         if a.ndim != 2:
             raise ValueError(f"{name} must be 2-D (one head: (length, features)), got {tuple(a.shape)}")
 
@@ -128,7 +128,7 @@ def io_standard_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, scale: f
     tau = default_scale(q.shape[-1]) if scale is None else check_real("scale", scale)
     hbm = SlowMemory(Q=q, K=k, V=v)
     hbm.store("S", tau * hbm.load("Q") @ hbm.load("K").T)  # line 1
-    hbm.store("P", softmax(hbm.load("S")))  # line 2
+    hbm.store("P", stable_softmax(hbm.load("S")))  # line 2
     hbm.store("O", hbm.load("P") @ hbm.load("V"))  # line 3
     return IOCount(hbm.reads, hbm.writes, result=hbm.arrays["O"])
 
@@ -146,7 +146,7 @@ def io_standard_backward(
     """
     _check_2d(q=q, k=k, v=v, grad_out=grad_out)
     tau = default_scale(q.shape[-1]) if scale is None else check_real("scale", scale)
-    hbm = SlowMemory(Q=q, K=k, V=v, dO=grad_out, P=softmax(tau * q @ k.T))
+    hbm = SlowMemory(Q=q, K=k, V=v, dO=grad_out, P=stable_softmax(tau * q @ k.T))
     hbm.store("dV", hbm.load("P").T @ hbm.load("dO"))  # line 1
     hbm.store("dP", hbm.load("dO") @ hbm.load("V").T)  # line 2
     P, dP = hbm.load("P"), hbm.load("dP")  # line 3

@@ -33,7 +33,7 @@ from typing import Any
 
 from array_api_compat import array_namespace
 
-from .contract import check_attention, check_float_array, check_int, check_same_dtype, check_window
+from .contract import check_attention, check_float_arrays, check_int, check_window
 from .dot_product import scaled_dot_product_attention
 from .flash import flash_attention, merge_attention_partials
 from .masks import causal_mask, sliding_window_mask
@@ -63,9 +63,9 @@ class KVCache:
     __slots__ = ("keys", "values")
 
     def __init__(self, keys: Array, values: Array) -> None:
-        check_float_array("cache keys", keys, 3, "(..., Hkv, T, E)")
-        check_float_array("cache values", values, 3, "(..., Hkv, T, Ev)")
-        check_same_dtype("cache keys and values", keys, values)
+        check_float_arrays(3, "(..., Hkv, S, E)", **{"cache keys": keys})
+        check_float_arrays(3, "(..., Hkv, S, Ev)", **{"cache values": values})
+        check_float_arrays(**{"cache keys": keys, "cache values": values})
         if tuple(keys.shape[:-1]) != tuple(values.shape[:-1]):
             raise ValueError(f"cache keys and values must share (..., Hkv, T), got keys {tuple(keys.shape)} "
                              f"and values {tuple(values.shape)}")
@@ -144,8 +144,7 @@ def append_kv(cache: KVCache, k_new: Array, v_new: Array) -> KVCache:
     _check_cache(cache)
     for name, x, ref, ref_name in (("k_new", k_new, cache.keys, "cache.keys"),
                                    ("v_new", v_new, cache.values, "cache.values")):
-        check_float_array(name, x)
-        check_same_dtype(f"{name} and {ref_name}", x, ref)
+        check_float_arrays(**{name: x, ref_name: ref})
         if x.ndim != ref.ndim or tuple(x.shape[:-2]) != tuple(ref.shape[:-2]) or x.shape[-1] != ref.shape[-1]:
             raise ValueError(f"{name} must have shape (..., Hkv, t, features) matching {ref_name} "
                              f"{tuple(ref.shape)} except along t; got {name} {tuple(x.shape)}")
@@ -201,8 +200,7 @@ def decode_step(
     Export with ``python -m attention_ref.export decode_step``.
     """
     _check_cache(cache)
-    check_float_array("q_new", q_new, 3, "(..., Hq, t, E)")
-    check_same_dtype("q_new and the cache", q_new, cache.keys)
+    check_float_arrays(3, "(..., Hq, L, E)", **{"q_new": q_new, "cache.keys": cache.keys})
     left = _window_left(window)
     new_cache = append_kv(cache, k_new, v_new)
     if q_new.ndim != k_new.ndim or q_new.shape[-1] != cache.keys.shape[-1] or q_new.shape[-2] != k_new.shape[-2]:

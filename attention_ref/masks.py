@@ -41,8 +41,7 @@ ALIGNMENTS = ("top_left", "bottom_right")
 def band(L: int, S: int, is_causal: bool = False, window: tuple[int | None, int | None] | None = None,
          alignment: str = "top_left") -> tuple[int, int, int]:
     """(offset, left, right): query row i, at p = i + offset, sees keys p − left ≤ j ≤ p + right."""
-    left, right = (None, None) if window is None else window
-    left, right = L + S if left is None else left, L + S if right is None else right  # L + S: unbounded
+    left, right = (L + S if w is None else w for w in window or (None, None))  # L + S: unbounded
     return (0 if alignment == "top_left" else S - L), left, (min(right, 0) if is_causal else right)
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from array_api_compat import array_namespace
 
-from .contract import check_bool, check_choice, check_float_array, check_int, check_same_dtype
+from .contract import check_bool, check_choice, check_float_arrays, check_int
 from .dot_product import scaled_dot_product_attention
 from .self_attention import AttentionParams, glorot_params, project
 
@@ -26,7 +26,7 @@ def split_heads(x: Array, num_heads: int) -> Array:
 
     Export with ``python -m attention_ref.export split_heads``.
     """
-    check_float_array("x", x, 2, "(..., L, H·D)")
+    check_float_arrays(2, "(..., L, H·E)", x=x)
     num_heads = check_int("num_heads", num_heads, 1)
     *batch, L, width = x.shape
     if width % num_heads != 0:
@@ -40,7 +40,7 @@ def merge_heads(x: Array) -> Array:
 
     Export with ``python -m attention_ref.export merge_heads``.
     """
-    check_float_array("x", x, 3, "(..., H, L, D)")
+    check_float_arrays(3, "(..., H, L, E)", x=x)
     *batch, H, L, D = x.shape
     xp = array_namespace(x)
     return xp.reshape(xp.moveaxis(x, -3, -2), (*batch, L, H * D))
@@ -80,9 +80,7 @@ def _check_kv_heads(num_heads: int, num_kv_heads: Any) -> int:
 def _check_multi_head(query: Array, key: Array, value: Array, num_heads: Any, num_kv_heads: Any,
                       attn_mask: Any, is_causal: Any, return_weights: Any, attention: Any) -> tuple[int, int]:
     """The checks of multi_head_attention that step 3's attention cannot make; returns (H, Hkv)."""
-    for name, x in (("query", query), ("key", key), ("value", value)):
-        check_float_array(name, x, 2, "(..., L, features)")
-    check_same_dtype("query, key and value", query, key, value)
+    check_float_arrays(2, "(..., L, features)", query=query, key=key, value=value)
     num_heads = check_int("num_heads", num_heads, 1)
     check_choice("attention", attention, ("sdpa", "flash"))
     check_bool(is_causal=is_causal, return_weights=return_weights)

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from array_api_compat import array_namespace
 
-from .contract import check_bool, check_float_array, check_int, check_same_dtype
+from .contract import check_bool, check_float_arrays, check_int
 from .dot_product import scaled_dot_product_attention
 
 Array = Any
@@ -113,9 +113,9 @@ def cross_attention(
     (True = attend). Returns (..., L, d_out), and the weights (..., L, S) with ``return_weights``.
     Export with ``python -m attention_ref.export cross_attention``.
     """
-    check_float_array("x", x, 2, "(..., L, d_model)")
-    check_float_array("context", context, 2, "(..., S, d_ctx)")
-    check_same_dtype("x and context", x, context)
+    check_float_arrays(2, "(..., L, d_model)", x=x)
+    check_float_arrays(2, "(..., S, d_ctx)", context=context)
+    check_float_arrays(x=x, context=context)
     check_bool(return_weights=return_weights)
     xp = array_namespace(x, context)
     q = project(x, params.W_q, params.b_q, "query projection W_q")
