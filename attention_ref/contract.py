@@ -122,6 +122,5 @@ def check_window(window: Any) -> tuple[int | None, int | None]:
         raise TypeError(f"window must be None or a pair (left, right), got {window!r}")
     if window is not None and len(window) != 2:
         raise ValueError(f"window must be a pair (left, right), got {window!r}")
-    left, right = (None, None) if window is None else window
     return tuple(None if w is None else check_int(f"window {side}", w)
-                 for side, w in (("left", left), ("right", right)))
+                 for side, w in zip(("left", "right"), window or (None, None), strict=True))

@@ -37,8 +37,7 @@ def attention_arrays(query: Array, key: Array, value: Array, attn_mask: Array | 
     q, k, v = (xp.astype(x, work, copy=False) for x in (query, key, value))
     if q.ndim > 2 and k.shape[-3] != q.shape[-3]:  # each key/value head Hq / H times, in place
         k, v = (xp.repeat(x, q.shape[-3] // x.shape[-3], axis=-3) for x in (k, v))
-    mask = None if attn_mask is None else xp.broadcast_to(attn_mask, (*q.shape[:-1], k.shape[-2]))
-    return q, k, v, mask
+    return q, k, v, None if attn_mask is None else xp.broadcast_to(attn_mask, (*q.shape[:-1], k.shape[-2]))
 
 
 def sum_kv_heads(grad: Array, like: Array) -> Array:
@@ -73,11 +72,10 @@ def scaled_dot_product_attention(
 ) -> Array | tuple[Array, Array]:
     """O = softmax(τ Q Kᵀ + Δ) V (Vaswani et al. 2017, eq. 1), as PyTorch's function of that name.
 
-    query (..., Hq, L, E), key (..., H, S, E), value (..., H, S, Ev) → O (..., Hq, L, Ev). attn_mask:
-    A (bool, True = attend) or Δ (float, added), broadcasting to (..., Hq, L, S); is_causal: A =
-    tril(ones(L, S)); τ = scale or 1/√E; enable_gqa: query head i reads key/value head i // (Hq / H);
-    dropout_p: P's entries dropped with probability p by rng (a numpy Generator), the rest / (1 − p).
-    A row that sees no key gives 0 (NaN: fully_masked="nan"). Returns O, and P with return_weights.
+    query (..., Hq, L, E), key (..., H, S, E), value (..., H, S, Ev) → O (..., Hq, L, Ev); attn_mask
+    A (bool, True = attend) or Δ (float, added); is_causal: A = tril(ones(L, S)); τ = scale or 1/√E;
+    enable_gqa: query head i reads key/value head i // (Hq / H); dropout_p: P's entries dropped by
+    rng. No key seen: O = 0 (NaN if fully_masked="nan"). Returns O, and P if return_weights.
     Export with ``python -m attention_ref.export scaled_dot_product_attention``.
     """
     check_attention(query, key, value, attn_mask, enable_gqa)
@@ -92,12 +90,9 @@ def scaled_dot_product_attention(
     q, k, v, attn_mask = attention_arrays(query, key, value, attn_mask)
     causal = band(query.shape[-2], key.shape[-2], is_causal=True) if is_causal else None  # A = tril(ones(L, S))
     weights = stable_softmax(attention_logits(q, k, attn_mask, tau, causal))  # P = softmax(τ Q Kᵀ + Δ)
-    no_key = xp.all(weights == 0, axis=-1, keepdims=True) if fully_masked == "nan" else None  # no key seen
+    unseen = xp.all(weights == 0, axis=-1, keepdims=True) & (fully_masked == "nan")  # no key seen: NaN rows
     if dropout_p > 0.0:  # the draw is made on the host by rng (the same on every backend)
         keep = xp.asarray(rng.random(tuple(weights.shape)) >= dropout_p, device=weights.device)
         weights = xp.where(keep, weights / (1.0 - dropout_p), 0.0)
-    out = xp.matmul(weights, v)  # O = P V
-    if fully_masked == "nan":
-        out, weights = xp.where(no_key, xp.nan, out), xp.where(no_key, xp.nan, weights)
-    out = xp.astype(out, query.dtype)
-    return (out, xp.astype(weights, query.dtype)) if return_weights else out
+    out = xp.where(unseen, xp.nan, xp.astype(xp.matmul(weights, v), query.dtype))  # O = P V
+    return (out, xp.astype(xp.where(unseen, xp.nan, weights), query.dtype)) if return_weights else out

@@ -8,11 +8,12 @@ makes that whole row NaN, as in PyTorch.
 :func:`stable_softmax` is :func:`softmax` without the input check, for callers that made it.
 
 Three guards, used wherever a softmax is computed in the package (FlashAttention's tiles, split-KV
-merges, Bahdanau's weights):
+merges, Bahdanau's weights), each a one-line function documented here:
 
-``safe_shift(m)``    the shift of exp(x − m) with m = −∞ replaced by 0
-``safe_divisor(ℓ)``  a row sum with 0 replaced by 1 (a row with no key divides 0 by 1)
-``safe_log(ℓ)``      log ℓ with log 0 = −∞ and no warning
+``safe_shift(m)``    the shift m of e^{x − m} with m = −∞ (no entry seen yet) replaced by 0, so that
+                     no (−∞) − (−∞) = NaN appears; a NaN stays NaN
+``safe_divisor(ℓ)``  a row sum ℓ with 0 (every entry −∞) replaced by 1: such a row divides 0 by 1
+``safe_log(ℓ)``      log ℓ with log 0 = −∞ (every entry −∞), without a divide-by-zero warning
 """
 
 from __future__ import annotations
@@ -27,19 +28,16 @@ Array = Any
 
 
 def safe_shift(m: Array) -> Array:
-    """The shift m of e^{x − m} with −∞ (no entry seen yet) as 0: no (−∞) − (−∞). NaN stays NaN."""
-    return array_namespace(m).where(m == -float("inf"), 0.0, m)
+    return array_namespace(m).where(m == -float("inf"), 0.0, m)  # m = −∞ (no entry yet): no (−∞) − (−∞)
 
 
 def safe_divisor(total: Array) -> Array:
-    """A row sum ℓ with 0 (every entry −∞) replaced by 1: such a row divides 0 by 1."""
-    return array_namespace(total).where(total == 0, 1.0, total)
+    return array_namespace(total).where(total == 0, 1.0, total)  # ℓ = 0 (every entry −∞): 0 / 1
 
 
 def safe_log(total: Array) -> Array:
-    """log ℓ with log 0 = −∞ (every entry −∞), without a divide-by-zero warning."""
     xp = array_namespace(total)
-    return xp.where(total == 0, -xp.inf, xp.log(safe_divisor(total)))
+    return xp.where(total == 0, -xp.inf, xp.log(safe_divisor(total)))  # log 0 = −∞, without a warning
 
 
 def stable_softmax(x: Array, axis: int = -1) -> Array:
