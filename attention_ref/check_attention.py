@@ -445,14 +445,14 @@ def _additive_reference(query, keys, W_a, U_a, v_a, mask=None):
 
 
 def _additive_build(*, ints=False, several=False, mask=None, v_size=1.0):
-    def build(rng, dtype, S, Dq, Dk, A, B=None, L=None):
+    def build(rng, dtype, S, Dq, Dk, Da, B=None, L=None):
         gen = (lambda shape: small_ints(rng, shape, dtype, -1, 1)) if ints else (lambda shape: randn(rng, shape, dtype))
         lead = () if B is None else (B,)
         q_shape = lead + ((L,) if several else ()) + (Dq,)
         k_shape = lead + ((1,) if several else ()) + (S, Dk)
         query, keys = gen(q_shape), gen(k_shape)
-        W_a, U_a = gen((Dq, A)), gen((Dk, A))
-        v_a = (gen((A,)) * v_size).astype(dtype)
+        W_a, U_a = gen((Dq, Da)), gen((Dk, Da))
+        v_a = (gen((Da,)) * v_size).astype(dtype)
         kwargs = {}
         if mask is not None:
             m = bool_mask(rng, B or 1, S, fully_masked_row=(mask == "fully"))
@@ -474,17 +474,17 @@ def _has_mask(call):
 
 
 _ADDITIVE_CASES = [
-    Case("tiny hand-checkable example (one query)", _additive_build(ints=True), dict(S=3, Dq=2, Dk=2, A=2)),
-    Case("random sizes, Dq ≠ Dk", _additive_build(), dict(S=6, Dq=3, Dk=4, A=5)),
-    Case("a batch of queries (B, Dq) with keys (B, S, Dk)", _additive_build(), dict(S=5, Dq=3, Dk=4, A=3, B=2)),
+    Case("tiny hand-checkable example (one query)", _additive_build(ints=True), dict(S=3, Dq=2, Dk=2, Da=2)),
+    Case("random sizes, Dq ≠ Dk", _additive_build(), dict(S=6, Dq=3, Dk=4, Da=5)),
+    Case("a batch of queries (B, Dq) with keys (B, S, Dk)", _additive_build(), dict(S=5, Dq=3, Dk=4, Da=3, B=2)),
     Case("several queries at once (B, L, Dq) with keys (B, 1, S, Dk)", _additive_build(several=True),
-         dict(S=5, Dq=3, Dk=4, A=3, B=2, L=3)),
-    Case("float32 stays float32", _additive_build(), dict(S=5, Dq=3, Dk=4, A=3), dtype="float32"),
-    Case("float32, large scores (overflow)", _additive_build(v_size=200.0), dict(S=6, Dq=3, Dk=4, A=4),
+         dict(S=5, Dq=3, Dk=4, Da=3, B=2, L=3)),
+    Case("float32 stays float32", _additive_build(), dict(S=5, Dq=3, Dk=4, Da=3), dtype="float32"),
+    Case("float32, large scores (overflow)", _additive_build(v_size=200.0), dict(S=6, Dq=3, Dk=4, Da=4),
          **LARGE_LOGITS),
-    Case("boolean mask (B, S), True = attend", _additive_build(mask="bool"), dict(S=5, Dq=3, Dk=4, A=3, B=3)),
+    Case("boolean mask (B, S), True = attend", _additive_build(mask="bool"), dict(S=5, Dq=3, Dk=4, Da=3, B=3)),
     Case("a fully masked row gives zero weights and context", _additive_build(mask="fully"),
-         dict(S=4, Dq=3, Dk=2, A=3, B=2)),
+         dict(S=4, Dq=3, Dk=2, Da=3, B=2)),
 ]
 
 
@@ -506,7 +506,7 @@ register(
         mistakes=[
             Mistake("tanh missing", "Bahdanau's score is e_j = v_aᵀ tanh(W_a s + U_a h_j): the tanh "
                     "makes the alignment model a one-hidden-layer network.", _additive_variant(tanh=False)),
-            Mistake("W_a and U_a swapped", "W_a projects the query s (Dq × A), U_a the keys h_j (Dk × A).",
+            Mistake("W_a and U_a swapped", "W_a projects the query s (Dq × Da), U_a the keys h_j (Dk × Da).",
                     _additive_variant(swap=True), probe=lambda s: {**s, "Dq": s["Dk"]}),
             Mistake("context built from the projected keys", "the context is c = Σ_j α_j h_j over the "
                     "keys themselves (the annotations h_j), not over U_a h_j.",

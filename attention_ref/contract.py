@@ -46,14 +46,14 @@ def check_mask(name: str, mask: Any, shape: Shape, kinds: tuple[str, ...] = ("bo
 
 
 def check_attention(query: Any, key: Any, value: Any, attn_mask: Any = None, enable_gqa: Any = False) -> None:
-    """query (..., Hq, L, E), key and value (..., H, S, E | Ev) as SDPA takes them (H | Hq: GQA)."""
+    """query (..., H, L, E), key and value (..., Hkv, S, E | Ev) as SDPA takes them (Hkv | H: GQA)."""
     check_float_arrays(2, "(..., L, E)", query=query, key=key, value=value)
     check_bool(enable_gqa=enable_gqa)
-    hq, h = (query.shape[-3], key.shape[-3]) if min(query.ndim, key.ndim) > 2 else (1, 1)
+    h, hkv = (query.shape[-3], key.shape[-3]) if min(query.ndim, key.ndim) > 2 else (1, 1)
     for wrong, rule in ((not query.ndim == key.ndim == value.ndim, "query, key and value must have the same rank"),
                         (query.shape[-1] != key.shape[-1], "query and key must share the feature size E"),
                         (key.shape[:-1] != value.shape[:-1], "key and value must share (..., S)"),
-                        (query.shape[:-3] != key.shape[:-3] or (hq != h and not (enable_gqa and h and hq % h == 0)),
+                        (query.shape[:-3] != key.shape[:-3] or (h != hkv and not (enable_gqa and hkv and h % hkv == 0)),
                          "query and key must share (..., heads), or be a multiple of them with enable_gqa=True")):
         if wrong:
             raise ValueError(f"{rule}: query {tuple(query.shape)}, key {tuple(key.shape)}, value {tuple(value.shape)}")
@@ -62,7 +62,7 @@ def check_attention(query: Any, key: Any, value: Any, attn_mask: Any = None, ena
 
 
 def check_gradients(query: Any, value: Any, out: Any, lse: Any, grad_out: Any) -> None:
-    """out = O and grad_out = dO (..., Hq, L, Ev) of query's dtype, lse = λ (..., Hq, L)."""
+    """out = O and grad_out = dO (..., H, L, Ev) of query's dtype, lse = λ (..., H, L)."""
     check_float_arrays(query=query, out=out, grad_out=grad_out)
     check_float_arrays(lse=lse)  # λ is kept in the compute dtype (float32 for float16 inputs)
     for name, x, shape in (("out", out, (*query.shape[:-1], value.shape[-1])),

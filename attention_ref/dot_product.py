@@ -27,21 +27,21 @@ def default_scale(E: int) -> float:
 
 
 def attention_arrays(query: Array, key: Array, value: Array, attn_mask: Array | None = None) -> tuple[Array, ...]:
-    """q, k, v in the compute dtype, GQA's key/value heads repeated, the mask broadcast to (..., Hq, L, S).
+    """q, k, v in the compute dtype, GQA's key/value heads repeated, the mask broadcast to (..., H, L, S).
 
     float16 runs in float32 (its logits overflow at 65504); query head i reads key/value head
-    i // (Hq / H), as PyTorch's repeat_interleave.
+    i // (H / Hkv), as PyTorch's repeat_interleave.
     """
     xp = array_namespace(query, key, value)
     work = xp.float32 if query.dtype == getattr(xp, "float16", None) else query.dtype
     q, k, v = (xp.astype(x, work, copy=False) for x in (query, key, value))
-    if q.ndim > 2 and k.shape[-3] != q.shape[-3]:  # each key/value head Hq / H times, in place
+    if q.ndim > 2 and k.shape[-3] != q.shape[-3]:  # each key/value head H / Hkv times, in place
         k, v = (xp.repeat(x, q.shape[-3] // x.shape[-3], axis=-3) for x in (k, v))
     return q, k, v, None if attn_mask is None else xp.broadcast_to(attn_mask, (*q.shape[:-1], k.shape[-2]))
 
 
 def sum_kv_heads(grad: Array, like: Array) -> Array:
-    """The gradient of GQA's repeated heads: (..., Hq, S, ·) summed to the H heads of ``like``."""
+    """The gradient of GQA's repeated heads: (..., H, S, ·) summed to the Hkv heads of ``like``."""
     if grad.ndim < 3 or grad.shape[-3] == like.shape[-3]:
         return grad
     xp = array_namespace(grad)
@@ -72,9 +72,9 @@ def scaled_dot_product_attention(
 ) -> Array | tuple[Array, Array]:
     """O = softmax(τ Q Kᵀ + Δ) V (Vaswani et al. 2017, eq. 1), as PyTorch's function of that name.
 
-    query (..., Hq, L, E), key (..., H, S, E), value (..., H, S, Ev) → O (..., Hq, L, Ev); attn_mask
+    query (..., H, L, E), key (..., Hkv, S, E), value (..., Hkv, S, Ev) → O (..., H, L, Ev); attn_mask
     A (bool, True = attend) or Δ (float, added); is_causal: A = tril(ones(L, S)); τ = scale or 1/√E;
-    enable_gqa: query head i reads key/value head i // (Hq / H); dropout_p: P's entries dropped by
+    enable_gqa: query head i reads key/value head i // (H / Hkv); dropout_p: P's entries dropped by
     rng. No key seen: O = 0 (NaN if fully_masked="nan"). Returns O, and P if return_weights.
     Export with ``python -m attention_ref.export scaled_dot_product_attention``.
     """

@@ -135,10 +135,10 @@ def forward_fa1(q: Array, k: Array, v: Array, mask: Array | None, scale: float, 
             if state == "skip" or (block_mask is not None and not block_mask[bi][bj]):
                 continue
             q_i, o_i, l_i, m_i = (x[..., i0:i1, :] for x in (q, O, ell, m))  # line 9: load them
-            # lines 10–11: S = τ Q_i K_jᵀ, MASK(S)
+            # lines 10–11: Z = τ Q_i K_jᵀ, MASK(Z) (the paper's S)
             a_ij = None if mask is None else mask[..., i0:i1, j0:j1]
             z = attention_logits(q_i, k_j, a_ij, scale, band if state == "partial" else None, i0, j0)
-            # line 12: m̃ = rowmax(S), P̃ = e^{S − m̃}, ℓ̃ = rowsum(P̃)
+            # line 12: m̃ = rowmax(Z), P̃ = e^{Z − m̃}, ℓ̃ = rowsum(P̃)
             m_t = xp.max(z, axis=-1, keepdims=True)
             p = xp.exp(z - safe_shift(m_t))
             l_t = xp.sum(p, axis=-1, keepdims=True)
@@ -182,9 +182,9 @@ def backward_fa2(q: Array, k: Array, v: Array, o: Array, lse: Array, do: Array, 
             p = xp.exp(z - lse[..., i0:i1, :])  # line 11: P = e^{Z − λ_i}
             dv_j = dv_j + xp.matmul(xp.matrix_transpose(p), do_i)  # line 12: dV_j += Pᵀ dO_i
             dp = xp.matmul(do_i, xp.matrix_transpose(v_j))  # line 13: dP = dO_i V_jᵀ
-            ds = p * (dp - D[..., i0:i1, :])  # line 14: dS = P ∘ (dP − D_i)
-            dq[..., i0:i1, :] = dq[..., i0:i1, :] + scale * xp.matmul(ds, k_j)  # line 15: dQ_i += τ dS K_j
-            dk_j = dk_j + scale * xp.matmul(xp.matrix_transpose(ds), q_i)  # line 16: dK_j += τ dSᵀ Q_i
+            dz = p * (dp - D[..., i0:i1, :])  # line 14: dZ = P ∘ (dP − D_i) (the paper's dS)
+            dq[..., i0:i1, :] = dq[..., i0:i1, :] + scale * xp.matmul(dz, k_j)  # line 15: dQ_i += τ dZ K_j
+            dk_j = dk_j + scale * xp.matmul(xp.matrix_transpose(dz), q_i)  # line 16: dK_j += τ dZᵀ Q_i
         dk[..., j0:j1, :], dv[..., j0:j1, :] = dk_j, dv_j  # line 18: write dK_j, dV_j to HBM
     return dq, dk, dv
 
@@ -259,12 +259,12 @@ def flash_attention(
 ) -> Array | tuple[Any, ...]:
     """O = softmax(τ Q Kᵀ + Δ) V tile by tile, never forming the L × S matrix (FlashAttention).
 
-    query (..., Hq, L, E), key and value (..., H, S, E | Ev), attn_mask, scale and enable_gqa as in
+    query (..., H, L, E), key and value (..., Hkv, S, E | Ev), attn_mask, scale and enable_gqa as in
     scaled_dot_product_attention; tiles of block_q × block_k (any L, S). is_causal and window = (left,
     right) (None: unbounded), aligned by causal_alignment ("top_left" as PyTorch, "bottom_right" as
     flash-attn), combine with attn_mask and skip the tiles they hide, as does block_mask (⌈L/block_q⌉,
     ⌈S/block_k⌉) where False. algorithm: "fa2" (Dao 2023) or "fa1" (Dao et al. 2022); backend="numba":
-    the kernels of attention_ref.flash_numba. Returns O (..., Hq, L, Ev), then λ (..., Hq, L) with
+    the kernels of attention_ref.flash_numba. Returns O (..., H, L, Ev), then λ (..., H, L) with
     return_lse (−∞ where no key is seen: O is 0 there), then a TileStats with return_stats.
     Export with ``python -m attention_ref.export flash_attention``.
     """
@@ -301,9 +301,9 @@ def flash_attention_backward(
 ) -> tuple[Array, Array, Array]:
     """Gradients dQ, dK, dV of flash_attention, recomputing P tile by tile from λ (FA-2 Alg. 2).
 
-    out = O and lse = λ from flash_attention(..., return_lse=True), grad_out = dO (..., Hq, L, Ev);
-    every other argument as in that call. Per tile P = e^{Z − λ}, dV += Pᵀ dO, dS = P ∘ (dO Vᵀ − D)
-    with D = rowsum(dO ∘ O), dQ += τ dS K, dK += τ dSᵀ Q; a row that sees no key gets 0, and GQA's
+    out = O and lse = λ from flash_attention(..., return_lse=True), grad_out = dO (..., H, L, Ev);
+    every other argument as in that call. Per tile P = e^{Z − λ}, dV += Pᵀ dO, dZ = P ∘ (dO Vᵀ − D)
+    with D = rowsum(dO ∘ O), dQ += τ dZ K, dK += τ dZᵀ Q; a row that sees no key gets 0, and GQA's
     query heads that share a key/value head sum their dK, dV. Returns dq, dk, dv like query, key, value.
     Export with ``python -m attention_ref.export flash_attention_backward``.
     """
@@ -334,7 +334,7 @@ def attention_backward(
 
     Shapes and options as :func:`flash_attention_backward`. This is the standard backward pass
     (FA-1 Algorithm 3), kept to check the tiled one against: P = softmax(Z); dV = Pᵀ dO;
-    dP = dO Vᵀ; dS = P ∘ (dP − rowsum(P ∘ dP)); dQ = τ dS K; dK = τ dSᵀ Q. Returns dq, dk, dv.
+    dP = dO Vᵀ; dZ = P ∘ (dP − rowsum(P ∘ dP)); dQ = τ dZ K; dK = τ dZᵀ Q. Returns dq, dk, dv.
     Export with ``python -m attention_ref.export attention_backward``.
     """
     check_attention(query, key, value, attn_mask, enable_gqa)
@@ -348,8 +348,8 @@ def attention_backward(
     do = xp.astype(grad_out, q.dtype, copy=False)
     dv = xp.matmul(xp.matrix_transpose(P), do)
     dp = xp.matmul(do, xp.matrix_transpose(v))
-    ds = P * (dp - xp.sum(P * dp, axis=-1, keepdims=True))
-    dq, dk = tau * xp.matmul(ds, k), tau * xp.matmul(xp.matrix_transpose(ds), q)
+    dz = P * (dp - xp.sum(P * dp, axis=-1, keepdims=True))
+    dq, dk = tau * xp.matmul(dz, k), tau * xp.matmul(xp.matrix_transpose(dz), q)
     return tuple(xp.astype(g, query.dtype) for g in (dq, sum_kv_heads(dk, key), sum_kv_heads(dv, value)))
 
 
@@ -395,7 +395,7 @@ def attention_weights_from_lse(
 ) -> Array:
     """Rebuild the full attention weights P = e^{Z − λ} from the saved logsumexp λ.
 
-    Shapes: query (..., Hq, L, E), key (..., H, S, E), lse (..., Hq, L) → P (..., Hq, L, S). This is
+    Shapes: query (..., H, L, E), key (..., Hkv, S, E), lse (..., H, L) → P (..., H, L, S). This is
     what the backward pass recomputes tile by tile (FA-2 Alg. 2, line 11); here the whole matrix is
     formed on purpose, for pictures and checks.
     Export with ``python -m attention_ref.export attention_weights_from_lse``.
