@@ -365,8 +365,11 @@ def export(name: str) -> str:
     if omitted:
         header += "# left out here (the package has them): " + "; ".join(dict.fromkeys(omitted)) + "\n"
     header += "".join(imp + "\n" for imp in ["import numpy as np", *_imports(parts, cache)])
-    body = "\n\n".join((CHECKS_COMMENT + "\n" if m.name == CHECKS and (i == 0 or definitions[i - 1][0].name != CHECKS)
-                         else "") + _text(m, r, name).rstrip("\n") for i, (m, r) in enumerate(definitions))
+    texts = [_text(m, r, name).rstrip("\n") for m, r in definitions]
+    checks = [i for i, (m, _) in enumerate(definitions) if m.name == CHECKS]  # the last ones (_closure)
+    if checks:
+        texts[checks[0]] = CHECKS_COMMENT + "\n" + texts[checks[0]]
+    body = "\n\n".join(texts)
     consts = "".join(_text(m, r, name).rstrip("\n") + "\n" for m, r in constants)
     return header + "\n" + (consts + "\n" if consts else "") + body + "\n"
 

@@ -88,7 +88,7 @@ def causal_mask(L: int, S: int, alignment: str = "top_left", *, xp: ModuleType |
     its future.
 
     Returns a boolean (L, S) array, True = attend. ``alignment`` is ``"top_left"`` (j ≤ i) or
-    ``"bottom_right"`` (j ≤ i + S − L); see the module docstring.
+    ``"bottom_right"`` (j ≤ i + S − L), as the docstring of ``attention_ref.masks`` explains.
     Export with ``python -m attention_ref.export causal_mask``.
     """
     L, S = check_int("L", L), check_int("S", S)
