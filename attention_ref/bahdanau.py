@@ -34,8 +34,8 @@ from typing import Any
 
 from array_api_compat import array_namespace
 
-from .contract import check_choice, check_float_array, check_mask, check_same_dtype
-from .softmax import masked_softmax, softmax
+from .contract import check_choice, check_float_arrays
+from .softmax import masked_softmax, stable_softmax
 
 Array = Any
 
@@ -56,16 +56,16 @@ __all__ = [
 # ----------------------------------------------------------------------------------------------
 def _check_matrix(name: str, w: Array, rows: int | None, cols: int | None, shape_doc: str) -> None:
     """A floating (rows, cols) weight matrix (None: any size)."""
-    check_float_array(name, w)
+    check_float_arrays(**{name: w})
     if w.ndim != 2 or w.shape[0] != (rows or w.shape[0]) or w.shape[1] != (cols or w.shape[1]):
         raise ValueError(f"{name} must have shape {shape_doc}, got shape {tuple(w.shape)}")
 
 
 def _check_vector(name: str, v: Array, size: int) -> None:
     """A floating vector (size,)."""
-    check_float_array(name, v)
+    check_float_arrays(**{name: v})
     if v.ndim != 1 or v.shape[0] != size:
-        raise ValueError(f"{name} must have shape (A={size},), got shape {tuple(v.shape)}")
+        raise ValueError(f"{name} must have shape (Da={size},), got shape {tuple(v.shape)}")
 
 
 def _check_leading(a_name: str, a: Array, a_doc: str, b_name: str, b: Array, b_doc: str, a_cut: int, b_cut: int) -> None:
@@ -79,13 +79,12 @@ def _check_leading(a_name: str, a: Array, a_doc: str, b_name: str, b: Array, b_d
 def _weights(scores: Array, mask: Array | None) -> Array:
     """α = softmax(e) over the last axis; where ``mask`` (True = attend) is False, exactly 0."""
     if mask is None:
-        return softmax(scores)
-    check_mask("mask", mask, tuple(scores.shape), ("bool",))
-    return masked_softmax(scores, mask)
+        return stable_softmax(scores)
+    return masked_softmax(scores, mask)  # (checks the mask)
 
 
 def _weighted_sum(weights: Array, values: Array, xp: Any) -> Array:
-    """c = Σ_j α_j v_j: weights (..., S), values (..., S, D) -> (..., D)."""
+    """c = Σ_j α_j v_j: weights (..., S), values (..., S, Dv) -> (..., Dv)."""
     return xp.matmul(xp.expand_dims(weights, axis=-2), values)[..., 0, :]
 
 
@@ -100,30 +99,30 @@ def additive_score(
     Shapes (leading dimensions ``...`` broadcast between ``query`` and ``keys``):
         query:  (..., Dq)      the previous decoder state s_{i-1}
         keys:   (..., S, Dk)   the encoder annotations h_j
-        W_a:    (Dq, A)        U_a: (Dk, A)        v_a: (A,)
-        projected_keys: optional (..., S, A), the query-independent part ``keys @ U_a``
+        W_a:    (Dq, Da)       U_a: (Dk, Da)       v_a: (Da,)   (Da: the alignment model's size)
+        projected_keys: optional (..., S, Da), the query-independent part ``keys @ U_a``
             computed once per sentence (it is computed here when omitted).
 
     Returns the unnormalised scores e of shape (..., S).
     Export with ``python -m attention_ref.export additive_score``.
     """
-    check_float_array("query", query, 1, "(..., Dq)")
-    check_float_array("keys", keys, 2, "(..., S, Dk)")
-    _check_matrix("W_a", W_a, query.shape[-1], None, f"(Dq={query.shape[-1]}, A)")
-    A = W_a.shape[1]
-    _check_matrix("U_a", U_a, keys.shape[-1], A, f"(Dk={keys.shape[-1]}, A={A})")
-    _check_vector("v_a", v_a, A)
+    check_float_arrays(1, "(..., Dq)", query=query)
+    check_float_arrays(2, "(..., S, Dk)", keys=keys)
+    _check_matrix("W_a", W_a, query.shape[-1], None, f"(Dq={query.shape[-1]}, Da)")
+    Da = W_a.shape[1]
+    _check_matrix("U_a", U_a, keys.shape[-1], Da, f"(Dk={keys.shape[-1]}, Da={Da})")
+    _check_vector("v_a", v_a, Da)
     _check_leading("query", query, "(..., Dq)", "keys", keys, "(..., S, Dk)", 1, 2)
-    arrays = (query, keys, W_a, U_a, v_a) + (() if projected_keys is None else (projected_keys,))
-    check_same_dtype("query, keys, W_a, U_a, v_a" + (", projected_keys" if projected_keys is not None else ""), *arrays)
-    xp = array_namespace(*arrays)
+    given = {} if projected_keys is None else {"projected_keys": projected_keys}
+    check_float_arrays(query=query, keys=keys, W_a=W_a, U_a=U_a, v_a=v_a, **given)
+    xp = array_namespace(query, keys, W_a, U_a, v_a, *given.values())
     if projected_keys is None:
-        projected_keys = xp.matmul(keys, U_a)  # U_a h_j for every j: (..., S, A)
-    elif tuple(projected_keys.shape) != (*keys.shape[:-1], A):
-        raise ValueError(f"projected_keys must have shape {(*keys.shape[:-1], A)} (keys @ U_a), "
+        projected_keys = xp.matmul(keys, U_a)  # U_a h_j for every j: (..., S, Da)
+    elif tuple(projected_keys.shape) != (*keys.shape[:-1], Da):
+        raise ValueError(f"projected_keys must have shape {(*keys.shape[:-1], Da)} (keys @ U_a), "
                          f"got {tuple(projected_keys.shape)}")
-    projected_query = xp.expand_dims(xp.matmul(query, W_a), axis=-2)  # W_a s: (..., 1, A)
-    hidden = xp.tanh(projected_query + projected_keys)  # (..., S, A)
+    projected_query = xp.expand_dims(xp.matmul(query, W_a), axis=-2)  # W_a s: (..., 1, Da)
+    hidden = xp.tanh(projected_query + projected_keys)  # (..., S, Da)
     return xp.matmul(hidden, xp.expand_dims(v_a, axis=-1))[..., 0]  # v_aᵀ tanh(.): (..., S)
 
 
@@ -139,10 +138,10 @@ def additive_attention(
     queries at once give ``query`` (..., L, Dq) and ``keys`` (..., 1, S, Dk)):
         query:  (..., Dq)      the previous decoder state s_{i-1}
         keys:   (..., S, Dk)   the encoder annotations h_j (they are also the values)
-        W_a:    (Dq, A)        U_a: (Dk, A)        v_a: (A,)
+        W_a:    (Dq, Da)       U_a: (Dk, Da)       v_a: (Da,)   (Da: the alignment model's size)
         mask:   optional bool, broadcastable to (..., S); True = attend. Masked (e.g. padded)
             positions get weight exactly 0; a fully masked row (or S = 0) gives zero weights and context.
-        projected_keys: optional (..., S, A) = ``keys @ U_a``, precomputed once per sentence.
+        projected_keys: optional (..., S, Da) = ``keys @ U_a``, precomputed once per sentence.
 
     Returns ``(context, weights)``: context (..., Dk), weights (..., S), in the inputs' dtype.
     Export with ``python -m attention_ref.export additive_attention``.
@@ -155,25 +154,23 @@ def additive_attention(
 # ----------------------------------------------------------------------------------------------
 # Luong scores
 # ----------------------------------------------------------------------------------------------
-def _check_luong(h_t: Array, h_s: Array, *weights: tuple[str, Array]) -> None:
+def _check_luong(h_t: Array, h_s: Array, **weights: Array) -> None:
     """h_t (..., Dt), h_s (..., S, Ds) and the weights, floating arrays of one dtype."""
-    check_float_array("h_t", h_t, 1, "(..., Dt)")
-    check_float_array("h_s", h_s, 2, "(..., S, Ds)")
-    for name, w in weights:
-        check_float_array(name, w)
-    check_same_dtype(", ".join(("h_t", "h_s", *(n for n, _ in weights))), h_t, h_s, *(w for _, w in weights))
+    check_float_arrays(1, "(..., Dt)", h_t=h_t)
+    check_float_arrays(2, "(..., S, Ds)", h_s=h_s)
+    check_float_arrays(h_t=h_t, h_s=h_s, **weights)
 
 
 def luong_dot_score(h_t: Array, h_s: Array) -> Array:
     """Luong's *dot* score h_tᵀ h̄_s (Luong et al. 2015, eq. 8, first line).
 
-    Shapes: h_t (..., D) the current decoder state; h_s (..., S, D) the encoder states.
-    Returns the scores (..., S). There is no 1/√D scaling (that comes with Vaswani et al. 2017).
+    Shapes: h_t (..., Ds) the current decoder state; h_s (..., S, Ds) the encoder states.
+    Returns the scores (..., S). There is no scale (τ = 1/√E comes with Vaswani et al. 2017).
     Export with ``python -m attention_ref.export luong_dot_score``.
     """
     _check_luong(h_t, h_s)
     if h_t.shape[-1] != h_s.shape[-1]:
-        raise ValueError(f"the dot score needs h_t (..., D) and h_s (..., S, D) with the same D, got shapes "
+        raise ValueError(f"the dot score needs h_t (..., Ds) and h_s (..., S, Ds) with the same Ds, got shapes "
                          f"{tuple(h_t.shape)} and {tuple(h_s.shape)}")
     xp = array_namespace(h_t, h_s)
     return xp.matmul(h_s, xp.expand_dims(h_t, axis=-1))[..., 0]
@@ -185,7 +182,7 @@ def luong_general_score(h_t: Array, h_s: Array, W_a: Array) -> Array:
     Shapes: h_t (..., Dt); h_s (..., S, Ds); W_a (Dt, Ds). Returns the scores (..., S).
     Export with ``python -m attention_ref.export luong_general_score``.
     """
-    _check_luong(h_t, h_s, ("W_a", W_a))
+    _check_luong(h_t, h_s, W_a=W_a)
     _check_matrix("W_a", W_a, h_t.shape[-1], h_s.shape[-1], f"(Dt={h_t.shape[-1]}, Ds={h_s.shape[-1]})")
     xp = array_namespace(h_t, h_s, W_a)
     projected = xp.matmul(h_t, W_a)  # h_tᵀ W_a: (..., Ds)
@@ -195,19 +192,19 @@ def luong_general_score(h_t: Array, h_s: Array, W_a: Array) -> Array:
 def luong_concat_score(h_t: Array, h_s: Array, W_a: Array, v_a: Array) -> Array:
     """Luong's *concat* score v_aᵀ tanh(W_a [h_t; h̄_s]) (Luong et al. 2015, eq. 8, third line).
 
-    Shapes: h_t (..., Dt); h_s (..., S, Ds); W_a (Dt + Ds, A) acting on the concatenation
-    [h_t; h̄_s] (rows 0..Dt-1 multiply h_t); v_a (A,). Returns the scores (..., S).
+    Shapes: h_t (..., Dt); h_s (..., S, Ds); W_a (Dt + Ds, Da) acting on the concatenation
+    [h_t; h̄_s] (rows 0..Dt-1 multiply h_t); v_a (Da,). Returns the scores (..., S).
     This is Bahdanau's additive score with [W_a; U_a] stacked into one matrix.
     Export with ``python -m attention_ref.export luong_concat_score``.
     """
-    _check_luong(h_t, h_s, ("W_a", W_a), ("v_a", v_a))
+    _check_luong(h_t, h_s, W_a=W_a, v_a=v_a)
     Dt, Ds = h_t.shape[-1], h_s.shape[-1]
-    _check_matrix("W_a", W_a, Dt + Ds, None, f"(Dt + Ds={Dt + Ds}, A)")
+    _check_matrix("W_a", W_a, Dt + Ds, None, f"(Dt + Ds={Dt + Ds}, Da)")
     _check_vector("v_a", v_a, W_a.shape[1])
     xp = array_namespace(h_t, h_s, W_a, v_a)
     # W_a [h_t; h_s] = h_t @ W_a[:Dt] + h_s @ W_a[Dt:], without building the concatenation
-    from_t = xp.expand_dims(xp.matmul(h_t, W_a[:Dt, :]), axis=-2)  # (..., 1, A)
-    from_s = xp.matmul(h_s, W_a[Dt:, :])  # (..., S, A)
+    from_t = xp.expand_dims(xp.matmul(h_t, W_a[:Dt, :]), axis=-2)  # (..., 1, Da)
+    from_s = xp.matmul(h_s, W_a[Dt:, :])  # (..., S, Da)
     hidden = xp.tanh(from_t + from_s)
     return xp.matmul(hidden, xp.expand_dims(v_a, axis=-1))[..., 0]
 
@@ -223,7 +220,7 @@ def luong_score(h_t: Array, h_s: Array, method: str = "dot", W_a: Array | None =
     if method == "general" and W_a is None:
         raise TypeError("method='general' needs W_a of shape (Dt, Ds)")
     if method == "concat" and (W_a is None or v_a is None):
-        raise TypeError("method='concat' needs W_a of shape (Dt + Ds, A) and v_a of shape (A,)")
+        raise TypeError("method='concat' needs W_a of shape (Dt + Ds, Da) and v_a of shape (Da,)")
     if method == "dot":
         return luong_dot_score(h_t, h_s)
     return luong_general_score(h_t, h_s, W_a) if method == "general" else luong_concat_score(h_t, h_s, W_a, v_a)
@@ -245,16 +242,16 @@ def luong_attention(h_t: Array, h_s: Array, method: str = "dot", W_a: Array | No
 def luong_attentional_state(context: Array, h_t: Array, W_c: Array) -> Array:
     """Luong's attentional hidden state h̃_t = tanh(W_c [c_t; h_t]) (Luong et al. 2015, eq. 5).
 
-    Shapes: context (..., Dc); h_t (..., Dt); W_c (Dc + Dt, D) acting on the concatenation
-    [c_t; h_t] (rows 0..Dc-1 multiply the context). Returns h̃_t of shape (..., D); the output
+    Shapes: context (..., Dc); h_t (..., Dt); W_c (Dc + Dt, Dh) acting on the concatenation
+    [c_t; h_t] (rows 0..Dc-1 multiply the context). Returns h̃_t of shape (..., Dh); the output
     distribution is then softmax(h̃_t @ W_s) (eq. 6).
     Export with ``python -m attention_ref.export luong_attentional_state``.
     """
-    check_float_array("context", context, 1, "(..., Dc)")
-    check_float_array("h_t", h_t, 1, "(..., Dt)")
+    check_float_arrays(1, "(..., Dc)", context=context)
+    check_float_arrays(1, "(..., Dt)", h_t=h_t)
     Dc, Dt = context.shape[-1], h_t.shape[-1]
-    _check_matrix("W_c", W_c, Dc + Dt, None, f"(Dc + Dt={Dc + Dt}, D)")
-    check_same_dtype("context, h_t and W_c", context, h_t, W_c)
+    _check_matrix("W_c", W_c, Dc + Dt, None, f"(Dc + Dt={Dc + Dt}, Dh)")
+    check_float_arrays(context=context, h_t=h_t, W_c=W_c)
     _check_leading("context", context, "(..., Dc)", "h_t", h_t, "(..., Dt)", 1, 1)
     xp = array_namespace(context, h_t, W_c)
     return xp.tanh(xp.matmul(context, W_c[:Dc, :]) + xp.matmul(h_t, W_c[Dc:, :]))

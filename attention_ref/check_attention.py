@@ -158,6 +158,153 @@ def _naive_attention(p: SDPAParts, q, k, v):
     return Candidates([(e / total) @ v, (e / np.where(total > 0, total, 1)) @ v])
 
 
+def _always(p: SDPAParts) -> bool:
+    return True
+
+
+def _has_bool_mask(p: SDPAParts) -> bool:
+    return p.mask is not None and p.mask.dtype == bool
+
+
+def _square_probe(sizes):
+    """Shrink with E = S, so that K Kᵀ-shaped mistakes (K not transposed) still run."""
+    return {**sizes, "E": sizes["S"]} if "E" in sizes and "S" in sizes else sizes
+
+
+def _ls_probe(sizes):
+    """Shrink with L = S, so that mistakes that swap queries and keys still run."""
+    return {**sizes, "L": sizes["S"]} if "L" in sizes and "S" in sizes else sizes
+
+
+def _k_untransposed(p: SDPAParts):
+    return attention_variant_logits(p, p.q @ p.k)
+
+
+def _qk_swapped(p: SDPAParts):
+    z = p.tau * (np.asarray(p.k, np.float64) @ np.swapaxes(np.asarray(p.q, np.float64), -1, -2))
+    if p.bias is not None:
+        z = z + p.bias
+    w = softmax64(z, -1, None if p.allowed is None else np.broadcast_to(p.allowed, z.shape))
+    return (w @ np.asarray(p.v, np.float64)).astype(p.q.dtype)
+
+
+def _dot_t(p: SDPAParts):
+    """``.T`` on a batched key, which reverses every axis (only defined beyond 2-D)."""
+    return None if p.q.ndim <= 2 else attention_variant_logits(p, p.q @ p.k.T)
+
+
+def _mask_swapped(p: SDPAParts, padding: bool):
+    """attn_mask applied with its last two axes swapped, L = S: a key-padding mask (..., 1, S) used
+    on the queries (``padding``), or a full (L, S) mask transposed."""
+    m = p.mask
+    if m is None or m.dtype != bool or m.ndim < 2 or (m.shape[-2] == 1) != padding or p.q.shape[-2] != p.k.shape[-2]:
+        return None
+    return p.attend(allowed=np.swapaxes(m, -1, -2))
+
+
+def _fully_masked(fill: str):
+    """The rows whose keys are all masked filled with NaN (``fill="nan"``) or with the mean of V, as
+    −1e9 instead of −∞ gives (``fill="mean"``)."""
+
+    def make(p: SDPAParts):
+        out = p.attend()
+        none_left = ~np.any(np.broadcast_to(p.allowed, out.shape[:-1] + (p.k.shape[-2],)), axis=-1)
+        if not none_left.any():
+            return None
+        if fill == "nan":
+            return np.where(none_left[..., None], np.nan, out).astype(p.q.dtype)
+        k, v = repeat_kv(p.q, p.k, p.v)
+        mean_v = np.broadcast_to(np.mean(np.asarray(v, np.float64), axis=-2, keepdims=True), out.shape)
+        return np.where(none_left[..., None], mean_v, out).astype(p.q.dtype)
+
+    return make
+
+
+def _core_mistakes(when) -> list[Mistake]:
+    """Scale, softmax axis, transposes and overflow: mistakes any attention core can make."""
+    return [
+        Mistake("no scale", "the logits must be scaled: Z = τ Q Kᵀ with τ = 1/√E (E = query.shape[-1]) "
+                "unless `scale` is given. Without it the softmax saturates as E grows.",
+                when(_always, lambda p: p.attend(scale=1.0 if p.scale is None else p.scale))),
+        Mistake("wrong scale: divided by E", "divide the logits by √E, not by E: τ = 1/√E.",
+                when(lambda p: p.scale is None, lambda p: p.attend(scale=1.0 / p.E))),
+        Mistake("wrong scale: multiplied by √E", "divide the logits by √E (τ = 1/√E), do not multiply.",
+                when(lambda p: p.scale is None, lambda p: p.attend(scale=math.sqrt(p.E)))),
+        Mistake("softmax over the wrong axis",
+                "the weights P must sum to 1 along each row, over the keys: softmax along axis −1 "
+                "of Z (L × S), not along the queries.",
+                when(_always, lambda p: p.attend(axis=-2))),
+        Mistake("K not transposed", "the logits are Q Kᵀ: (L × E) times (E × S). Use "
+                "`np.swapaxes(key, -1, -2)` (or `key.mT`).",
+                when(_always, _k_untransposed), probe=_square_probe),
+        Mistake("Q and K swapped", "Z = Q Kᵀ has one row per query (L × S); K Qᵀ has one row per key.",
+                when(_always, _qk_swapped), probe=_ls_probe),
+        Mistake("`.T` on a batched array", "`.T` reverses *every* axis of a 3-D or 4-D array; "
+                "transpose only the last two with `np.swapaxes(key, -1, -2)` (or `key.mT`).",
+                when(_always, _dot_t), match_errors=True),
+        Mistake("no max-subtraction", "e^z overflows for large logits (float32: z > 88) and inf/inf "
+                "gives NaN. Subtract each row's maximum before exponentiating.",
+                when(_always, lambda p: _naive_attention(p, p.q, p.k, p.v))),
+    ]
+
+
+def _attn_mask_mistakes(when) -> list[Mistake]:
+    """Mistakes with attn_mask: its convention, its axes and the rows it masks entirely."""
+    return [
+        Mistake("mask convention inverted (True = ignore)",
+                "a boolean attn_mask means True = *attend* (PyTorch's SDPA); "
+                "`torch.nn.MultiheadAttention` uses the opposite.",
+                when(_has_bool_mask, lambda p: p.attend(allowed=~np.asarray(p.mask)))),
+        Mistake("boolean mask added to the logits",
+                "a boolean mask selects keys (masked logits become −∞); only a float mask is added.",
+                when(_has_bool_mask, lambda p: p.attend(allowed=None, bias=np.asarray(p.mask, np.float64)))),
+        Mistake("logits multiplied by the mask",
+                "Z · mask makes masked logits 0, which still get weight e^0; set them to −∞.",
+                when(_has_bool_mask, lambda p: attention_variant_logits(
+                    p, p.q @ np.swapaxes(p.k, -1, -2), post=lambda z: z * p.mask, masked=False))),
+        Mistake("padding mask applied to queries instead of keys",
+                "a key-padding mask (..., 1, S) removes *keys* (columns of Z) for every query; "
+                "yours removed queries (rows).",
+                when(_always, lambda p: _mask_swapped(p, padding=True)), probe=_ls_probe),
+        Mistake("attn_mask transposed", "attn_mask[i, j] is about query i and key j: rows are "
+                "queries, columns keys (shape (L, S)).",
+                when(_always, lambda p: _mask_swapped(p, padding=False)), probe=_ls_probe),
+        Mistake("a fully masked row gives NaN",
+                "a query whose keys are all masked must get 0 (PyTorch's choice): guard the "
+                "0/0 of its softmax.",
+                when(lambda p: p.allowed is not None, _fully_masked("nan"))),
+        Mistake("masked logits set to a large finite number",
+                "−1e9 instead of −∞ gives a fully masked row the mean of V; this course returns 0.",
+                when(lambda p: p.allowed is not None, _fully_masked("mean"))),
+    ]
+
+
+def _causal_triu(p: SDPAParts):
+    """np.triu where np.tril was meant: the future (and the diagonal) instead of the past."""
+    L, S = p.q.shape[-2], p.k.shape[-2]
+    diagonal = np.eye(L, S, k=0 if p.causal_alignment == "top_left" else S - L, dtype=bool)
+    return p.attend(allowed=~causal(L, S, p.causal_alignment) | diagonal)
+
+
+def _causal_mistakes(when) -> list[Mistake]:
+    """Mistakes with is_causal: the alignment when L ≠ S, and triu for tril."""
+    return [
+        Mistake("causal mask aligned bottom-right where top-left was asked",
+                "is_causal=True is top-left (PyTorch): query i sees keys j ≤ i, "
+                "tril(ones(L, S)). Bottom-right, tril(ones(L, S), S − L), is for decoding.",
+                when(lambda p: p.causal_alignment == "top_left" and p.q.shape[-2] != p.k.shape[-2],
+                     lambda p: p.attend(allowed=causal(p.q.shape[-2], p.k.shape[-2], "bottom_right")))),
+        Mistake("causal mask aligned top-left where bottom-right was asked",
+                "bottom-right lines the last query up with the last key: query i sees keys "
+                "j ≤ i + S − L, tril(ones(L, S), S − L).",
+                when(lambda p: p.causal_alignment == "bottom_right" and p.q.shape[-2] != p.k.shape[-2],
+                     lambda p: p.attend(allowed=causal(p.q.shape[-2], p.k.shape[-2], "top_left")))),
+        Mistake("causal mask built with triu",
+                "np.triu keeps the *future*: with True = attend the causal mask is np.tril.",
+                when(lambda p: p.causal_alignment is not None, _causal_triu)),
+    ]
+
+
 def attention_mistakes(parts, *, has_scale=True, has_mask=True, has_causal=True) -> list[Mistake]:
     """The classic mistakes of the attention core; ``parts(call)`` reads a call as SDPAParts (or
     returns None where the battery's function does more than attention, see ``wrap``)."""
@@ -169,136 +316,15 @@ def attention_mistakes(parts, *, has_scale=True, has_mask=True, has_causal=True)
 
         return wrong
 
-    def always(p):
-        return True
-
-    def with_bool_mask(p):
-        return p.mask is not None and p.mask.dtype == bool
-
-    def causal_tl(p):
-        return p.causal_alignment == "top_left"
-
-    def square_probe(sizes):
-        return {**sizes, "E": sizes["S"]} if "E" in sizes and "S" in sizes else sizes
-
-    def ls_probe(sizes):
-        return {**sizes, "L": sizes["S"]} if "L" in sizes and "S" in sizes else sizes
-
-    def k_untransposed(p):
-        return attention_variant_logits(p, p.q @ p.k)
-
-    def qk_swapped(p):
-        z = p.tau * (np.asarray(p.k, np.float64) @ np.swapaxes(np.asarray(p.q, np.float64), -1, -2))
-        if p.bias is not None:
-            z = z + p.bias
-        w = softmax64(z, -1, None if p.allowed is None else np.broadcast_to(p.allowed, z.shape))
-        return (w @ np.asarray(p.v, np.float64)).astype(p.q.dtype)
-
-    def dot_t(p):
-        if p.q.ndim <= 2:
-            return None
-        return attention_variant_logits(p, p.q @ p.k.T)
-
-    def query_padding(p):
-        m = p.mask
-        if m is None or m.dtype != bool or m.ndim < 2 or m.shape[-2] != 1 or p.q.shape[-2] != p.k.shape[-2]:
-            return None
-        return p.attend(allowed=np.swapaxes(m, -1, -2))
-
-    def transposed_mask(p):
-        m = p.mask
-        if m is None or m.dtype != bool or m.ndim < 2 or m.shape[-2] == 1 or p.q.shape[-2] != p.k.shape[-2]:
-            return None
-        return p.attend(allowed=np.swapaxes(m, -1, -2))
-
-    def fully_masked(fill):
-        def make(p):
-            out = p.attend()
-            none_left = ~np.any(np.broadcast_to(p.allowed, out.shape[:-1] + (p.k.shape[-2],)), axis=-1)
-            if not none_left.any():
-                return None
-            if fill == "nan":
-                return np.where(none_left[..., None], np.nan, out).astype(p.q.dtype)
-            k, v = repeat_kv(p.q, p.k, p.v)
-            mean_v = np.broadcast_to(np.mean(np.asarray(v, np.float64), axis=-2, keepdims=True), out.shape)
-            return np.where(none_left[..., None], mean_v, out).astype(p.q.dtype)
-
-        return make
-
-    mistakes = [
-        Mistake("no scale", "the logits must be scaled: Z = τ Q Kᵀ with τ = 1/√E (E = query.shape[-1]) "
-                "unless `scale` is given. Without it the softmax saturates as E grows.",
-                when(always, lambda p: p.attend(scale=1.0 if p.scale is None else p.scale))),
-        Mistake("wrong scale: divided by E", "divide the logits by √E, not by E: τ = 1/√E.",
-                when(lambda p: p.scale is None, lambda p: p.attend(scale=1.0 / p.E))),
-        Mistake("wrong scale: multiplied by √E", "divide the logits by √E (τ = 1/√E), do not multiply.",
-                when(lambda p: p.scale is None, lambda p: p.attend(scale=math.sqrt(p.E)))),
-        Mistake("softmax over the wrong axis",
-                "the weights P must sum to 1 along each row, over the keys: softmax along axis −1 "
-                "of Z (L × S), not along the queries.",
-                when(always, lambda p: p.attend(axis=-2))),
-        Mistake("K not transposed", "the logits are Q Kᵀ: (L × E) times (E × S). Use "
-                "`np.swapaxes(key, -1, -2)` (or `key.mT`).",
-                when(always, k_untransposed), probe=square_probe),
-        Mistake("Q and K swapped", "Z = Q Kᵀ has one row per query (L × S); K Qᵀ has one row per key.",
-                when(always, qk_swapped), probe=ls_probe),
-        Mistake("`.T` on a batched array", "`.T` reverses *every* axis of a 3-D or 4-D array; "
-                "transpose only the last two with `np.swapaxes(key, -1, -2)` (or `key.mT`).",
-                when(always, dot_t), match_errors=True),
-        Mistake("no max-subtraction", "e^z overflows for large logits (float32: z > 88) and inf/inf "
-                "gives NaN. Subtract each row's maximum before exponentiating.",
-                when(always, lambda p: _naive_attention(p, p.q, p.k, p.v))),
-    ]
+    mistakes = _core_mistakes(when)
     if has_scale:
         mistakes.append(Mistake("ignores the `scale` argument",
                                 "when `scale` is given use it instead of 1/√E.",
                                 when(lambda p: p.scale is not None, lambda p: p.attend(scale=1 / math.sqrt(p.E)))))
     if has_mask:
-        mistakes += [
-            Mistake("mask convention inverted (True = ignore)",
-                    "a boolean attn_mask means True = *attend* (PyTorch's SDPA); "
-                    "`torch.nn.MultiheadAttention` uses the opposite.",
-                    when(with_bool_mask, lambda p: p.attend(allowed=~np.asarray(p.mask)))),
-            Mistake("boolean mask added to the logits",
-                    "a boolean mask selects keys (masked logits become −∞); only a float mask is added.",
-                    when(with_bool_mask, lambda p: p.attend(allowed=None, bias=np.asarray(p.mask, np.float64)))),
-            Mistake("logits multiplied by the mask",
-                    "Z · mask makes masked logits 0, which still get weight e^0; set them to −∞.",
-                    when(with_bool_mask, lambda p: attention_variant_logits(
-                        p, p.q @ np.swapaxes(p.k, -1, -2), post=lambda z: z * p.mask, masked=False))),
-            Mistake("padding mask applied to queries instead of keys",
-                    "a key-padding mask (..., 1, S) removes *keys* (columns of Z) for every query; "
-                    "yours removed queries (rows).",
-                    when(always, query_padding), probe=ls_probe),
-            Mistake("attn_mask transposed", "attn_mask[i, j] is about query i and key j: rows are "
-                    "queries, columns keys (shape (L, S)).", when(always, transposed_mask), probe=ls_probe),
-            Mistake("a fully masked row gives NaN",
-                    "a query whose keys are all masked must get 0 (PyTorch's choice): guard the "
-                    "0/0 of its softmax.",
-                    when(lambda p: p.allowed is not None, fully_masked("nan"))),
-            Mistake("masked logits set to a large finite number",
-                    "−1e9 instead of −∞ gives a fully masked row the mean of V; this course returns 0.",
-                    when(lambda p: p.allowed is not None, fully_masked("mean"))),
-        ]
+        mistakes += _attn_mask_mistakes(when)
     if has_causal:
-        mistakes += [
-            Mistake("causal mask aligned bottom-right where top-left was asked",
-                    "is_causal=True is top-left (PyTorch): query i sees keys j ≤ i, "
-                    "tril(ones(L, S)). Bottom-right, tril(ones(L, S), S − L), is for decoding.",
-                    when(lambda p: causal_tl(p) and p.q.shape[-2] != p.k.shape[-2],
-                         lambda p: p.attend(allowed=causal(p.q.shape[-2], p.k.shape[-2], "bottom_right")))),
-            Mistake("causal mask aligned top-left where bottom-right was asked",
-                    "bottom-right lines the last query up with the last key: query i sees keys "
-                    "j ≤ i + S − L, tril(ones(L, S), S − L).",
-                    when(lambda p: p.causal_alignment == "bottom_right" and p.q.shape[-2] != p.k.shape[-2],
-                         lambda p: p.attend(allowed=causal(p.q.shape[-2], p.k.shape[-2], "top_left")))),
-            Mistake("causal mask built with triu",
-                    "np.triu keeps the *future*: with True = attend the causal mask is np.tril.",
-                    when(lambda p: p.causal_alignment is not None, lambda p: p.attend(
-                        allowed=~causal(p.q.shape[-2], p.k.shape[-2], p.causal_alignment)
-                        | np.eye(p.q.shape[-2], p.k.shape[-2], k=0 if p.causal_alignment == "top_left"
-                                 else p.k.shape[-2] - p.q.shape[-2], dtype=bool)))),
-        ]
+        mistakes += _causal_mistakes(when)
     return mistakes
 
 
@@ -419,14 +445,14 @@ def _additive_reference(query, keys, W_a, U_a, v_a, mask=None):
 
 
 def _additive_build(*, ints=False, several=False, mask=None, v_size=1.0):
-    def build(rng, dtype, S, Dq, Dk, A, B=None, L=None):
+    def build(rng, dtype, S, Dq, Dk, Da, B=None, L=None):
         gen = (lambda shape: small_ints(rng, shape, dtype, -1, 1)) if ints else (lambda shape: randn(rng, shape, dtype))
         lead = () if B is None else (B,)
         q_shape = lead + ((L,) if several else ()) + (Dq,)
         k_shape = lead + ((1,) if several else ()) + (S, Dk)
         query, keys = gen(q_shape), gen(k_shape)
-        W_a, U_a = gen((Dq, A)), gen((Dk, A))
-        v_a = (gen((A,)) * v_size).astype(dtype)
+        W_a, U_a = gen((Dq, Da)), gen((Dk, Da))
+        v_a = (gen((Da,)) * v_size).astype(dtype)
         kwargs = {}
         if mask is not None:
             m = bool_mask(rng, B or 1, S, fully_masked_row=(mask == "fully"))
@@ -448,17 +474,17 @@ def _has_mask(call):
 
 
 _ADDITIVE_CASES = [
-    Case("tiny hand-checkable example (one query)", _additive_build(ints=True), dict(S=3, Dq=2, Dk=2, A=2)),
-    Case("random sizes, Dq ≠ Dk", _additive_build(), dict(S=6, Dq=3, Dk=4, A=5)),
-    Case("a batch of queries (B, Dq) with keys (B, S, Dk)", _additive_build(), dict(S=5, Dq=3, Dk=4, A=3, B=2)),
+    Case("tiny hand-checkable example (one query)", _additive_build(ints=True), dict(S=3, Dq=2, Dk=2, Da=2)),
+    Case("random sizes, Dq ≠ Dk", _additive_build(), dict(S=6, Dq=3, Dk=4, Da=5)),
+    Case("a batch of queries (B, Dq) with keys (B, S, Dk)", _additive_build(), dict(S=5, Dq=3, Dk=4, Da=3, B=2)),
     Case("several queries at once (B, L, Dq) with keys (B, 1, S, Dk)", _additive_build(several=True),
-         dict(S=5, Dq=3, Dk=4, A=3, B=2, L=3)),
-    Case("float32 stays float32", _additive_build(), dict(S=5, Dq=3, Dk=4, A=3), dtype="float32"),
-    Case("float32, large scores (overflow)", _additive_build(v_size=200.0), dict(S=6, Dq=3, Dk=4, A=4),
+         dict(S=5, Dq=3, Dk=4, Da=3, B=2, L=3)),
+    Case("float32 stays float32", _additive_build(), dict(S=5, Dq=3, Dk=4, Da=3), dtype="float32"),
+    Case("float32, large scores (overflow)", _additive_build(v_size=200.0), dict(S=6, Dq=3, Dk=4, Da=4),
          **LARGE_LOGITS),
-    Case("boolean mask (B, S), True = attend", _additive_build(mask="bool"), dict(S=5, Dq=3, Dk=4, A=3, B=3)),
+    Case("boolean mask (B, S), True = attend", _additive_build(mask="bool"), dict(S=5, Dq=3, Dk=4, Da=3, B=3)),
     Case("a fully masked row gives zero weights and context", _additive_build(mask="fully"),
-         dict(S=4, Dq=3, Dk=2, A=3, B=2)),
+         dict(S=4, Dq=3, Dk=2, Da=3, B=2)),
 ]
 
 
@@ -480,7 +506,7 @@ register(
         mistakes=[
             Mistake("tanh missing", "Bahdanau's score is e_j = v_aᵀ tanh(W_a s + U_a h_j): the tanh "
                     "makes the alignment model a one-hidden-layer network.", _additive_variant(tanh=False)),
-            Mistake("W_a and U_a swapped", "W_a projects the query s (Dq × A), U_a the keys h_j (Dk × A).",
+            Mistake("W_a and U_a swapped", "W_a projects the query s (Dq × Da), U_a the keys h_j (Dk × Da).",
                     _additive_variant(swap=True), probe=lambda s: {**s, "Dq": s["Dk"]}),
             Mistake("context built from the projected keys", "the context is c = Σ_j α_j h_j over the "
                     "keys themselves (the annotations h_j), not over U_a h_j.",

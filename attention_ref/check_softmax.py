@@ -91,28 +91,28 @@ def _other_axis(axis: int, ndim: int) -> int | None:
     return -2 if axis % ndim == ndim - 1 else -1
 
 
+def _wrong_axis(x, axis, allowed=None):
+    """softmax down the columns where the last axis was asked (None when that is not the case)."""
+    other = _other_axis(axis, x.ndim)
+    if other is None or axis % x.ndim != x.ndim - 1:
+        return None
+    return softmax64(x, other, allowed).astype(x.dtype)
+
+
+def _ignored_axis(x, axis, allowed=None):
+    """softmax along the last axis where another was asked (None when the last one was)."""
+    if x.ndim < 2 or axis % x.ndim == x.ndim - 1:
+        return None
+    return softmax64(x, -1, allowed).astype(x.dtype)
+
+
+def _square(sizes):
+    """Shrink with rows = n, so that a sum or max broadcast against the wrong axis still runs."""
+    return {**sizes, "rows": sizes["n"]} if "rows" in sizes and "n" in sizes else sizes
+
+
 def _common_mistakes(get) -> list[Mistake]:
     """Mistakes of any softmax; ``get(call)`` gives (x, axis, allowed-or-None)."""
-
-    def wrong_axis(call):
-        x, axis, allowed = get(call)
-        other = _other_axis(axis, x.ndim)
-        if other is None or axis % x.ndim != x.ndim - 1:
-            return None
-        return softmax64(x, other, allowed).astype(x.dtype)
-
-    def ignored_axis(call):
-        x, axis, allowed = get(call)
-        if x.ndim < 2 or axis % x.ndim == x.ndim - 1:
-            return None
-        return softmax64(x, -1, allowed).astype(x.dtype)
-
-    def square(sizes):
-        sizes = dict(sizes)
-        if "rows" in sizes and "n" in sizes:
-            sizes["rows"] = sizes["n"]
-        return sizes
-
     return [
         Mistake(
             "no max-subtraction",
@@ -131,26 +131,26 @@ def _common_mistakes(get) -> list[Mistake]:
             "Σ e^{z − m} of shape (..., rows) broadcasts against the wrong axis (or fails). Use "
             "`e.sum(axis=axis, keepdims=True)`.",
             lambda call: _no_keepdims_sum(*get(call)),
-            probe=square,
+            probe=_square,
             match_errors=True,
         ),
         Mistake(
             "max taken without keepdims=True",
             "each row is shifted by another row's maximum. Use `x.max(axis=axis, keepdims=True)`.",
             lambda call: _no_keepdims_max(*get(call)),
-            probe=square,
+            probe=_square,
             match_errors=True,
         ),
         Mistake(
             "softmax over the wrong axis",
             "your weights sum to 1 down each column instead of along each row; normalise along "
             "the last axis (the keys).",
-            wrong_axis,
+            lambda call: _wrong_axis(*get(call)),
         ),
         Mistake(
             "ignores the `axis` argument",
             "your function normalises along the last axis whatever `axis` says.",
-            ignored_axis,
+            lambda call: _ignored_axis(*get(call)),
         ),
         Mistake(
             "normalised over the whole array",

@@ -20,21 +20,21 @@ from typing import Any
 import numpy as np
 from array_api_compat import array_namespace
 
+from .backends import to_numpy
+
 Shape = tuple[int, ...]
 
 
-def check_float_array(name: str, x: Any, ndim: int = 0, shape_doc: str = "") -> None:
-    """``x`` must be an array of real floating dtype with at least ``ndim`` dimensions."""
-    if not (hasattr(x, "dtype") and array_namespace(x).isdtype(x.dtype, "real floating")):
-        raise TypeError(f"{name} must be a floating-point array, got {getattr(x, 'dtype', type(x).__name__)}")
-    if x.ndim < ndim:
-        raise ValueError(f"{name} must have at least {ndim} dimensions {shape_doc}, got shape {tuple(x.shape)}")
-
-
-def check_same_dtype(names: str, *arrays: Any) -> None:
-    """Arrays that are combined must share one dtype: nothing is promoted silently."""
-    if any(x.dtype != arrays[0].dtype for x in arrays):
-        raise TypeError(f"{names} must share one dtype, got {', '.join(str(x.dtype) for x in arrays)}")
+def check_float_arrays(ndim: int = 0, shape_doc: str = "", **arrays: Any) -> None:
+    """Each of ``arrays`` (passed by name) must be an array of real floating dtype with at least
+    ``ndim`` dimensions (``shape_doc`` shows them), and all of one dtype: nothing is promoted silently."""
+    for name, x in arrays.items():
+        if not (hasattr(x, "dtype") and array_namespace(x).isdtype(x.dtype, "real floating")):
+            raise TypeError(f"{name} must be a floating-point array, got {getattr(x, 'dtype', type(x).__name__)}")
+        if x.ndim < ndim:
+            raise ValueError(f"{name} must have at least {ndim} dimensions {shape_doc}, got shape {tuple(x.shape)}")
+    if len({x.dtype for x in arrays.values()}) > 1:
+        raise TypeError(f"{', '.join(arrays)} must share one dtype, got {', '.join(str(x.dtype) for x in arrays.values())}")
 
 
 def check_mask(name: str, mask: Any, shape: Shape, kinds: tuple[str, ...] = ("bool", "real floating")) -> None:
@@ -46,16 +46,14 @@ def check_mask(name: str, mask: Any, shape: Shape, kinds: tuple[str, ...] = ("bo
 
 
 def check_attention(query: Any, key: Any, value: Any, attn_mask: Any = None, enable_gqa: Any = False) -> None:
-    """query (..., Hq, L, E), key and value (..., H, S, E | Ev) as SDPA takes them (H | Hq: GQA)."""
-    for name, x in (("query", query), ("key", key), ("value", value)):
-        check_float_array(name, x, 2, "(..., L, E)")
-    check_same_dtype("query, key and value", query, key, value)
+    """query (..., H, L, E), key and value (..., Hkv, S, E | Ev) as SDPA takes them (Hkv | H: GQA)."""
+    check_float_arrays(2, "(..., L, E)", query=query, key=key, value=value)
     check_bool(enable_gqa=enable_gqa)
-    hq, h = (query.shape[-3], key.shape[-3]) if min(query.ndim, key.ndim) > 2 else (1, 1)
+    h, hkv = (query.shape[-3], key.shape[-3]) if min(query.ndim, key.ndim) > 2 else (1, 1)
     for wrong, rule in ((not query.ndim == key.ndim == value.ndim, "query, key and value must have the same rank"),
                         (query.shape[-1] != key.shape[-1], "query and key must share the feature size E"),
                         (key.shape[:-1] != value.shape[:-1], "key and value must share (..., S)"),
-                        (query.shape[:-3] != key.shape[:-3] or (hq != h and not (enable_gqa and h and hq % h == 0)),
+                        (query.shape[:-3] != key.shape[:-3] or (h != hkv and not (enable_gqa and hkv and h % hkv == 0)),
                          "query and key must share (..., heads), or be a multiple of them with enable_gqa=True")):
         if wrong:
             raise ValueError(f"{rule}: query {tuple(query.shape)}, key {tuple(key.shape)}, value {tuple(value.shape)}")
@@ -64,15 +62,29 @@ def check_attention(query: Any, key: Any, value: Any, attn_mask: Any = None, ena
 
 
 def check_gradients(query: Any, value: Any, out: Any, lse: Any, grad_out: Any) -> None:
-    """out = O and grad_out = dO (..., Hq, L, Ev) of query's dtype, lse = λ (..., Hq, L)."""
+    """out = O and grad_out = dO (..., H, L, Ev) of query's dtype, lse = λ (..., H, L)."""
+    check_float_arrays(query=query, out=out, grad_out=grad_out)
+    check_float_arrays(lse=lse)  # λ is kept in the compute dtype (float32 for float16 inputs)
     for name, x, shape in (("out", out, (*query.shape[:-1], value.shape[-1])),
                            ("grad_out", grad_out, (*query.shape[:-1], value.shape[-1])),
                            ("lse", lse, tuple(query.shape[:-1]))):
-        check_float_array(name, x)
         if tuple(x.shape) != shape:
             raise ValueError(f"{name} must have shape {shape} for query {tuple(query.shape)} and value "
                              f"{tuple(value.shape)}, got {tuple(x.shape)}")
-    check_same_dtype("query, out and grad_out", query, out, grad_out)
+
+
+def check_blocks(L: int, S: int, block_q: Any, block_k: Any, block_mask: Any) -> tuple[int, int, Any]:
+    """The tile sizes, and the block mask (⌈L/block_q⌉, ⌈S/block_k⌉) read on the host once as nested
+    lists of bools (or None)."""
+    block_q, block_k = check_int("block_q", block_q, 1), check_int("block_k", block_k, 1)
+    if block_mask is None:
+        return block_q, block_k, None
+    block_mask = to_numpy(block_mask)  # export: omit
+    n_q, n_k = -(-L // block_q), -(-S // block_k)
+    if tuple(block_mask.shape) != (n_q, n_k):
+        raise ValueError(f"block_mask must have shape (⌈L/block_q⌉, ⌈S/block_k⌉) = ({n_q}, {n_k}) for L={L}, "
+                         f"S={S}, block_q={block_q}, block_k={block_k}; got {tuple(block_mask.shape)}")
+    return block_q, block_k, [[bool(b) for b in row] for row in block_mask.tolist()]
 
 
 def check_bool(**flags: Any) -> None:
@@ -110,6 +122,5 @@ def check_window(window: Any) -> tuple[int | None, int | None]:
         raise TypeError(f"window must be None or a pair (left, right), got {window!r}")
     if window is not None and len(window) != 2:
         raise ValueError(f"window must be a pair (left, right), got {window!r}")
-    left, right = (None, None) if window is None else window
     return tuple(None if w is None else check_int(f"window {side}", w)
-                 for side, w in (("left", left), ("right", right)))
+                 for side, w in zip(("left", "right"), window or (None, None), strict=True))

@@ -9,7 +9,7 @@ appendix A), shrunk to a few tens of thousands of parameters:
 * initial decoder state s_0 = tanh(W_s ←h_1 + b_s);
 * at output step i, additive attention with the previous state as the query
   (e_ij = v_aᵀ tanh(W_a s_{i-1} + U_a h_j), α_i = softmax(e_i), c_i = Σ_j α_ij h_j);
-* decoder GRU s_i = GRU(s_{i-1}, [E y_{i-1}; c_i]) (eq. 4 / A.2.2);
+* decoder GRU s_i = GRU(s_{i-1}, [Emb y_{i-1}; c_i]) (eq. 4 / A.2.2; Emb: the target embedding);
 * output p(y_i | ...) = softmax(s_i W_os + c_i W_oc + b_o) (a linear "deep output", no maxout).
 
 Everything is NumPy: the forward pass keeps what the backward pass needs, the backward pass is
@@ -203,7 +203,8 @@ class DateTranslator:
 
     @property
     def sizes(self) -> dict[str, int]:
-        """Embedding m, encoder n (per direction), decoder d, attention a, target embedding mt."""
+        """The layer sizes: embed, encoder (per direction), decoder, attention (the alignment size
+        Da of stage 01) and target_embed."""
         p = self.params
         return {
             "embed": p["src_embed"].shape[1],
@@ -231,7 +232,7 @@ def init_date_translator(
     output_length: int = OUTPUT_LENGTH,
     dtype: type = np.float32,
 ) -> DateTranslator:
-    """A freshly initialised translator: weights ~ N(0, 1/fan_in), biases 0, embeddings N(0, 1/m)...
+    """A freshly initialised translator: weights ~ N(0, 1/fan_in), biases 0, embeddings N(0, 1/embed)...
     scaled so that activations start in the linear range of tanh/sigmoid."""
     m, n, d, a, mt = embed, encoder, decoder, attention, target_embed
     vs, vt = len(source_chars) + 1, len(target_chars) + 1
@@ -277,8 +278,8 @@ def _as_text_list(texts: str | Sequence[str], name: str = "texts") -> list[str]:
 
 
 def encode_sources(model: DateTranslator, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Character ids of the inputs, right-padded with 0: ``(ids (B, T) int64, mask (B, T) bool)``
-    with T the longest input and mask True on real characters.
+    """Character ids of the inputs, right-padded with 0: ``(ids (B, S) int64, mask (B, S) bool)``
+    with S the longest input (the keys of attention) and mask True on real characters.
 
     Raises ValueError naming any character outside the source vocabulary.
     """
@@ -463,7 +464,7 @@ def _check_batch(model: DateTranslator, src: np.ndarray, mask: np.ndarray, tgt: 
 def translator_loss(
     model: DateTranslator, src: np.ndarray, mask: np.ndarray, tgt: np.ndarray
 ) -> float:
-    """Mean per-character cross-entropy (teacher forcing) of a batch: src/mask (B, T), tgt (B, L)."""
+    """Mean per-character cross-entropy (teacher forcing) of a batch: src/mask (B, S), tgt (B, L)."""
     _check_batch(model, src, mask, tgt)
     logits, _, _ = _forward(model, src, mask, tgt)
     return _cross_entropy(logits, tgt)[0]
@@ -588,7 +589,7 @@ class Adam:
     def step(
         self, params: dict[str, np.ndarray], grads: dict[str, np.ndarray], lr: float | None = None
     ) -> None:
-        """θ ← θ - lr · m̂ / (√v̂ + ε) with bias-corrected moments m̂, v̂."""
+        """w ← w − lr · m̂ / (√v̂ + ε) for every parameter w, with bias-corrected moments m̂, v̂."""
         lr = self.lr if lr is None else lr
         self.t += 1
         c1, c2 = 1.0 - self.beta1**self.t, 1.0 - self.beta2**self.t
@@ -611,8 +612,8 @@ def greedy_decode(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Greedy decoding: at every step feed back the most likely character.
 
-    src, mask: (B, T) from :func:`encode_sources`. Returns (ids (B, L) into ``[start] +
-    target_chars``, alignments (B, L, T)) with L = ``model.output_length``.
+    src, mask: (B, S) from :func:`encode_sources`. Returns (ids (B, L) into ``[start] +
+    target_chars``, alignments (B, L, S)) with L = ``model.output_length``.
     """
     p = model.params
     B = src.shape[0]

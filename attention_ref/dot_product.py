@@ -17,7 +17,7 @@ from array_api_compat import array_namespace
 
 from .contract import check_attention, check_bool, check_choice, check_real
 from .masks import band, band_mask
-from .softmax import softmax
+from .softmax import stable_softmax
 
 Array = Any
 
@@ -27,23 +27,21 @@ def default_scale(E: int) -> float:
 
 
 def attention_arrays(query: Array, key: Array, value: Array, attn_mask: Array | None = None) -> tuple[Array, ...]:
-    """q, k, v in the compute dtype, GQA's key/value heads repeated, the mask broadcast to (..., Hq, L, S).
+    """q, k, v in the compute dtype, GQA's key/value heads repeated, the mask broadcast to (..., H, L, S).
 
     float16 runs in float32 (its logits overflow at 65504); query head i reads key/value head
-    i // (Hq / H), as PyTorch's repeat_interleave.
+    i // (H / Hkv), as PyTorch's repeat_interleave.
     """
     xp = array_namespace(query, key, value)
     work = xp.float32 if query.dtype == getattr(xp, "float16", None) else query.dtype
     q, k, v = (xp.astype(x, work, copy=False) for x in (query, key, value))
-    if q.ndim > 2 and k.shape[-3] != q.shape[-3]:
-        heads = xp.arange(q.shape[-3], device=q.device) // (q.shape[-3] // k.shape[-3])
-        k, v = xp.take(k, heads, axis=-3), xp.take(v, heads, axis=-3)
-    mask = None if attn_mask is None else xp.broadcast_to(attn_mask, (*q.shape[:-1], k.shape[-2]))
-    return q, k, v, mask
+    if q.ndim > 2 and k.shape[-3] != q.shape[-3]:  # each key/value head H / Hkv times, in place
+        k, v = (xp.repeat(x, q.shape[-3] // x.shape[-3], axis=-3) for x in (k, v))
+    return q, k, v, None if attn_mask is None else xp.broadcast_to(attn_mask, (*q.shape[:-1], k.shape[-2]))
 
 
 def sum_kv_heads(grad: Array, like: Array) -> Array:
-    """The gradient of GQA's repeated heads: (..., Hq, S, ·) summed to the H heads of ``like``."""
+    """The gradient of GQA's repeated heads: (..., H, S, ·) summed to the Hkv heads of ``like``."""
     if grad.ndim < 3 or grad.shape[-3] == like.shape[-3]:
         return grad
     xp = array_namespace(grad)
@@ -74,12 +72,10 @@ def scaled_dot_product_attention(
 ) -> Array | tuple[Array, Array]:
     """O = softmax(τ Q Kᵀ + Δ) V (Vaswani et al. 2017, eq. 1), as PyTorch's function of that name.
 
-    query (..., Hq, L, E), key (..., H, S, E), value (..., H, S, Ev) → O (..., Hq, L, Ev). attn_mask:
-    A (bool, True = attend) or Δ (float, added), broadcast to (..., Hq, L, S); is_causal: A =
-    tril(ones(L, S)). τ = scale or 1/√E. enable_gqa: query head i uses key/value head i // (Hq / H).
-    dropout_p: weights dropped with probability p (drawn by rng, a numpy Generator), the rest / (1 − p).
-    A row with no key gives 0 (or NaN: fully_masked="nan"); a NaN logit makes its row NaN. float16
-    runs in float32. Returns O, and P (..., Hq, L, S) after dropout with return_weights.
+    query (..., H, L, E), key (..., Hkv, S, E), value (..., Hkv, S, Ev) → O (..., H, L, Ev); attn_mask
+    A (bool, True = attend) or Δ (float, added); is_causal: A = tril(ones(L, S)); τ = scale or 1/√E;
+    enable_gqa: query head i reads key/value head i // (H / Hkv); dropout_p: P's entries dropped by
+    rng. No key seen: O = 0 (NaN if fully_masked="nan"). Returns O, and P if return_weights.
     Export with ``python -m attention_ref.export scaled_dot_product_attention``.
     """
     check_attention(query, key, value, attn_mask, enable_gqa)
@@ -90,17 +86,13 @@ def scaled_dot_product_attention(
     if not 0.0 <= check_real("dropout_p", dropout_p) < 1.0 or (dropout_p > 0 and rng is None):
         raise ValueError(f"dropout_p must lie in [0, 1), and dropout_p > 0 needs rng; got {dropout_p}, rng={rng}")
     xp = array_namespace(query, key, value)
-    L, S = query.shape[-2], key.shape[-2]
     tau = default_scale(query.shape[-1]) if scale is None else check_real("scale", scale)
     q, k, v, attn_mask = attention_arrays(query, key, value, attn_mask)
-    causal = band(L, S, is_causal=True) if is_causal else None  # A = tril(ones(L, S))
-    weights = softmax(attention_logits(q, k, attn_mask, tau, causal))  # P = softmax(τ Q Kᵀ + Δ)
-    no_key = xp.all(weights == 0, axis=-1, keepdims=True) if fully_masked == "nan" else None  # no key seen
+    causal = band(query.shape[-2], key.shape[-2], is_causal=True) if is_causal else None  # A = tril(ones(L, S))
+    weights = stable_softmax(attention_logits(q, k, attn_mask, tau, causal))  # P = softmax(τ Q Kᵀ + Δ)
+    unseen = xp.all(weights == 0, axis=-1, keepdims=True) & (fully_masked == "nan")  # no key seen: NaN rows
     if dropout_p > 0.0:  # the draw is made on the host by rng (the same on every backend)
         keep = xp.asarray(rng.random(tuple(weights.shape)) >= dropout_p, device=weights.device)
         weights = xp.where(keep, weights / (1.0 - dropout_p), 0.0)
-    out = xp.matmul(weights, v)  # O = P V
-    if fully_masked == "nan":
-        out, weights = xp.where(no_key, xp.nan, out), xp.where(no_key, xp.nan, weights)
-    out = xp.astype(out, query.dtype)
-    return (out, xp.astype(weights, query.dtype)) if return_weights else out
+    out = xp.where(unseen, xp.nan, xp.astype(xp.matmul(weights, v), query.dtype))  # O = P V
+    return (out, xp.astype(xp.where(unseen, xp.nan, weights), query.dtype)) if return_weights else out

@@ -3,26 +3,31 @@
     python -m attention_ref.export NAME [-o FILE]
 
 writes the function ``NAME`` and every definition it needs — the functions, classes and constants
-it names, and the ones those name, across the package's modules — in the order they are first
-used, under a single ``import numpy as np``. The dependencies are read from the code (its syntax
-tree), not from a list kept by hand. On the way:
+it names, and the ones those name, across the package's modules — under a single ``import numpy
+as np``. The dependencies are read from the code (its syntax tree), not from a list kept by hand.
+The file reads top to bottom: ``NAME`` first, then each definition after the first one that uses
+it (depth first), and last the input checks of ``attention_ref.contract`` under one comment. On
+the way:
 
-* the array-namespace lookup ``array_namespace(...)`` becomes ``np``: the exported code runs on
-  NumPy arrays (the package's own code also runs on CuPy and other array-API libraries);
+* the array-namespace lookup becomes NumPy: a function's ``xp = array_namespace(...)`` line is
+  dropped and its ``xp.`` read as ``np.`` (any other ``array_namespace(...)`` becomes ``np``); the
+  package's own code also runs on CuPy and other array-API libraries;
 * a statement whose first line ends with the comment ``# export: omit`` is left out with its body
   (the Numba backend, FlashAttention-1 next to FlashAttention-2, reports for pictures); the file's
   second line names what was left out;
 * the annotations of signatures are left out, since their names (``Array``, ``Any``) live in other
   imports, and the signatures are rewrapped; a dataclass's field annotations become strings;
-* every definition but ``NAME`` keeps the summary paragraph of its docstring (the package has the
-  rest), so the file stays short;
+* ``NAME`` keeps its docstring but for the sentence "Export with ..." (the first line says it);
+  every other definition keeps the summary paragraph of its docstring (the package has the rest),
+  and the contract's checks keep none: their error messages state what they check;
 * imports inside functions of names from the package are dropped (the definitions come along),
   and ``import numpy as xp`` becomes ``xp = np``.
 
 The only other import a file may have is Python's own ``from dataclasses import dataclass``, for the
 functions that return a parameter container (AttentionParams, IOCount). A name the file would need
-from any other library is an error (:class:`ExportError`), never a silently broken file. ``tests/test_export.py`` runs every exported file in an interpreter where
-only NumPy can be imported and compares it with the package.
+from any other library is an error (:class:`ExportError`), never a silently broken file.
+``tests/test_export.py`` runs every exported file in an interpreter where only NumPy can be
+imported and compares its results and error messages with the package's.
 """
 
 from __future__ import annotations
@@ -42,6 +47,9 @@ NAMESPACE_LOOKUP = "array_namespace"
 # Python's own modules an exported file may import besides NumPy: the parameter containers
 # (AttentionParams, IOCount) are dataclasses.
 STANDARD_LIBRARY = ("from dataclasses import dataclass",)
+# The module of the input checks: they come last in an exported file, under this comment.
+CHECKS = "contract"
+CHECKS_COMMENT = "# The input checks (attention_ref.contract): the same bad input gets the same error everywhere."
 
 
 class ExportError(ValueError):
@@ -189,23 +197,25 @@ def _resolve(module: _Module, name: str, root: ast.stmt, cache: dict[str, _Modul
 
 
 def _closure(module_name: str, name: str, cache: dict[str, _Module]) -> list[tuple[_Module, ast.stmt]]:
-    """The definition of ``name`` and everything it needs, breadth first (in order of first use)."""
+    """The definition of ``name`` and everything it needs: each definition after the first one that
+    uses it (depth first, in order of use), the contract's checks last."""
     order: list[tuple[_Module, ast.stmt]] = []
-    queue = [(module_name, name)]
-    while queue:
-        module_name, name = queue.pop(0)
+
+    def visit(module_name: str, name: str) -> None:
         if not module_name:  # a standard-library import: see _imports
-            continue
+            return
         module = _load(module_name, cache)
         root = module.definitions[name]
         if any(r is root for _, r in order):
-            continue
+            return
         order.append((module, root))
         for free in _free_names(module, root):
             where = _resolve(module, free, root, cache)
             if where is not None:
-                queue.append(where)
-    return order
+                visit(*where)
+
+    visit(module_name, name)
+    return sorted(order, key=lambda part: part[0].name == CHECKS and part is not order[0])
 
 
 def _imports(parts: list[tuple[_Module, ast.stmt]], cache: dict[str, _Module]) -> list[str]:
@@ -229,10 +239,12 @@ def _lines(module: _Module, node: ast.AST) -> tuple[int, int]:
     return _offset(module, first, 0), _offset(module, node.end_lineno + 1, 0)
 
 
-def _edits(module: _Module, node: ast.AST, name: str) -> list[tuple[int, int, bytes]]:
-    """The export's changes to one kept node: the namespace lookup, imports, signatures without
-    annotations, and the docstring of a definition other than ``name`` cut to its first line."""
+def _edits(module: _Module, node: ast.AST, name: str, np_for_xp: bool) -> list[tuple[int, int, bytes]]:
+    """The export's changes to one kept node: the namespace lookup (and ``xp`` read as ``np`` where
+    ``np_for_xp``), imports, signatures without annotations, and docstrings (see :func:`_docstring`)."""
     if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == NAMESPACE_LOOKUP:
+        return [(*_span(module, node), b"np")]
+    if np_for_xp and isinstance(node, ast.Name) and node.id == "xp":
         return [(*_span(module, node), b"np")]
     if isinstance(node, (ast.Import, ast.ImportFrom)):
         start, end = _lines(module, node)
@@ -248,14 +260,46 @@ def _edits(module: _Module, node: ast.AST, name: str) -> list[tuple[int, int, by
     if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
         edits = [_signature(module, node)] if isinstance(node, ast.FunctionDef) else []
         doc = node.body[0] if node.body and isinstance(node.body[0], ast.Expr) else None
-        if node.name != name and doc is not None and isinstance(doc.value, ast.Constant):
-            lines = module.lines[doc.lineno - 1: doc.end_lineno]
-            if b"" in (x.strip() for x in lines):  # keep the summary paragraph (PEP 257)
-                keep = lines[: [x.strip() for x in lines].index(b"")]
-                quote = lines[0].lstrip()[:3]
-                edits.append((*_lines(module, doc), b"".join(keep[:-1]) + keep[-1].rstrip() + quote + b"\n"))
+        if doc is not None and isinstance(doc.value, ast.Constant) and isinstance(doc.value.value, str):
+            edits.append((*_lines(module, doc), _docstring(module, doc, node.name == name, node.name)))
         return edits
     return []
+
+
+def _docstring(module: _Module, doc: ast.Expr, exported: bool, name: str) -> bytes:
+    """A docstring as the export writes it: the exported function's without its sentence "Export
+    with ..." (the file's first line says it); another definition's cut to its summary paragraph
+    (PEP 257); none for the contract's checks, whose error messages say what they check."""
+    lines = module.lines[doc.lineno - 1: doc.end_lineno]
+    quote = lines[0].lstrip()[:3]
+    if module.name == CHECKS and not exported:
+        return b""
+    if exported:
+        sentence = f"Export with ``python -m attention_ref.export {name}``.".encode()
+        lines = [x.replace(b" " + sentence, b"") for x in lines if x.strip() != sentence]
+        if len(lines) > 2 and not lines[-2].strip() and lines[-1].strip() == quote:
+            del lines[-2]  # no blank line left before the closing quotes
+    elif b"" in (x.strip() for x in lines):
+        lines = lines[: [x.strip() for x in lines].index(b"")]
+    else:
+        return b"".join(lines)
+    if len(lines) == 2 and lines[-1].strip() == quote:
+        lines = [lines[0].rstrip() + quote + b"\n"]
+    elif lines[-1].strip() != quote and not lines[-1].rstrip().endswith(quote):
+        lines[-1] = lines[-1].rstrip() + quote + b"\n"
+    return b"".join(lines)
+
+
+def _namespace_line(root: ast.stmt) -> ast.stmt | None:
+    """A function's statement ``xp = array_namespace(...)``, when nothing else in it binds ``xp``:
+    the export drops the line and reads ``xp`` as ``np``."""
+    if not isinstance(root, ast.FunctionDef):
+        return None
+    lookups = [s for s in root.body if isinstance(s, ast.Assign) and [ast.unparse(t) for t in s.targets] == ["xp"]
+               and isinstance(s.value, ast.Call) and ast.unparse(s.value.func) == NAMESPACE_LOOKUP]
+    binds = [n for n in ast.walk(root) if (isinstance(n, ast.Name) and n.id == "xp" and isinstance(n.ctx, ast.Store))
+             or (isinstance(n, ast.arg) and n.arg == "xp") or (isinstance(n, ast.alias) and n.asname == "xp")]
+    return lookups[0] if len(lookups) == 1 and len(binds) == 1 else None
 
 
 def _signature(module: _Module, node: ast.FunctionDef) -> tuple[int, int, bytes]:
@@ -290,7 +334,10 @@ def _text(module: _Module, root: ast.stmt, name: str) -> str:
     """The source of one definition with the export's edits applied."""
     start, end = _lines(module, root)
     kept, omitted = _walk(module, root)
-    edits = [e for node in kept for e in _edits(module, node, name)] + [(*_lines(module, s), b"") for s in omitted]
+    lookup = _namespace_line(root)
+    edits = [e for node in kept for e in _edits(module, node, name, lookup is not None)]
+    dropped = [_lines(module, s) for s in omitted] + ([_lines(module, lookup)] if lookup is not None else [])
+    edits = [e for e in edits if not any(a <= e[0] < b for a, b in dropped)] + [(a, b, b"") for a, b in dropped]
     text = module.source[start:end]
     for s, e, new in sorted(edits, key=lambda edit: -edit[0]):
         text = text[: s - start] + new + text[e - start:]
@@ -318,7 +365,11 @@ def export(name: str) -> str:
     if omitted:
         header += "# left out here (the package has them): " + "; ".join(dict.fromkeys(omitted)) + "\n"
     header += "".join(imp + "\n" for imp in ["import numpy as np", *_imports(parts, cache)])
-    body = "\n\n".join(_text(m, r, name).rstrip("\n") for m, r in definitions)
+    texts = [_text(m, r, name).rstrip("\n") for m, r in definitions]
+    checks = [i for i, (m, _) in enumerate(definitions) if m.name == CHECKS]  # the last ones (_closure)
+    if checks:
+        texts[checks[0]] = CHECKS_COMMENT + "\n" + texts[checks[0]]
+    body = "\n\n".join(texts)
     consts = "".join(_text(m, r, name).rstrip("\n") + "\n" for m, r in constants)
     return header + "\n" + (consts + "\n" if consts else "") + body + "\n"
 

@@ -33,16 +33,15 @@ from typing import Any
 
 from array_api_compat import array_namespace
 
-from .backends import to_numpy
 from .contract import (
     check_attention,
+    check_blocks,
     check_bool,
     check_choice,
-    check_float_array,
+    check_float_arrays,
     check_gradients,
     check_int,
     check_real,
-    check_same_dtype,
 )
 from .dot_product import (
     attention_arrays,
@@ -51,7 +50,7 @@ from .dot_product import (
     sum_kv_heads,
 )
 from .masks import checked_band, tile_state
-from .softmax import safe_divisor, safe_log, safe_shift, softmax
+from .softmax import safe_divisor, safe_log, safe_shift, stable_softmax
 
 Array = Any  # an array of any array-API namespace (NumPy, CuPy, array-api-strict)
 
@@ -136,10 +135,10 @@ def forward_fa1(q: Array, k: Array, v: Array, mask: Array | None, scale: float, 
             if state == "skip" or (block_mask is not None and not block_mask[bi][bj]):
                 continue
             q_i, o_i, l_i, m_i = (x[..., i0:i1, :] for x in (q, O, ell, m))  # line 9: load them
-            # lines 10–11: S = τ Q_i K_jᵀ, MASK(S)
+            # lines 10–11: Z = τ Q_i K_jᵀ, MASK(Z) (the paper's S)
             a_ij = None if mask is None else mask[..., i0:i1, j0:j1]
             z = attention_logits(q_i, k_j, a_ij, scale, band if state == "partial" else None, i0, j0)
-            # line 12: m̃ = rowmax(S), P̃ = e^{S − m̃}, ℓ̃ = rowsum(P̃)
+            # line 12: m̃ = rowmax(Z), P̃ = e^{Z − m̃}, ℓ̃ = rowsum(P̃)
             m_t = xp.max(z, axis=-1, keepdims=True)
             p = xp.exp(z - safe_shift(m_t))
             l_t = xp.sum(p, axis=-1, keepdims=True)
@@ -183,30 +182,16 @@ def backward_fa2(q: Array, k: Array, v: Array, o: Array, lse: Array, do: Array, 
             p = xp.exp(z - lse[..., i0:i1, :])  # line 11: P = e^{Z − λ_i}
             dv_j = dv_j + xp.matmul(xp.matrix_transpose(p), do_i)  # line 12: dV_j += Pᵀ dO_i
             dp = xp.matmul(do_i, xp.matrix_transpose(v_j))  # line 13: dP = dO_i V_jᵀ
-            ds = p * (dp - D[..., i0:i1, :])  # line 14: dS = P ∘ (dP − D_i)
-            dq[..., i0:i1, :] = dq[..., i0:i1, :] + scale * xp.matmul(ds, k_j)  # line 15: dQ_i += τ dS K_j
-            dk_j = dk_j + scale * xp.matmul(xp.matrix_transpose(ds), q_i)  # line 16: dK_j += τ dSᵀ Q_i
+            dz = p * (dp - D[..., i0:i1, :])  # line 14: dZ = P ∘ (dP − D_i) (the paper's dS)
+            dq[..., i0:i1, :] = dq[..., i0:i1, :] + scale * xp.matmul(dz, k_j)  # line 15: dQ_i += τ dZ K_j
+            dk_j = dk_j + scale * xp.matmul(xp.matrix_transpose(dz), q_i)  # line 16: dK_j += τ dZᵀ Q_i
         dk[..., j0:j1, :], dv[..., j0:j1, :] = dk_j, dv_j  # line 18: write dK_j, dV_j to HBM
     return dq, dk, dv
 
 
 # ---------------------------------------------------------------------------------------------
-# Around the cores: checks, compute dtype, GQA heads, block mask, the tile report
+# The tile report
 # ---------------------------------------------------------------------------------------------
-
-
-def _check_blocks(L: int, S: int, block_q: Any, block_k: Any, block_mask: Any) -> tuple[int, int, Any]:
-    """The tile sizes, and the block mask (⌈L/block_q⌉, ⌈S/block_k⌉) read on the host once as nested
-    lists of bools (or None)."""
-    block_q, block_k = check_int("block_q", block_q, 1), check_int("block_k", block_k, 1)
-    if block_mask is None:
-        return block_q, block_k, None
-    block_mask = to_numpy(block_mask)  # export: omit
-    n_q, n_k = -(-L // block_q), -(-S // block_k)
-    if tuple(block_mask.shape) != (n_q, n_k):
-        raise ValueError(f"block_mask must have shape (⌈L/block_q⌉, ⌈S/block_k⌉) = ({n_q}, {n_k}) for L={L}, "
-                         f"S={S}, block_q={block_q}, block_k={block_k}; got {tuple(block_mask.shape)}")
-    return block_q, block_k, [[bool(b) for b in row] for row in block_mask.tolist()]
 
 
 @dataclass(frozen=True)
@@ -274,21 +259,19 @@ def flash_attention(
 ) -> Array | tuple[Any, ...]:
     """O = softmax(τ Q Kᵀ + Δ) V tile by tile, never forming the L × S matrix (FlashAttention).
 
-    Inputs and semantics as ``scaled_dot_product_attention``: query (..., Hq, L, E), key (..., H,
-    S, E), value (..., H, S, Ev) → O (..., Hq, L, Ev); attn_mask A (True = attend) or Δ (added);
-    τ = scale or 1/√E; GQA; a row with every key masked gives 0 and λ = −∞. block_q × block_k tiles
-    (any lengths). is_causal and window = (left, right) (None: unbounded), both aligned by
-    causal_alignment ("top_left" as PyTorch, "bottom_right" as flash-attn), are evaluated per tile
-    and skip the tiles they hide; they combine with attn_mask. block_mask (⌈L/block_q⌉, ⌈S/block_k⌉),
-    False = skip that tile: block-sparse attention. algorithm: "fa2" (Dao 2023) or "fa1" (Dao et
-    al. 2022), same result. backend="numba": the compiled kernels of attention_ref.flash_numba.
-    Returns O, then λ (..., Hq, L) with return_lse, then a TileStats with return_stats.
+    query (..., H, L, E), key and value (..., Hkv, S, E | Ev), attn_mask, scale and enable_gqa as in
+    scaled_dot_product_attention; tiles of block_q × block_k (any L, S). is_causal and window = (left,
+    right) (None: unbounded), aligned by causal_alignment ("top_left" as PyTorch, "bottom_right" as
+    flash-attn), combine with attn_mask and skip the tiles they hide, as does block_mask (⌈L/block_q⌉,
+    ⌈S/block_k⌉) where False. algorithm: "fa2" (Dao 2023) or "fa1" (Dao et al. 2022); backend="numba":
+    the kernels of attention_ref.flash_numba. Returns O (..., H, L, Ev), then λ (..., H, L) with
+    return_lse (−∞ where no key is seen: O is 0 there), then a TileStats with return_stats.
     Export with ``python -m attention_ref.export flash_attention``.
     """
     check_attention(query, key, value, attn_mask, enable_gqa)
     L, S = query.shape[-2], key.shape[-2]
     band = checked_band(L, S, is_causal, window, causal_alignment)
-    block_q, block_k, block_mask = _check_blocks(L, S, block_q, block_k, block_mask)
+    block_q, block_k, block_mask = check_blocks(L, S, block_q, block_k, block_mask)
     check_choice("algorithm", algorithm, ("fa2", "fa1"))
     check_choice("backend", backend, ("numpy", "numba"))
     check_bool(return_lse=return_lse, return_stats=return_stats)
@@ -303,10 +286,10 @@ def flash_attention(
         forward = forward_fa1
     out, lse = forward(q, k, v, mask, tau, band, block_q, block_k, block_mask)
     out = array_namespace(out).astype(out, query.dtype)
-    extra = [lse] if return_lse else []
     if return_stats:  # export: omit
-        extra.append(TileStats.of(L, S, block_q, block_k, band, block_mask))
-    return (out, *extra) if extra else out
+        stats = TileStats.of(L, S, block_q, block_k, band, block_mask)
+        return (out, lse, stats) if return_lse else (out, stats)
+    return (out, lse) if return_lse else out
 
 
 def flash_attention_backward(
@@ -318,19 +301,17 @@ def flash_attention_backward(
 ) -> tuple[Array, Array, Array]:
     """Gradients dQ, dK, dV of flash_attention, recomputing P tile by tile from λ (FA-2 Alg. 2).
 
-    out = O and lse = λ come from ``flash_attention(..., return_lse=True)``, grad_out = dO (..., Hq,
-    L, Ev) is the gradient of the loss with respect to O; every other argument must be as in that
-    call. Only tiles and row vectors are held: D = rowsum(dO ∘ O), then per tile P = e^{Z − λ},
-    dV += Pᵀ dO, dS = P ∘ (dO Vᵀ − D), dQ += τ dS K, dK += τ dSᵀ Q. A row with every key masked
-    gets zero gradients; with GQA the gradients of the query heads that share a key/value head are
-    summed. Returns dq, dk, dv shaped like query, key, value.
+    out = O and lse = λ from flash_attention(..., return_lse=True), grad_out = dO (..., H, L, Ev);
+    every other argument as in that call. Per tile P = e^{Z − λ}, dV += Pᵀ dO, dZ = P ∘ (dO Vᵀ − D)
+    with D = rowsum(dO ∘ O), dQ += τ dZ K, dK += τ dZᵀ Q; a row that sees no key gets 0, and GQA's
+    query heads that share a key/value head sum their dK, dV. Returns dq, dk, dv like query, key, value.
     Export with ``python -m attention_ref.export flash_attention_backward``.
     """
     check_attention(query, key, value, attn_mask, enable_gqa)
     check_gradients(query, value, out, lse, grad_out)
     L, S = query.shape[-2], key.shape[-2]
     band = checked_band(L, S, is_causal, window, causal_alignment)
-    block_q, block_k, block_mask = _check_blocks(L, S, block_q, block_k, block_mask)
+    block_q, block_k, block_mask = check_blocks(L, S, block_q, block_k, block_mask)
     check_choice("backend", backend, ("numpy", "numba"))
     tau = default_scale(query.shape[-1]) if scale is None else check_real("scale", scale)
     if backend == "numba":  # export: omit
@@ -353,23 +334,22 @@ def attention_backward(
 
     Shapes and options as :func:`flash_attention_backward`. This is the standard backward pass
     (FA-1 Algorithm 3), kept to check the tiled one against: P = softmax(Z); dV = Pᵀ dO;
-    dP = dO Vᵀ; dS = P ∘ (dP − rowsum(P ∘ dP)); dQ = τ dS K; dK = τ dSᵀ Q. Returns dq, dk, dv.
+    dP = dO Vᵀ; dZ = P ∘ (dP − rowsum(P ∘ dP)); dQ = τ dZ K; dK = τ dZᵀ Q. Returns dq, dk, dv.
     Export with ``python -m attention_ref.export attention_backward``.
     """
     check_attention(query, key, value, attn_mask, enable_gqa)
-    check_float_array("grad_out", grad_out)
-    check_same_dtype("query and grad_out", query, grad_out)
+    check_float_arrays(query=query, grad_out=grad_out)
     L, S = query.shape[-2], key.shape[-2]
     band = checked_band(L, S, is_causal, window, causal_alignment)
     tau = default_scale(query.shape[-1]) if scale is None else check_real("scale", scale)
     xp = array_namespace(query, key, value)
     q, k, v, mask = attention_arrays(query, key, value, attn_mask)
-    P = softmax(attention_logits(q, k, mask, tau, band))  # the whole L × S matrix
+    P = stable_softmax(attention_logits(q, k, mask, tau, band))  # the whole L × S matrix
     do = xp.astype(grad_out, q.dtype, copy=False)
     dv = xp.matmul(xp.matrix_transpose(P), do)
     dp = xp.matmul(do, xp.matrix_transpose(v))
-    ds = P * (dp - xp.sum(P * dp, axis=-1, keepdims=True))
-    dq, dk = tau * xp.matmul(ds, k), tau * xp.matmul(xp.matrix_transpose(ds), q)
+    dz = P * (dp - xp.sum(P * dp, axis=-1, keepdims=True))
+    dq, dk = tau * xp.matmul(dz, k), tau * xp.matmul(xp.matrix_transpose(dz), q)
     return tuple(xp.astype(g, query.dtype) for g in (dq, sum_kv_heads(dk, key), sum_kv_heads(dv, value)))
 
 
@@ -395,8 +375,8 @@ def merge_attention_partials(outs: Sequence[Array], lses: Sequence[Array]) -> tu
     if len(outs) == 0 or len(outs) != len(lses):
         raise ValueError(f"outs and lses must be non-empty and of equal length, got {len(outs)} and {len(lses)}")
     for s, (o, lse) in enumerate(zip(outs, lses, strict=True)):
-        check_float_array(f"outs[{s}]", o, 1)
-        check_float_array(f"lses[{s}]", lse)
+        check_float_arrays(1, "(..., L, Ev)", **{f"outs[{s}]": o})
+        check_float_arrays(**{f"lses[{s}]": lse})
         if tuple(o.shape[:-1]) != tuple(outs[0].shape[:-1]) or tuple(lse.shape) != tuple(outs[0].shape[:-1]):
             raise ValueError(f"outs[{s}] {tuple(o.shape)} and lses[{s}] {tuple(lse.shape)} must be (..., L, Ev) and "
                              f"(..., L) like outs[0] {tuple(outs[0].shape)}")
@@ -415,13 +395,13 @@ def attention_weights_from_lse(
 ) -> Array:
     """Rebuild the full attention weights P = e^{Z − λ} from the saved logsumexp λ.
 
-    Shapes: query (..., Hq, L, E), key (..., H, S, E), lse (..., Hq, L) → P (..., Hq, L, S). This is
+    Shapes: query (..., H, L, E), key (..., Hkv, S, E), lse (..., H, L) → P (..., H, L, S). This is
     what the backward pass recomputes tile by tile (FA-2 Alg. 2, line 11); here the whole matrix is
     formed on purpose, for pictures and checks.
     Export with ``python -m attention_ref.export attention_weights_from_lse``.
     """
     check_attention(query, key, key, attn_mask, enable_gqa)
-    check_float_array("lse", lse)
+    check_float_arrays(lse=lse)
     if tuple(lse.shape) != tuple(query.shape[:-1]):
         raise ValueError(f"lse must have shape {tuple(query.shape[:-1])} for query {tuple(query.shape)}, got {tuple(lse.shape)}")
     L, S = query.shape[-2], key.shape[-2]

@@ -756,21 +756,20 @@ def numba_flash_forward(
 ) -> tuple[np.ndarray, np.ndarray]:
     """FlashAttention-2 forward pass (Dao 2023, Algorithm 1) as a Numba kernel.
 
-    Shapes: ``query (..., Hq, L, E)``, ``key (..., H, S, E)``, ``value (..., H, S, Ev)``
+    Shapes: ``query (..., H, L, E)``, ``key (..., Hkv, S, E)``, ``value (..., Hkv, S, Ev)``
     (also 2-D ``(L, E)``); NumPy arrays of one floating dtype (float16 runs in float32).
 
-    Computes ``O = softmax(tau Q K^T + mask) V`` one query block at a time with the online
-    softmax: for each visible key block ``m_new = max(m, rowmax S)``, ``P = exp(S - m_new)``,
-    ``l = exp(m - m_new) l + rowsum P``, ``O = diag(exp(m - m_new)) O + P V_j``; at the end
-    ``O = diag(l)^-1 O`` and ``lse = m + log l``.
+    Computes O = softmax(τ Q Kᵀ + Δ) V one query block at a time with the online softmax: for
+    each visible key block m_new = max(m, rowmax Z), P̃ = e^{Z − m_new}, ℓ = e^{m − m_new} ℓ +
+    rowsum P̃, O = diag(e^{m − m_new}) O + P̃ V_j; at the end O = diag(ℓ)⁻¹ O and λ = m + log ℓ.
 
     ``is_causal`` / ``window = (left, right)`` (``None`` = unbounded) are aligned by
     ``causal_alignment`` (``"top_left"`` or ``"bottom_right"``); ``key_lengths`` (ints, shape
     ``query.shape[:-3]`` or broadcastable) masks keys ``j >= key_lengths[b]``; ``enable_gqa`` lets
-    ``Hq`` be a multiple of ``H``. ``kernel="readable"`` runs the loop-for-loop tier.
+    H be a multiple of Hkv. ``kernel="readable"`` runs the loop-for-loop tier.
 
-    Returns ``(out (..., Hq, L, Ev), lse (..., Hq, L))``; rows whose keys are all masked give
-    ``out = 0`` and ``lse = -inf``, rows with a NaN logit NaN.
+    Returns ``(out, lse)``: O (..., H, L, Ev) and λ (..., H, L); rows whose keys are all masked
+    give O = 0 and λ = −∞, rows with a NaN logit NaN.
     """
     check_attention(query, key, value, None, enable_gqa)
     check_choice("kernel", kernel, _KERNELS)
@@ -789,14 +788,14 @@ def numba_flash_backward(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """FlashAttention backward pass by recomputation (Dao 2022, Algorithm 4; FA-2's D pre-pass).
 
-    Shapes as :func:`numba_flash_forward`, plus ``out (..., Hq, L, Ev)`` and ``lse (..., Hq, L)``
-    from the forward pass and ``grad_out = dL/dO (..., Hq, L, Ev)``.
+    Shapes as :func:`numba_flash_forward`, plus ``out`` = O (..., H, L, Ev) and ``lse`` = λ
+    (..., H, L) from the forward pass and ``grad_out`` = dO (..., H, L, Ev).
 
-    ``D = rowsum(dO * O)``; for every visible tile ``P = exp(tau Q_i K_j^T - lse_i)``,
-    ``dV_j += P^T dO_i``, ``dS = P * (dO_i V_j^T - D_i)``, ``dQ_i += tau dS K_j``,
-    ``dK_j += tau dS^T Q_i``. With GQA the gradients of the query heads sharing a KV head are summed.
+    D = rowsum(dO ∘ O); for every visible tile P = e^{τ Q_i K_jᵀ − λ_i}, dV_j += Pᵀ dO_i,
+    dZ = P ∘ (dO_i V_jᵀ − D_i), dQ_i += τ dZ K_j, dK_j += τ dZᵀ Q_i. With GQA the gradients of the
+    query heads sharing a key/value head are summed.
 
-    Returns ``(dq (..., Hq, L, E), dk (..., H, S, E), dv (..., H, S, Ev))``; fully masked rows
+    Returns ``(dq (..., H, L, E), dk (..., Hkv, S, E), dv (..., Hkv, S, Ev))``; fully masked rows
     contribute nothing (their ``dq`` is 0).
     """
     check_attention(query, key, value, None, enable_gqa)

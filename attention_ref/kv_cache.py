@@ -4,21 +4,21 @@ An autoregressive decoder (Vaswani et al. 2017, §3.2.3) produces token t+1 from
 keys and values of the past tokens never change, so they are kept in a **KV cache** and each step
 only computes the new token's q, k, v:
 
-    K ← [K; k_new],   V ← [V; v_new],   o_new = softmax(q_new Kᵀ · scale + mask) V.
+    K ← [K; k_new],   V ← [V; v_new],   O = softmax(τ q_new Kᵀ + Δ) V.
 
-A step then costs O(t·d) per head instead of the O(t²·d) of re-running attention over the prefix.
-The t_new queries of a step (1 when decoding, the whole prompt when prefilling) are the *last*
-t_new positions, so the causal mask is aligned bottom-right: ``tril(ones(t_new, S), S − t_new)``.
+A step then costs O(t·E) per head instead of the O(t²·E) of re-running attention over the prefix.
+The L new queries of a step (1 when decoding, the whole prompt when prefilling) are the *last* L
+of the S = t + L positions, so the causal mask is aligned bottom-right: ``tril(ones(L, S), S − L)``.
 
 Split-KV decoding (Flash-Decoding, Dao, Haziza, Massa & Sizov 2023) cuts the long cache into
-chunks, computes (O_s, lse_s) per chunk in parallel and merges them with the logsumexp rule of
+chunks, computes (O_s, λ_s) per chunk in parallel and merges them with the logsumexp rule of
 ``flash.merge_attention_partials``.
 
 Public names
 ------------
-``KVCache``             immutable container of the cached keys (..., Hkv, T, E) and values (..., Hkv, T, Ev)
-``empty_kv_cache``      a cache with T = 0
-``append_kv``           a new cache with k_new, v_new concatenated along T
+``KVCache``             immutable container of the cached keys (..., Hkv, S, E) and values (..., Hkv, S, Ev)
+``empty_kv_cache``      a cache with S = 0
+``append_kv``           a new cache with k_new, v_new concatenated along S
 ``truncate_kv``         a new cache with only the last ``max_length`` tokens (sliding-window buffer)
 ``decode_step``         append, then attend the new queries to the whole cache (bottom-right causal)
 ``split_kv_attention``  attention over the keys in ``num_splits`` chunks, merged (Flash-Decoding)
@@ -33,7 +33,7 @@ from typing import Any
 
 from array_api_compat import array_namespace
 
-from .contract import check_attention, check_float_array, check_int, check_same_dtype, check_window
+from .contract import check_attention, check_float_arrays, check_int, check_window
 from .dot_product import scaled_dot_product_attention
 from .flash import flash_attention, merge_attention_partials
 from .masks import causal_mask, sliding_window_mask
@@ -53,8 +53,8 @@ __all__ = [
 class KVCache:
     """The keys and values of the tokens seen so far: an immutable value, never updated in place.
 
-    * ``keys``: (..., Hkv, T, E) — Hkv key/value heads, T cached tokens, head size E;
-    * ``values``: (..., Hkv, T, Ev) — same leading dimensions and T, value size Ev.
+    * ``keys``: (..., Hkv, S, E) — Hkv key/value heads, S cached tokens, head size E;
+    * ``values``: (..., Hkv, S, Ev) — same leading dimensions and S, value size Ev.
 
     Functions that "update" a cache (:func:`append_kv`, :func:`decode_step`, :func:`truncate_kv`)
     return a new ``KVCache``. Memory: Hkv × (E + Ev) numbers per token, per layer.
@@ -63,11 +63,11 @@ class KVCache:
     __slots__ = ("keys", "values")
 
     def __init__(self, keys: Array, values: Array) -> None:
-        check_float_array("cache keys", keys, 3, "(..., Hkv, T, E)")
-        check_float_array("cache values", values, 3, "(..., Hkv, T, Ev)")
-        check_same_dtype("cache keys and values", keys, values)
+        check_float_arrays(3, "(..., Hkv, S, E)", **{"cache keys": keys})
+        check_float_arrays(3, "(..., Hkv, S, Ev)", **{"cache values": values})
+        check_float_arrays(**{"cache keys": keys, "cache values": values})
         if tuple(keys.shape[:-1]) != tuple(values.shape[:-1]):
-            raise ValueError(f"cache keys and values must share (..., Hkv, T), got keys {tuple(keys.shape)} "
+            raise ValueError(f"cache keys and values must share (..., Hkv, S), got keys {tuple(keys.shape)} "
                              f"and values {tuple(values.shape)}")
         object.__setattr__(self, "keys", keys)
         object.__setattr__(self, "values", values)
@@ -84,7 +84,7 @@ class KVCache:
 
     @property
     def length(self) -> int:
-        """T, the number of cached tokens."""
+        """S, the number of cached tokens."""
         return int(self.keys.shape[-2])
 
     @property
@@ -135,20 +135,20 @@ def empty_kv_cache(
 
 
 def append_kv(cache: KVCache, k_new: Array, v_new: Array) -> KVCache:
-    """A new cache with the keys k_new (..., Hkv, t, E) and values v_new (..., Hkv, t, Ev) appended.
+    """A new cache with the keys k_new (..., Hkv, L, E) and values v_new (..., Hkv, L, Ev) appended.
 
-    K' = [K; k_new], V' = [V; v_new] along the token axis T (axis −2). Leading dimensions, Hkv, E, Ev
-    and the dtype must match the cache; neither the cache nor the inputs are modified.
+    K' = [K; k_new], V' = [V; v_new] along the token axis (axis −2): S grows by L. Leading
+    dimensions, Hkv, E, Ev and the dtype must match the cache; neither the cache nor the inputs
+    are modified.
     Export with ``python -m attention_ref.export append_kv``.
     """
     _check_cache(cache)
     for name, x, ref, ref_name in (("k_new", k_new, cache.keys, "cache.keys"),
                                    ("v_new", v_new, cache.values, "cache.values")):
-        check_float_array(name, x)
-        check_same_dtype(f"{name} and {ref_name}", x, ref)
+        check_float_arrays(**{name: x, ref_name: ref})
         if x.ndim != ref.ndim or tuple(x.shape[:-2]) != tuple(ref.shape[:-2]) or x.shape[-1] != ref.shape[-1]:
-            raise ValueError(f"{name} must have shape (..., Hkv, t, features) matching {ref_name} "
-                             f"{tuple(ref.shape)} except along t; got {name} {tuple(x.shape)}")
+            raise ValueError(f"{name} must have shape (..., Hkv, L, features) matching {ref_name} "
+                             f"{tuple(ref.shape)} except along L; got {name} {tuple(x.shape)}")
     if k_new.shape[-2] != v_new.shape[-2]:
         raise ValueError(f"k_new and v_new must hold the same number of tokens, got {tuple(k_new.shape)} "
                          f"and {tuple(v_new.shape)}")
@@ -185,35 +185,34 @@ def decode_step(
 ) -> tuple[Array, KVCache]:
     """One decoding (or prefill) step with a KV cache: append, then attend to everything cached.
 
-    Shapes: ``q_new (..., Hq, t, E)``, ``k_new (..., Hkv, t, E)``, ``v_new (..., Hkv, t, Ev)`` — the
-    projections of the t new tokens (t = 1 per generated token; t = prompt length for a prefill) —
-    and a ``cache`` of T tokens. With S = T + t:
+    Shapes: ``q_new (..., H, L, E)``, ``k_new (..., Hkv, L, E)``, ``v_new (..., Hkv, L, Ev)`` — the
+    projections of the L new tokens (L = 1 per generated token; L = prompt length for a prefill) —
+    and a ``cache`` of t tokens. With S = t + L:
 
         K = [cache.keys; k_new],  V = [cache.values; v_new],
-        out = softmax(q_new Kᵀ · τ + M) V,   M = tril(ones(t, S), S − t)  (bottom-right causal),
+        O = softmax(τ q_new Kᵀ + Δ) V,   A = tril(ones(L, S), S − L)  (bottom-right causal),
 
-    i.e. new query i sits at position T + i and sees keys j ≤ T + i. ``window=left`` (or
-    ``(left, 0)``) keeps only keys T + i − left ≤ j ≤ T + i (``sliding_window_mask``, Mistral).
-    ``enable_gqa``: query head n uses KV head n // (Hq / Hkv) (Ainslie et al. 2023).
+    i.e. new query i sits at position t + i and sees keys j ≤ t + i. ``window=left`` (or
+    ``(left, 0)``) keeps only keys t + i − left ≤ j ≤ t + i (``sliding_window_mask``, Mistral).
+    ``enable_gqa``: query head i uses key/value head i // (H / Hkv) (Ainslie et al. 2023).
     Both cases run stage 02's ``scaled_dot_product_attention`` with a stage-02 mask.
 
-    Returns ``(out (..., Hq, t, Ev), new_cache)``; the old cache and the inputs are unchanged.
+    Returns ``(O (..., H, L, Ev), new_cache)``; the old cache and the inputs are unchanged.
     Export with ``python -m attention_ref.export decode_step``.
     """
     _check_cache(cache)
-    check_float_array("q_new", q_new, 3, "(..., Hq, t, E)")
-    check_same_dtype("q_new and the cache", q_new, cache.keys)
+    check_float_arrays(3, "(..., H, L, E)", **{"q_new": q_new, "cache.keys": cache.keys})
     left = _window_left(window)
     new_cache = append_kv(cache, k_new, v_new)
     if q_new.ndim != k_new.ndim or q_new.shape[-1] != cache.keys.shape[-1] or q_new.shape[-2] != k_new.shape[-2]:
-        raise ValueError(f"q_new {tuple(q_new.shape)} must be (..., Hq, t, E) with the rank and t of k_new "
+        raise ValueError(f"q_new {tuple(q_new.shape)} must be (..., H, L, E) with the rank and L of k_new "
                          f"{tuple(k_new.shape)} and the E of cache.keys {tuple(cache.keys.shape)}")
     xp = array_namespace(q_new, k_new, v_new, cache.keys)
-    t, S = q_new.shape[-2], new_cache.length
+    L, S = q_new.shape[-2], new_cache.length
     if left is None:
-        mask = causal_mask(t, S, "bottom_right", xp=xp)
+        mask = causal_mask(L, S, "bottom_right", xp=xp)
     else:
-        mask = sliding_window_mask(t, S, left, 0, "bottom_right", xp=xp)
+        mask = sliding_window_mask(L, S, left, 0, "bottom_right", xp=xp)
     out = scaled_dot_product_attention(q_new, new_cache.keys, new_cache.values, attn_mask=mask, scale=scale,
                                        enable_gqa=enable_gqa)
     return out, new_cache
@@ -225,8 +224,8 @@ def split_kv_attention(
 ) -> Array | tuple[Array, Array]:
     """Attention over the keys cut into ``num_splits`` chunks, merged exactly (Flash-Decoding).
 
-    Shapes: query (..., Hq, L, E), key (..., Hkv, S, E), value (..., Hkv, S, Ev), attn_mask
-    broadcastable to (..., Hq, L, S) (boolean True = attend, or float added) → O (..., Hq, L, Ev).
+    Shapes: query (..., H, L, E), key (..., Hkv, S, E), value (..., Hkv, S, Ev), attn_mask
+    broadcastable to (..., H, L, S) (A: True = attend, or Δ: added) → O (..., H, L, Ev).
     The keys are split into ``num_splits`` contiguous chunks of ⌊S/n⌋ or ⌈S/n⌉ tokens (1 ≤ n ≤ S);
     each chunk s gives ``(O_s, λ_s) = flash_attention(query, key_s, value_s, return_lse=True)`` (in
     a real kernel, in parallel: this is what keeps a GPU busy when L = 1) and
@@ -234,7 +233,7 @@ def split_kv_attention(
 
         λ = log Σ_s e^{λ_s},   O = Σ_s e^{λ_s − λ} O_s.
 
-    A chunk whose keys are all masked has λ_s = −∞ and weight 0. Returns O, or (O, λ (..., Hq, L))
+    A chunk whose keys are all masked has λ_s = −∞ and weight 0. Returns O, or (O, λ (..., H, L))
     with ``return_lse``. Export with ``python -m attention_ref.export split_kv_attention``.
     """
     check_attention(query, key, value, attn_mask, enable_gqa)

@@ -41,8 +41,7 @@ ALIGNMENTS = ("top_left", "bottom_right")
 def band(L: int, S: int, is_causal: bool = False, window: tuple[int | None, int | None] | None = None,
          alignment: str = "top_left") -> tuple[int, int, int]:
     """(offset, left, right): query row i, at p = i + offset, sees keys p − left ≤ j ≤ p + right."""
-    left, right = (None, None) if window is None else window
-    left, right = L + S if left is None else left, L + S if right is None else right  # L + S: unbounded
+    left, right = (L + S if w is None else w for w in window or (None, None))  # L + S: unbounded
     return (0 if alignment == "top_left" else S - L), left, (min(right, 0) if is_causal else right)
 
 
@@ -89,7 +88,7 @@ def causal_mask(L: int, S: int, alignment: str = "top_left", *, xp: ModuleType |
     its future.
 
     Returns a boolean (L, S) array, True = attend. ``alignment`` is ``"top_left"`` (j ≤ i) or
-    ``"bottom_right"`` (j ≤ i + S − L); see the module docstring.
+    ``"bottom_right"`` (j ≤ i + S − L), as the docstring of ``attention_ref.masks`` explains.
     Export with ``python -m attention_ref.export causal_mask``.
     """
     L, S = check_int("L", L), check_int("S", S)

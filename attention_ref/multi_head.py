@@ -3,7 +3,7 @@ et al. 2023) and multi-query (MQA, Shazeer 2019) variants.
 
     MultiHead(Q, K, V) = Concat(head_1, …, head_H) W^O,   head_i = Attention(Q W_i^Q, K W_i^K, V W_i^V).
 
-The H projections W_i^Q are stored side by side as one (d_model, H·d_head) matrix, so projecting
+The H projections W_i^Q are stored side by side as one (d_model, H·E) matrix, so projecting
 once and splitting the last axis into heads is the same as H separate projections.
 """
 
@@ -14,7 +14,7 @@ from typing import Any
 
 from array_api_compat import array_namespace
 
-from .contract import check_bool, check_choice, check_float_array, check_int, check_same_dtype
+from .contract import check_bool, check_choice, check_float_arrays, check_int
 from .dot_product import scaled_dot_product_attention
 from .self_attention import AttentionParams, glorot_params, project
 
@@ -22,11 +22,11 @@ Array = Any
 
 
 def split_heads(x: Array, num_heads: int) -> Array:
-    """Split the feature axis into heads: (..., L, H·D) → (..., H, L, D).
+    """Split the feature axis into heads: (..., L, H·E) → (..., H, L, E).
 
     Export with ``python -m attention_ref.export split_heads``.
     """
-    check_float_array("x", x, 2, "(..., L, H·D)")
+    check_float_arrays(2, "(..., L, H·E)", x=x)
     num_heads = check_int("num_heads", num_heads, 1)
     *batch, L, width = x.shape
     if width % num_heads != 0:
@@ -36,14 +36,14 @@ def split_heads(x: Array, num_heads: int) -> Array:
 
 
 def merge_heads(x: Array) -> Array:
-    """Concatenate the heads back along the features: (..., H, L, D) → (..., L, H·D).
+    """Concatenate the heads back along the features: (..., H, L, E) → (..., L, H·E).
 
     Export with ``python -m attention_ref.export merge_heads``.
     """
-    check_float_array("x", x, 3, "(..., H, L, D)")
-    *batch, H, L, D = x.shape
+    check_float_arrays(3, "(..., H, L, E)", x=x)
+    *batch, H, L, E = x.shape
     xp = array_namespace(x)
-    return xp.reshape(xp.moveaxis(x, -3, -2), (*batch, L, H * D))
+    return xp.reshape(xp.moveaxis(x, -3, -2), (*batch, L, H * E))
 
 
 def init_multi_head_params(
@@ -52,8 +52,8 @@ def init_multi_head_params(
 ) -> AttentionParams:
     """Random parameters for multi-head attention (Glorot uniform weights, zero biases).
 
-    W_q: (d_model, H·D), W_k: (kdim, Hkv·D), W_v: (vdim, Hkv·D), W_o: (H·D, d_model) with
-    D = head_dim (default d_model // H) and Hkv = num_kv_heads (default H; 1 gives MQA).
+    W_q: (d_model, H·E), W_k: (kdim, Hkv·E), W_v: (vdim, Hkv·E), W_o: (H·E, d_model) with
+    E = head_dim (default d_model // H) and Hkv = num_kv_heads (default H; 1 gives MQA).
     rng is a ``numpy.random.Generator``; arrays are NumPy of ``dtype`` (float64 by default).
     Export with ``python -m attention_ref.export init_multi_head_params``.
     """
@@ -61,10 +61,10 @@ def init_multi_head_params(
     num_kv_heads = _check_kv_heads(num_heads, num_kv_heads)
     if head_dim is None and d_model % num_heads != 0:
         raise ValueError(f"num_heads={num_heads} does not divide d_model={d_model}; pass head_dim")
-    D = d_model // num_heads if head_dim is None else check_int("head_dim", head_dim, 1)
+    E = d_model // num_heads if head_dim is None else check_int("head_dim", head_dim, 1)
     kdim, vdim = (d_model if n is None else check_int(name, n, 1) for name, n in (("kdim", kdim), ("vdim", vdim)))
     H, Hkv = num_heads, num_kv_heads
-    shapes = ((d_model, H * D), (kdim, Hkv * D), (vdim, Hkv * D), (H * D, d_model))
+    shapes = ((d_model, H * E), (kdim, Hkv * E), (vdim, Hkv * E), (H * E, d_model))
     check_bool(bias=bias)
     return glorot_params(rng, shapes, bias, dtype)
 
@@ -80,9 +80,7 @@ def _check_kv_heads(num_heads: int, num_kv_heads: Any) -> int:
 def _check_multi_head(query: Array, key: Array, value: Array, num_heads: Any, num_kv_heads: Any,
                       attn_mask: Any, is_causal: Any, return_weights: Any, attention: Any) -> tuple[int, int]:
     """The checks of multi_head_attention that step 3's attention cannot make; returns (H, Hkv)."""
-    for name, x in (("query", query), ("key", key), ("value", value)):
-        check_float_array(name, x, 2, "(..., L, features)")
-    check_same_dtype("query, key and value", query, key, value)
+    check_float_arrays(2, "(..., L, features)", query=query, key=key, value=value)
     num_heads = check_int("num_heads", num_heads, 1)
     check_choice("attention", attention, ("sdpa", "flash"))
     check_bool(is_causal=is_causal, return_weights=return_weights)
@@ -110,13 +108,13 @@ def multi_head_attention(
     H, Hkv = _check_multi_head(query, key, value, num_heads, num_kv_heads, attn_mask, is_causal,
                                return_weights, attention)
     xp = array_namespace(query, key, value)
-    # 1. project once, all heads side by side                        # (..., L, H·D), (..., S, Hkv·D)
+    # 1. project once, all heads side by side                        # (..., L, H·E), (..., S, Hkv·E)
     q = project(query, params.W_q, params.b_q, "query (W_q)")
     k = project(key, params.W_k, params.b_k, "key (W_k)")
     v = project(value, params.W_v, params.b_v, "value (W_v)")
-    # 2. split the features into heads                               # (..., H, L, D), (..., Hkv, S, D)
+    # 2. split the features into heads                               # (..., H, L, E), (..., Hkv, S, E)
     q, k, v = split_heads(q, H), split_heads(k, Hkv), split_heads(v, Hkv)
-    # 3. attend: query head i with key/value head i // (H / Hkv)      # (..., H, L, D), (..., H, L, S)
+    # 3. attend: query head i with key/value head i // (H / Hkv)      # (..., H, L, E), (..., H, L, S)
     if attention == "flash":  # export: omit
         from .flash import flash_attention
 
@@ -132,10 +130,11 @@ def multi_head_attention(
 def multi_head_params_from_torch(state_dict: Mapping[str, Any], num_heads: int) -> AttentionParams:
     """Parameters of a ``torch.nn.MultiheadAttention`` from its state_dict given as NumPy arrays.
 
-    Reads ``in_proj_weight`` (3E, E) packing W_q, W_k, W_v in that order (or
-    ``q_proj_weight``, ``k_proj_weight``, ``v_proj_weight`` when kdim/vdim differ from E),
-    ``in_proj_bias`` (3E,), ``out_proj.weight`` (E, E) and ``out_proj.bias`` (E,). PyTorch stores
-    (out, in); these are transposed to our (in, out). torch is never imported.
+    Reads ``in_proj_weight`` (3·d_model, d_model) packing W_q, W_k, W_v in that order (or
+    ``q_proj_weight``, ``k_proj_weight``, ``v_proj_weight`` when kdim/vdim differ from d_model),
+    ``in_proj_bias`` (3·d_model,), ``out_proj.weight`` (d_model, d_model) and ``out_proj.bias``
+    (d_model,); PyTorch calls d_model embed_dim. PyTorch stores (out, in); these are transposed
+    to our (in, out). torch is never imported.
 
     With the result, ``multi_head_attention(q, k, v, params, num_heads)`` reproduces the module
     called with ``batch_first=True`` (and per-head weights with ``average_attn_weights=False``).
@@ -157,7 +156,8 @@ def multi_head_params_from_torch(state_dict: Mapping[str, Any], num_heads: int) 
     if "in_proj_weight" in sd:
         w = sd["in_proj_weight"]
         if w.shape != (3 * embed_dim, embed_dim):
-            raise ValueError(f"in_proj_weight must be (3E, E) = {(3 * embed_dim, embed_dim)}, got {w.shape}")
+            raise ValueError(f"in_proj_weight must be (3·embed_dim, embed_dim) = {(3 * embed_dim, embed_dim)}, "
+                             f"got {w.shape}")
         w_q, w_k, w_v = w[:embed_dim], w[embed_dim : 2 * embed_dim], w[2 * embed_dim :]
     else:
         missing = [n for n in ("q_proj_weight", "k_proj_weight", "v_proj_weight") if n not in sd]

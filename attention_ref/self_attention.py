@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from array_api_compat import array_namespace
 
-from .contract import check_bool, check_float_array, check_int, check_same_dtype
+from .contract import check_bool, check_float_arrays, check_int
 from .dot_product import scaled_dot_product_attention
 
 Array = Any
@@ -46,8 +46,8 @@ def sinusoidal_positional_encoding(
 class AttentionParams:
     """Parameters of one attention layer (single- or multi-head), stored as (in, out) matrices.
 
-    W_q: (d_model, H·d_k), W_k: (d_key_in, Hkv·d_k), W_v: (d_value_in, Hkv·d_v),
-    W_o: (H·d_v, d_out); biases b_q, b_k, b_v, b_o are 1-D (out,) or None.
+    W_q: (d_model, H·E), W_k: (kdim, Hkv·E), W_v: (vdim, Hkv·Ev), W_o: (H·Ev, d_out) (one head:
+    H = Hkv = 1); biases b_q, b_k, b_v, b_o are 1-D (out,) or None.
     """
 
     W_q: Array
@@ -79,8 +79,8 @@ def init_attention_params(
     """Random parameters for a single-head attention layer (Glorot/Xavier uniform weights,
     zero biases).
 
-    rng: a ``numpy.random.Generator``. Query projection (d_model → d_k), key (kdim → d_k),
-    value (vdim → d_v), output (d_v → d_out). Defaults: d_k = d_v = d_out = kdim = vdim = d_model.
+    rng: a ``numpy.random.Generator``. Query projection (d_model → E), key (kdim → E), value
+    (vdim → Ev), output (Ev → d_out), with E = d_k and Ev = d_v. Each size defaults to d_model.
     Returns NumPy arrays of ``dtype`` (float64 by default).
     Export with ``python -m attention_ref.export init_attention_params``.
     """
@@ -107,15 +107,15 @@ def cross_attention(
     """Single-head cross-attention: queries from ``x``, keys and values from ``context``.
 
         Q = x W_q + b_q,  K = c W_k + b_k,  V = c W_v + b_v,
-        out = softmax(Q Kᵀ / √d_k) V W_o + b_o        (Vaswani et al. 2017, eq. 1).
+        out = softmax(Q Kᵀ / √E) V W_o + b_o        (Vaswani et al. 2017, eq. 1).
 
     x: (..., L, d_model), context: (..., S, d_ctx). ``attn_mask`` broadcasts to (..., L, S)
     (True = attend). Returns (..., L, d_out), and the weights (..., L, S) with ``return_weights``.
     Export with ``python -m attention_ref.export cross_attention``.
     """
-    check_float_array("x", x, 2, "(..., L, d_model)")
-    check_float_array("context", context, 2, "(..., S, d_ctx)")
-    check_same_dtype("x and context", x, context)
+    check_float_arrays(2, "(..., L, d_model)", x=x)
+    check_float_arrays(2, "(..., S, d_ctx)", context=context)
+    check_float_arrays(x=x, context=context)
     check_bool(return_weights=return_weights)
     xp = array_namespace(x, context)
     q = project(x, params.W_q, params.b_q, "query projection W_q")

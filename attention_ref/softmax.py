@@ -5,12 +5,15 @@ array-api-strict arrays. No function here emits a floating-point warning, even f
 every entry is −∞ (every key masked): such rows get softmax 0 and logsumexp −∞. A NaN in a row
 makes that whole row NaN, as in PyTorch.
 
-Three guards, used wherever a softmax is computed in the package (FlashAttention's tiles, split-KV
-merges, Bahdanau's weights):
+:func:`stable_softmax` is :func:`softmax` without the input check, for callers that made it.
 
-``safe_shift(m)``    the shift of exp(x − m) with m = −∞ replaced by 0
-``safe_divisor(ℓ)``  a row sum with 0 replaced by 1 (a row with no key divides 0 by 1)
-``safe_log(ℓ)``      log ℓ with log 0 = −∞ and no warning
+Three guards, used wherever a softmax is computed in the package (FlashAttention's tiles, split-KV
+merges, Bahdanau's weights), each a one-line function documented here:
+
+``safe_shift(m)``    the shift m of e^{x − m} with m = −∞ (no entry seen yet) replaced by 0, so that
+                     no (−∞) − (−∞) = NaN appears; a NaN stays NaN
+``safe_divisor(ℓ)``  a row sum ℓ with 0 (every entry −∞) replaced by 1: such a row divides 0 by 1
+``safe_log(ℓ)``      log ℓ with log 0 = −∞ (every entry −∞), without a divide-by-zero warning
 """
 
 from __future__ import annotations
@@ -19,25 +22,31 @@ from typing import Any
 
 from array_api_compat import array_namespace
 
-from .contract import check_float_array, check_int, check_mask
+from .contract import check_float_arrays, check_int, check_mask
 
 Array = Any
 
 
 def safe_shift(m: Array) -> Array:
-    """The shift m of e^{x − m} with −∞ (no entry seen yet) as 0: no (−∞) − (−∞). NaN stays NaN."""
-    return array_namespace(m).where(m == -float("inf"), 0.0, m)
+    return array_namespace(m).where(m == -float("inf"), 0.0, m)  # m = −∞ (no entry yet): no (−∞) − (−∞)
 
 
 def safe_divisor(total: Array) -> Array:
-    """A row sum ℓ with 0 (every entry −∞) replaced by 1: such a row divides 0 by 1."""
-    return array_namespace(total).where(total == 0, 1.0, total)
+    return array_namespace(total).where(total == 0, 1.0, total)  # ℓ = 0 (every entry −∞): 0 / 1
 
 
 def safe_log(total: Array) -> Array:
-    """log ℓ with log 0 = −∞ (every entry −∞), without a divide-by-zero warning."""
     xp = array_namespace(total)
-    return xp.where(total == 0, -xp.inf, xp.log(safe_divisor(total)))
+    return xp.where(total == 0, -xp.inf, xp.log(safe_divisor(total)))  # log 0 = −∞, without a warning
+
+
+def stable_softmax(x: Array, axis: int = -1) -> Array:
+    """e^{x_j − m} / Σ_k e^{x_k − m} along ``axis`` with m = max_k x_k (no overflow), unchecked."""
+    xp = array_namespace(x)
+    if x.shape[axis] == 0:
+        return xp.zeros_like(x)  # no entries (max would fail)
+    e = xp.exp(x - safe_shift(xp.max(x, axis=axis, keepdims=True)))
+    return e / safe_divisor(xp.sum(e, axis=axis, keepdims=True))
 
 
 def softmax(x: Array, axis: int = -1) -> Array:
@@ -46,12 +55,8 @@ def softmax(x: Array, axis: int = -1) -> Array:
     x: (..., n) floating. Returns x's shape and dtype; a row of all −∞ gives 0, one with a NaN NaN.
     Export with ``python -m attention_ref.export softmax``.
     """
-    check_float_array("x", x)
-    xp = array_namespace(x)
-    if x.shape[axis] == 0:
-        return xp.zeros_like(x)  # no entries (max would fail)
-    e = xp.exp(x - safe_shift(xp.max(x, axis=axis, keepdims=True)))
-    return e / safe_divisor(xp.sum(e, axis=axis, keepdims=True))
+    check_float_arrays(x=x)
+    return stable_softmax(x, axis)
 
 
 def logsumexp(x: Array, axis: int = -1, keepdims: bool = False) -> Array:
@@ -74,9 +79,9 @@ def masked_softmax(x: Array, mask: Array, axis: int = -1) -> Array:
     Returns an array with x's shape and dtype.
     Export with ``python -m attention_ref.export masked_softmax``.
     """
-    check_float_array("x", x)
+    check_float_arrays(x=x)
     check_mask("mask", mask, tuple(x.shape), ("bool",))
-    return softmax(array_namespace(x, mask).where(mask, x, -float("inf")), axis=axis)
+    return stable_softmax(array_namespace(x, mask).where(mask, x, -float("inf")), axis=axis)
 
 
 def softmax_stats(x: Array, axis: int = -1) -> tuple[Array, Array]:
@@ -87,7 +92,7 @@ def softmax_stats(x: Array, axis: int = -1) -> tuple[Array, Array]:
     −∞ row, or a chunk with no entries, gives (−∞, 0).
     Export with ``python -m attention_ref.export softmax_stats``.
     """
-    check_float_array("x", x)
+    check_float_arrays(x=x)
     xp = array_namespace(x)
     if x.shape[axis] == 0:
         shape = tuple(1 if a == axis % x.ndim else n for a, n in enumerate(x.shape))
@@ -105,8 +110,7 @@ def merge_softmax_stats(m1: Array, l1: Array, m2: Array, l2: Array) -> tuple[Arr
     (m₁ = m₂ = −∞) the result is (−∞, 0) and no NaN appears.
     Export with ``python -m attention_ref.export merge_softmax_stats``.
     """
-    for name, a in (("m1", m1), ("l1", l1), ("m2", m2), ("l2", l2)):
-        check_float_array(name, a)
+    check_float_arrays(m1=m1, l1=l1, m2=m2, l2=l2)
     xp = array_namespace(m1, l1, m2, l2)
     m = xp.maximum(m1, m2)
     return m, xp.exp(m1 - safe_shift(m)) * l1 + xp.exp(m2 - safe_shift(m)) * l2
@@ -120,7 +124,7 @@ def online_softmax(x: Array, chunk_size: int, axis: int = -1) -> Array:
     :func:`merge_softmax_stats`; pass 2 writes e^{x − m} / ℓ. x: (..., n). Returns x's shape.
     Export with ``python -m attention_ref.export online_softmax``.
     """
-    check_float_array("x", x)
+    check_float_arrays(x=x)
     chunk_size = check_int("chunk_size", chunk_size, 1)
     xp = array_namespace(x)
     x_last = xp.moveaxis(x, axis, -1)
