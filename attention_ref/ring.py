@@ -65,7 +65,7 @@ from .contract import (
     check_attention,
     check_bool,
     check_choice,
-    check_float_array,
+    check_float_arrays,
     check_gradients,
     check_int,
     check_real,
@@ -373,7 +373,7 @@ def _check_options(is_causal: Any, scale: Any, layout: Any = None) -> None:
 
 def _check_shaped(name: str, x: Any, shape: tuple[int, ...], context: str) -> None:
     """``x`` a floating-point array of exactly ``shape`` (``context`` says why, in the error)."""
-    check_float_array(name, x)
+    check_float_arrays(**{name: x})
     if tuple(x.shape) != shape:
         raise ValueError(f"{name} must have shape {shape} {context}, got {tuple(x.shape)}")
 
