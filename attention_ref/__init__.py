@@ -17,6 +17,8 @@ module                stage
 ``flash_numba``       06 Numba-jitted tiled kernels (optional dependency)
 ``kv_cache``          07 KV-cache decoding, split-KV (Flash-Decoding)
 ``bert``              08 a real pretrained encoder (MiniLM) in NumPy
+``positions``         09 rotary position embeddings (RoPE) and ALiBi
+``llama``             09 a real pretrained decoder (SmolLM2, Llama architecture) in NumPy
 ``plotting``          heatmaps of attention weights used by every notebook
 ``backends``          choosing NumPy or CuPy for the notebooks
 ====================  =====================================================
@@ -25,7 +27,8 @@ The core stages (02–04) are imported eagerly; everything else is resolved lazi
 ``import attention_ref`` needs only NumPy and array-api-compat, and optional dependencies (Numba,
 matplotlib, tokenizers) are imported when first used. (``attention_ref.softmax`` and
 ``attention_ref.self_attention`` are the functions; their modules are reached with
-``from attention_ref.softmax import ...``.)
+``from attention_ref.softmax import ...``. Likewise ``attention_ref.generate`` is stage 09's
+function; its command-line module runs as ``python -m attention_ref.generate``.)
 """
 
 from __future__ import annotations
@@ -128,6 +131,26 @@ _EXPORTS: dict[str, str] = {
     "BertLayerParams": "bert",
     "BertModel": "bert",
     "BertOutput": "bert",
+    # --- stage 09: positions and a real decoder (issue 14) ---
+    "rope": "positions",
+    "rope_frequencies": "positions",
+    "rope_permutation": "positions",
+    "alibi_slopes": "positions",
+    "alibi_bias": "positions",
+    "load_llama": "llama",
+    "llama_forward": "llama",
+    "llama_attention": "llama",
+    "generate": "llama",
+    "apply_chat_template": "llama",
+    "encode_prompt": "llama",
+    "sample_token": "llama",
+    "rms_norm": "llama",
+    "silu": "llama",
+    "swiglu": "llama",
+    "GeneratedToken": "llama",
+    "LlamaConfig": "llama",
+    "LlamaLayerParams": "llama",
+    "LlamaModel": "llama",
 }
 
 __all__ = sorted(_EXPORTS)
