@@ -145,7 +145,7 @@ class GeneratedToken:
     """One token streamed by :func:`generate`: its id and the text it adds to the output.
 
     ``text`` is "" while the token is only part of a multi-byte UTF-8 character; the text is
-    released with the token that completes the character.
+    released with the token that completes the character (or with the last token generated).
     """
 
     id: int
@@ -485,6 +485,7 @@ def llama_forward(
     *,
     attention: str = "auto",
     return_weights: bool = False,
+    last_only: bool = False,
 ) -> tuple[Array, LlamaCache] | tuple[Array, LlamaCache, tuple[Array, ...]]:
     """Run the decoder on t new tokens after the cached ones: logits for every new position.
 
@@ -496,7 +497,8 @@ def llama_forward(
         logits = RMSNorm(x) W_embᵀ.
 
     attention: "sdpa" (stage 07's ``decode_step``), "flash" (``flash_attention``), or "auto"
-    (flash when t >= ``FLASH_MIN_NEW_TOKENS``). Returns (logits (B, t, vocab), new cache), plus every
+    (flash when t >= ``FLASH_MIN_NEW_TOKENS``). Returns (logits (B, t, vocab), new cache) — only the
+    last position's logits (B, 1, vocab) with ``last_only``, all that generation needs — plus every
     layer's weights (B, H, t, T + t) when ``return_weights``. Inputs and the old cache are unchanged.
     """
     c = model.config
@@ -541,6 +543,8 @@ def llama_forward(
         if return_weights:
             all_weights.append(result[2])
         x = x + swiglu(rms_norm(x, layer.mlp_norm, c.rms_norm_eps), layer.W_gate, layer.W_up, layer.W_down)
+    if last_only:
+        x = x[:, -1:, :]
     logits = rms_norm(x, model.final_norm, c.rms_norm_eps) @ xp.matrix_transpose(model.lm_head)
     if return_weights:
         return logits, tuple(new_cache), tuple(all_weights)
@@ -702,19 +706,19 @@ def generate(
     emitted = ""
     cache = None
     step_ids = ids
-    for _ in range(int(max_new_tokens)):
+    for step in range(int(max_new_tokens)):
         if use_cache:
-            logits, cache = llama_forward(model, [step_ids], cache, attention=attention)
+            logits, cache = llama_forward(model, [step_ids], cache, attention=attention, last_only=True)
         else:
-            logits, _ = llama_forward(model, [ids + generated], attention=attention)
+            logits, _ = llama_forward(model, [ids + generated], attention=attention, last_only=True)
         token = sample_token(to_numpy(logits[0, -1, :]), temperature=temperature, top_k=top_k, top_p=top_p, rng=rng)
         if token == eos:
             return
         generated.append(token)
         step_ids = [token]
         text = model.tokenizer.decode(generated, skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for its other bytes
-            piece = ""
+        if text.endswith("\ufffd") and step + 1 < max_new_tokens:
+            piece = ""  # an incomplete UTF-8 character: wait for its other bytes
         else:
             piece, emitted = text[len(emitted):], text
         yield GeneratedToken(token, piece)

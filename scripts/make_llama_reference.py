@@ -12,8 +12,7 @@ tokenizer from the same file) and stores:
   ``input_ids_{i}`` (T,), ``argmax_{i}`` (T,) the argmax of the logits at every position,
   ``top_ids_{i}`` / ``top_logits_{i}`` (T, 16) the 16 largest logits per position,
   ``sample_logits_{i}`` (T', K) the logits of the vocabulary sample ``sample_ids`` at the last
-  T' = min(T, 32) positions, ``last_logits_{i}`` (vocab,) every logit at the last position,
-  ``final_hidden_{i}`` (T', 576) the last layer's normalised hidden states at those positions;
+  T' = min(T, 32) positions and ``last_logits_{i}`` (vocab,) every logit at the last position
   (the full (T, 49152) logits would be megabytes per prompt);
 - ``generate_prompts`` / ``generated_{j}``: greedy decoding (do_sample=False) of 32 new tokens,
   stopping at the end-of-sequence id, as ``model.generate`` makes them;
@@ -122,10 +121,8 @@ def main() -> None:
     with torch.no_grad():
         for i, prompt in enumerate(PROMPTS):
             ids = prompt_ids(tokenizer, prompt)
-            out = model(torch.tensor([ids]), output_hidden_states=True)
-            logits = out.logits[0].float().numpy()
+            logits = model(torch.tensor([ids])).logits[0].float().numpy()
             full_logits[i] = logits
-            hidden = model.model.norm(out.hidden_states[-1])[0].numpy()  # what the head reads
             last = slice(max(len(ids) - LAST_POSITIONS, 0), len(ids))
             top = np.argsort(-logits, axis=-1, kind="stable")[:, :TOP]
             arrays[f"input_ids_{i}"] = np.array(ids, dtype=np.int64)
@@ -134,7 +131,6 @@ def main() -> None:
             arrays[f"top_logits_{i}"] = np.take_along_axis(logits, top, axis=-1).astype(np.float32)
             arrays[f"sample_logits_{i}"] = logits[last][:, sample_ids].astype(np.float32)
             arrays[f"last_logits_{i}"] = logits[-1].astype(np.float32)
-            arrays[f"final_hidden_{i}"] = hidden[last].astype(np.float32)
             print(f"prompt {i}: {len(ids)} tokens")
         for j, prompt in enumerate(GENERATE_PROMPTS):
             ids = prompt_ids(tokenizer, prompt)
