@@ -183,8 +183,7 @@ def rope_permutation(head_dim: int, *, xp: ModuleType | None = None) -> Array:
 
 def _slopes_power_of_two(n: int) -> list[float]:
     """2^(−8h/n) for h = 1 … n: a geometric sequence starting (and with ratio) 2^(−8/n)."""
-    start = 2.0 ** (-8.0 / n)
-    return [start ** (h + 1) for h in range(n)]
+    return [2.0 ** (-8.0 * h / n) for h in range(1, n + 1)]
 
 
 def alibi_slopes(num_heads: int, *, xp: ModuleType | None = None) -> Array:
