@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import math
+import operator
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ from typing import Any
 from array_api_compat import array_namespace
 
 from .dot_product import scaled_dot_product_attention
+from .flash import flash_attention
 from .kv_cache import KVCache, append_kv, decode_step, empty_kv_cache
 from .masks import causal_mask
 from .multi_head import merge_heads, split_heads
@@ -445,8 +447,6 @@ def llama_attention(
     if attention == "flash":
         if return_weights:
             raise ValueError("attention='flash' never forms the weights; use attention='sdpa' for them")
-        from .flash import flash_attention
-
         new_cache = append_kv(cache, k, v)
         heads = flash_attention(
             q, new_cache.keys, new_cache.values, is_causal=True, causal_alignment="bottom_right",
@@ -616,8 +616,15 @@ def _check_sampling(temperature: Any, top_k: Any, top_p: Any, rng: Any) -> None:
         t = math.nan
     if not (t >= 0 and math.isfinite(t)):
         raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be an int >= 1 or None, got {top_k!r}")
+    if top_k is not None:
+        try:
+            if isinstance(top_k, bool):
+                raise TypeError
+            k = operator.index(top_k)
+        except TypeError:
+            k = 0
+        if k < 1:
+            raise ValueError(f"top_k must be an int >= 1 or None, got {top_k!r}")
     if top_p is not None and not (isinstance(top_p, int | float) and 0.0 < top_p <= 1.0):
         raise ValueError(f"top_p must lie in (0, 1] or be None, got {top_p!r}")
     if t > 0 and rng is None:
@@ -686,38 +693,59 @@ def generate(
     the end-of-sequence token when ``stop_at_eos`` (that token is not yielded).
 
     Yields :class:`GeneratedToken` (id, text); ``"".join(t.text for t in generate(...))`` is the
-    completion (special tokens left out of the text).
+    completion (special tokens left out of the text). The arguments are checked when ``generate``
+    is called; the work happens as the tokens are taken.
     """
-    from .backends import to_numpy
-
-    if isinstance(max_new_tokens, bool) or int(max_new_tokens) != max_new_tokens or max_new_tokens < 0:
+    try:
+        if isinstance(max_new_tokens, bool):
+            raise TypeError
+        n_new = operator.index(max_new_tokens)
+    except TypeError:
+        n_new = -1
+    if n_new < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     if attention not in ATTENTION_CHOICES:
         raise ValueError(f"attention must be one of {ATTENTION_CHOICES}, got {attention!r}")
     ids = encode_prompt(model, prompt, chat=chat)
-    if len(ids) + max_new_tokens > model.config.context_length:
+    if len(ids) + n_new > model.config.context_length:
         raise ValueError(
-            f"{len(ids)} prompt + {max_new_tokens} new tokens exceed the context length "
+            f"{len(ids)} prompt + {n_new} new tokens exceed the context length "
             f"{model.config.context_length}"
         )
     _check_sampling(temperature, top_k, top_p, rng)
     eos = model.config.eos_token_id if stop_at_eos else None
+    sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "rng": rng}
+    return _stream(model, ids, n_new, sampling, use_cache, eos, attention)
+
+
+def _stream(
+    model: LlamaModel,
+    ids: list[int],
+    n_new: int,
+    sampling: dict[str, Any],
+    use_cache: bool,
+    eos: int | None,
+    attention: str,
+) -> Iterator[GeneratedToken]:
+    """The generation loop of :func:`generate` (which checks the arguments before it starts)."""
+    from .backends import to_numpy
+
     generated: list[int] = []
     emitted = ""
     cache = None
     step_ids = ids
-    for step in range(int(max_new_tokens)):
+    for step in range(n_new):
         if use_cache:
             logits, cache = llama_forward(model, [step_ids], cache, attention=attention, last_only=True)
         else:
             logits, _ = llama_forward(model, [ids + generated], attention=attention, last_only=True)
-        token = sample_token(to_numpy(logits[0, -1, :]), temperature=temperature, top_k=top_k, top_p=top_p, rng=rng)
+        token = sample_token(to_numpy(logits[0, -1, :]), **sampling)
         if token == eos:
             return
         generated.append(token)
         step_ids = [token]
         text = model.tokenizer.decode(generated, skip_special_tokens=True)
-        if text.endswith("\ufffd") and step + 1 < max_new_tokens:
+        if text.endswith("\ufffd") and step + 1 < n_new:
             piece = ""  # an incomplete UTF-8 character: wait for its other bytes
         else:
             piece, emitted = text[len(emitted):], text

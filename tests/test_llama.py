@@ -414,13 +414,16 @@ def test_generate_rejects_bad_options(tiny):
         (dict(top_p=1.5), "top_p"),
         (dict(attention="ring"), "attention"),
     ]
-    for kwargs, message in cases:
+    for kwargs, message in cases:  # checked when generate is called, before any token
         with pytest.raises(ValueError, match=message):
-            next(generate(model, [5], 3, **kwargs))
+            generate(model, [5], 3, **kwargs)
     with pytest.raises(ValueError, match="max_new_tokens"):
-        next(generate(model, [5], -1))
+        generate(model, [5], -1)
     with pytest.raises(ValueError, match="context length"):
-        next(generate(model, [5] * 60, 10))
+        generate(model, [5] * 60, 10)
+    assert list(generate(model, [5], 0)) == []
+    assert len(list(generate(model, [5], np.int64(2), top_k=np.int64(3), temperature=0.5,
+                             rng=np.random.default_rng(0), stop_at_eos=False))) == 2
 
 
 def test_sample_token_distribution():
