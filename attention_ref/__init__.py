@@ -140,6 +140,7 @@ _EXPORTS: dict[str, str] = {
     "load_llama": "llama",
     "llama_forward": "llama",
     "llama_attention": "llama",
+    "rope_decode_step": "llama",
     "generate": "llama",
     "apply_chat_template": "llama",
     "encode_prompt": "llama",

@@ -8,10 +8,10 @@ positions (RoPE) inside attention instead of added position vectors, and a SwiGL
     x'  = h + W_down (SiLU(W_gate m) ⊙ W_up m),                   m = RMSNorm(h)
 
 repeated once per layer; the logits are RMSNorm(x_last) · W_embᵀ (tied embeddings). The attention
-is the course's own: ``split_heads`` / ``merge_heads`` (stage 04), ``rope`` (``positions``), and
-then stage 07's ``decode_step`` with its ``KVCache`` (stage 02's ``scaled_dot_product_attention``
-with the bottom-right causal mask and grouped-query heads), or stage 05's ``flash_attention`` for a
-long prompt.
+is the course's own: ``split_heads`` / ``merge_heads`` (stage 04), then :func:`rope_decode_step` —
+``rope`` (``positions``) followed by stage 07's ``decode_step`` with its ``KVCache`` (stage 02's
+``scaled_dot_product_attention`` with the bottom-right causal mask and grouped-query heads) — or
+stage 05's ``flash_attention`` for a long prompt.
 
 The default checkpoint is SmolLM2-135M-Instruct (30 layers, d_model 576, H = 9 query heads
 sharing Hkv = 3 key/value heads of size E = 64, RoPE θ = 100000, vocabulary 49,152), shipped as a
@@ -61,6 +61,7 @@ __all__ = [
     "llama_forward",
     "load_llama",
     "rms_norm",
+    "rope_decode_step",
     "sample_token",
     "silu",
     "swiglu",
@@ -408,12 +409,44 @@ def swiglu(x: Array, W_gate: Array, W_up: Array, W_down: Array) -> Array:
     return (silu(x @ W_gate) * (x @ W_up)) @ W_down
 
 
+def rope_decode_step(
+    q_new: Array,
+    k_new: Array,
+    v_new: Array,
+    cache: KVCache,
+    *,
+    theta: float = 10000.0,
+    interleaved: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    window: int | tuple[int, int] | None = None,
+) -> tuple[Array, KVCache]:
+    """One decoding (or prefill) step with rotary positions: stage 07's ``decode_step`` after RoPE.
+
+    Shapes as for ``decode_step``: q_new (..., H, t, E), k_new (..., Hkv, t, E), v_new
+    (..., Hkv, t, Ev), a ``cache`` of T tokens whose keys are already rotated to positions
+    0 … T − 1. The t new queries and keys are rotated to their positions T … T + t − 1 (values
+    are not rotated), then appended and attended with the bottom-right causal mask:
+
+        q = RoPE(q_new, T … T+t−1),  k = RoPE(k_new, T … T+t−1),  (out, cache') = decode_step(q, k, v_new, cache).
+
+    Returns ``(out (..., H, t, Ev), new_cache)``; the new cache holds the rotated keys.
+    """
+    if not isinstance(cache, KVCache):
+        raise TypeError(f"cache must be a KVCache, got {type(cache).__name__}")
+    xp = array_namespace(q_new, k_new)
+    T = cache.length
+    positions = xp.arange(T, T + q_new.shape[-2])
+    q = rope(q_new, positions, theta=theta, interleaved=interleaved)
+    k = rope(k_new, positions, theta=theta, interleaved=interleaved)
+    return decode_step(q, k, v_new, cache, scale=scale, enable_gqa=enable_gqa, window=window)
+
+
 def llama_attention(
     x: Array,
     params: AttentionParams,
     num_heads: int,
     num_kv_heads: int,
-    positions: Array,
     cache: KVCache,
     *,
     theta: float,
@@ -423,15 +456,15 @@ def llama_attention(
 ) -> tuple[Array, KVCache] | tuple[Array, KVCache, Array]:
     """Causal grouped-query self-attention with RoPE and a KV cache: one decoder layer's attention.
 
-    x: (B, t, d_model), the t new tokens (the prompt at prefill, 1 per generated token);
-    positions: (t,) their positions T … T + t − 1 after the T cached tokens; cache: the layer's
-    :class:`KVCache` of T tokens (keys already rotated to their positions).
+    x: (B, t, d_model), the t new tokens (the prompt at prefill, 1 per generated token), which
+    take positions T … T + t − 1 after the T tokens of the layer's :class:`KVCache`.
 
-    1. q = RoPE(x W_Q), k = RoPE(x W_K), v = x W_V, split into H (q) and Hkv (k, v) heads of size E.
-    2. Append k, v to the cache and attend the t queries to all S = T + t keys with the bottom-right
-       causal mask: query head n reads key/value head n // (H / Hkv) (GQA). ``attention="sdpa"``
-       runs stage 07's ``decode_step``; ``"flash"`` stage 05's ``flash_attention`` (same result,
-       never forms the (H, t, S) logits).
+    1. q = x W_Q, k = x W_K, v = x W_V, split into H (q) and Hkv (k, v) heads of size E.
+    2. :func:`rope_decode_step`: rotate q and k to their positions, append k and v to the cache and
+       attend the t queries to all S = T + t keys with the bottom-right causal mask; query head n
+       reads key/value head n // (H / Hkv) (GQA). ``attention="flash"`` attends with stage 05's
+       ``flash_attention`` instead (same result, never forms the (H, t, S) logits), and
+       ``return_weights`` with stage 02's SDPA, which hands back the weights.
     3. Merge the heads and project with W_O.
 
     Returns (out (B, t, d_model), new_cache), and the weights (B, H, t, S) with ``return_weights``
@@ -439,30 +472,31 @@ def llama_attention(
     """
     if attention not in ("sdpa", "flash"):
         raise ValueError(f"attention must be 'sdpa' or 'flash', got {attention!r}")
-    q = rope(split_heads(x @ params.W_q, num_heads), positions, theta=theta, interleaved=interleaved)
-    k = rope(split_heads(x @ params.W_k, num_kv_heads), positions, theta=theta, interleaved=interleaved)
+    if attention == "flash" and return_weights:
+        raise ValueError("attention='flash' never forms the weights; use attention='sdpa' for them")
+    q = split_heads(x @ params.W_q, num_heads)
+    k = split_heads(x @ params.W_k, num_kv_heads)
     v = split_heads(x @ params.W_v, num_kv_heads)
     gqa = num_kv_heads != num_heads
     weights = None
-    if attention == "flash":
-        if return_weights:
-            raise ValueError("attention='flash' never forms the weights; use attention='sdpa' for them")
-        new_cache = append_kv(cache, k, v)
-        heads = flash_attention(
-            q, new_cache.keys, new_cache.values, is_causal=True, causal_alignment="bottom_right",
-            enable_gqa=gqa,
-        )
-    elif return_weights:
-        # decode_step, spelled out so that the weights come back: append, then stage 02's SDPA
-        # with the bottom-right causal mask.
-        new_cache = append_kv(cache, k, v)
-        xp = array_namespace(q)
-        mask = causal_mask(q.shape[-2], new_cache.length, "bottom_right", xp=xp)
-        heads, weights = scaled_dot_product_attention(
-            q, new_cache.keys, new_cache.values, attn_mask=mask, enable_gqa=gqa, return_weights=True
-        )
+    if attention == "sdpa" and not return_weights:
+        heads, new_cache = rope_decode_step(q, k, v, cache, theta=theta, interleaved=interleaved, enable_gqa=gqa)
     else:
-        heads, new_cache = decode_step(q, k, v, cache, enable_gqa=gqa)
+        # rope_decode_step spelled out, with another attention call at its end
+        xp = array_namespace(q)
+        positions = xp.arange(cache.length, cache.length + q.shape[-2])
+        q = rope(q, positions, theta=theta, interleaved=interleaved)
+        new_cache = append_kv(cache, rope(k, positions, theta=theta, interleaved=interleaved), v)
+        if attention == "flash":
+            heads = flash_attention(
+                q, new_cache.keys, new_cache.values, is_causal=True, causal_alignment="bottom_right",
+                enable_gqa=gqa,
+            )
+        else:
+            mask = causal_mask(q.shape[-2], new_cache.length, "bottom_right", xp=xp)
+            heads, weights = scaled_dot_product_attention(
+                q, new_cache.keys, new_cache.values, attn_mask=mask, enable_gqa=gqa, return_weights=True
+            )
     out = merge_heads(heads) @ params.W_o
     return (out, new_cache, weights) if return_weights else (out, new_cache)
 
@@ -522,7 +556,6 @@ def llama_forward(
         raise ValueError(f"{T} cached + {t} new tokens exceed the context length {c.context_length}")
     if attention == "auto":
         attention = "flash" if t >= FLASH_MIN_NEW_TOKENS and not return_weights else "sdpa"
-    positions = xp.arange(T, T + t)
     x = xp.reshape(xp.take(model.token_embeddings, xp.reshape(ids, (-1,)), axis=0), (B, t, c.hidden_size))
     new_cache, all_weights = [], []
     for layer, layer_cache in zip(model.layers, cache, strict=True):
@@ -531,7 +564,6 @@ def llama_forward(
             layer.attention,
             c.num_heads,
             c.num_kv_heads,
-            positions,
             layer_cache,
             theta=c.rope_theta,
             interleaved=c.rope_layout == "interleaved",

@@ -1,7 +1,8 @@
 """Benchmark of the stage-09 decoder (SmolLM2-135M-Instruct) against ``transformers`` on the CPU.
 
 For each implementation — ``numpy`` (attention_ref.llama) and, when torch is installed,
-``transformers`` (``LlamaForCausalLM`` from the same GGUF file, float32, eager attention) — one
+``transformers`` (``LlamaForCausalLM`` from the same GGUF file, float32, its default attention
+``torch.nn.functional.scaled_dot_product_attention``) — one
 worker process measures:
 
 * load time: reading and dequantising the GGUF file into float32 weights;
@@ -19,12 +20,14 @@ Workers run in separate processes (each library's thread pools alone), interleav
 for decoding): on a machine shared with other work the best call estimates the cost of the
 computation, the median what the other load added. Two threads everywhere. OPENBLAS_CORETYPE
 and OPENBLAS_L2_SIZE are removed from the workers' environment. Timings vary with whatever else the
-machine runs: compare ratios from one run, and read the CPU recorded in the JSON.
+machine runs: compare ratios from one run, and read the CPU recorded in the JSON. On a machine
+where other processes compete for the cores, two BLAS threads that wait for each other are slowed
+far more than one: ``--threads 1`` then gives steadier numbers.
 
     python benchmarks/bench_llama.py                 # ~5 minutes; JSON, table and figure
     python benchmarks/bench_llama.py --quick         # fewer lengths, one round
     python benchmarks/bench_llama.py --figures-only  # redraw the figure from the JSON
-    python benchmarks/bench_llama.py --threads 1     # one thread each: llama_1threads.json
+    python benchmarks/bench_llama.py --threads 1     # one thread each (steadier on a busy machine)
 """
 
 from __future__ import annotations
@@ -134,7 +137,7 @@ class TransformersModel:
         path = Path(next(f for f in files if str(f).endswith(".gguf")).locate())
         self.tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         self.model = AutoModelForCausalLM.from_pretrained(
-            str(path.parent), gguf_file=path.name, dtype=torch.float32, attn_implementation="eager"
+            str(path.parent), gguf_file=path.name, dtype=torch.float32  # default attention: SDPA
         ).eval()
 
     def ids(self, n: int) -> list[int]:
@@ -388,15 +391,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--figures-only", action="store_true")
     ap.add_argument("--threads", type=int, default=THREADS, help="threads per library (2)")
-    ap.add_argument("--output", type=Path, default=None,
-                    help="JSON file (default benchmarks/results/llama.json, or llama_<n>threads.json)")
-    ap.add_argument("--figure", type=Path, default=None, help="figure (default figures/09_bench_llama.png)")
+    ap.add_argument("--output", type=Path, default=RESULTS, help="JSON file (benchmarks/results/llama.json)")
+    ap.add_argument("--figure", type=Path, default=FIGURE, help="figure (figures/09_bench_llama.png)")
     args = ap.parse_args()
     _set_threads(args.threads)
-    if args.output is None:
-        args.output = RESULTS if args.threads == 2 else RESULTS.with_name(f"llama_{args.threads}threads.json")
-    if args.figure is None:
-        args.figure = FIGURE if args.threads == 2 else FIGURE.with_name(f"09_bench_llama_{args.threads}threads.png")
     if args.worker:
         impl, prefill, contexts = args.worker
         result = worker(impl, [int(x) for x in prefill.split(",")], [int(x) for x in contexts.split(",")])

@@ -64,6 +64,34 @@ def _reference_prompt(model, reference, prompt: str) -> list[int]:
     return encode_prompt(model, prompt)
 
 
+# ----------------------------------------------------------------------------- rope_decode_step
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_rope_decode_step_equals_full_causal_attention(rng, interleaved):
+    """Prefill then steps: every output equals causal attention over RoPE'd q, k at positions
+    0 … S − 1 computed at once, and the cache holds the rotated keys."""
+    from attention_ref import empty_kv_cache, rope, rope_decode_step, scaled_dot_product_attention
+
+    B, H, Hkv, S, E, theta = 2, 6, 2, 9, 8, 500.0
+    q, = rng.standard_normal((1, B, H, S, E))
+    k, v = rng.standard_normal((2, B, Hkv, S, E))
+    pos = np.arange(S)
+    qr, kr = rope(q, pos, theta=theta, interleaved=interleaved), rope(k, pos, theta=theta, interleaved=interleaved)
+    expected = scaled_dot_product_attention(qr, kr, v, is_causal=True, enable_gqa=True)
+    cache = empty_kv_cache((B,), Hkv, E, dtype=np.float64)
+    outs = []
+    for a, b in ((0, 4), (4, 5), (5, 6), (6, 9)):
+        out, cache = rope_decode_step(q[..., a:b, :], k[..., a:b, :], v[..., a:b, :], cache,
+                                      theta=theta, interleaved=interleaved, enable_gqa=True)
+        outs.append(out)
+    np.testing.assert_allclose(np.concatenate(outs, axis=-2), expected, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(cache.keys, kr, rtol=0, atol=1e-13)
+    np.testing.assert_array_equal(cache.values, v)
+    with pytest.raises(TypeError, match="cache must be a KVCache"):
+        rope_decode_step(q, k, v, (k, v))
+
+
 # ----------------------------------------------------------------------------- tiny checkpoint
 
 TINY = {"d": 32, "I": 40, "layers": 2, "H": 4, "Hkv": 2, "E": 8, "theta": 1000.0, "eps": 1e-5}
