@@ -19,8 +19,14 @@ module                stage
 ``bert``              08 a real pretrained encoder (MiniLM) in NumPy
 ``positions``         09 rotary position embeddings (RoPE) and ALiBi
 ``llama``             09 a real pretrained decoder (SmolLM2, Llama architecture) in NumPy
+``ring``              10 ring attention across MPI processes, and its simulator
 ``plotting``          heatmaps of attention weights used by every notebook
+``explorer``          interactive explorer (Jupyter widget, offline HTML page)
 ``backends``          choosing NumPy or CuPy for the notebooks
+``check``             homework: check a student's function, diagnose its mistake
+``exercises``         student versions of the notebooks (``make exercises``)
+``contract``          the input checks every public function shares
+``export``            ``python -m attention_ref.export NAME``: a function as a NumPy-only file
 ====================  =====================================================
 
 The core stages (02–04) are imported eagerly; everything else is resolved lazily, so
@@ -93,6 +99,9 @@ _EXPORTS: dict[str, str] = {
     # --- stage 05: flash (issue 4) ---
     "flash_attention": "flash",
     "flash_attention_backward": "flash",
+    "forward_fa2": "flash",
+    "forward_fa1": "flash",
+    "backward_fa2": "flash",
     "attention_backward": "flash",
     "merge_attention_partials": "flash",
     "attention_weights_from_lse": "flash",
@@ -152,6 +161,27 @@ _EXPORTS: dict[str, str] = {
     "LlamaConfig": "llama",
     "LlamaLayerParams": "llama",
     "LlamaModel": "llama",
+    # --- stage 10: ring attention (mpi4py is imported only by the command-line demo) ---
+    "shard_spans": "ring",
+    "shard": "ring",
+    "local_shard": "ring",
+    "unshard": "ring",
+    "visible_chunk_pairs": "ring",
+    "ring_attention_step": "ring",
+    "ring_attention_backward_step": "ring",
+    "ring_attention_sendrecv": "ring",
+    "ring_attention": "ring",
+    "ring_attention_backward": "ring",
+    "simulate_ring_attention": "ring",
+    "simulate_ring_attention_backward": "ring",
+    "RingEvent": "ring",
+    "RingStats": "ring",
+    # --- attention explorer (issue 16): widget, static fallback, offline HTML ---
+    "explore": "explorer",
+    "export_html": "explorer",
+    "explorer_html": "explorer",
+    "StaticAttentionView": "explorer",
+    "AttentionExplorer": "explorer_widget",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -240,8 +240,6 @@ def load_bert(
     """
     import numpy as np
 
-    if xp is None:
-        xp = np
     path = default_checkpoint_path() if path is None else Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"BERT checkpoint directory {path} does not exist")
@@ -253,6 +251,30 @@ def load_bert(
     config = _read_config(path)
     max_length = _read_max_length(path, config)
     tokenizer = _load_tokenizer(path, max_length)
+    get = _tensor_reader(path, np if xp is None else xp, dtype)
+    H = config.hidden_size
+    return BertModel(
+        config=config,
+        word_embeddings=get("embeddings.word_embeddings.weight", (config.vocab_size, H)),
+        position_embeddings=get(
+            "embeddings.position_embeddings.weight", (config.max_position_embeddings, H)
+        ),
+        token_type_embeddings=get(
+            "embeddings.token_type_embeddings.weight", (config.type_vocab_size, H)
+        ),
+        embeddings_norm_weight=get("embeddings.LayerNorm.weight", (H,)),
+        embeddings_norm_bias=get("embeddings.LayerNorm.bias", (H,)),
+        layers=tuple(_layer_params(get, i, H, config.intermediate_size) for i in range(config.num_hidden_layers)),
+        tokenizer=tokenizer,
+        path=path,
+        max_length=max_length,
+    )
+
+
+def _tensor_reader(path: Path, xp: ModuleType, dtype: Any) -> Callable[..., Array]:
+    """``get(name, shape, linear=False)``: a tensor of ``model.safetensors`` checked against the
+    shape config.json implies, (in, out) for a ``linear`` weight, cast and moved to ``xp``."""
+    import numpy as np
 
     try:
         from safetensors.numpy import load_file
@@ -263,8 +285,6 @@ def load_bert(
     except Exception as exc:  # safetensors raises its own error type on corrupt files
         raise ValueError(f"{path / 'model.safetensors'} could not be read: {exc}") from exc
     tensors = {name.removeprefix("bert."): value for name, value in tensors.items()}
-
-    H, I = config.hidden_size, config.intermediate_size
 
     def get(name: str, shape: tuple[int, ...], *, linear: bool = False) -> Array:
         if name not in tensors:
@@ -281,46 +301,32 @@ def load_bert(
             value = value.astype(dtype)
         return xp.asarray(value)
 
+    return get
+
+
+def _layer_params(get: Callable[..., Array], i: int, H: int, I: int) -> BertLayerParams:
+    """The weights of encoder layer i (hidden size H, intermediate size I)."""
+
     def linear(prefix: str, n_in: int, n_out: int) -> tuple[Array, Array]:
         return get(f"{prefix}.weight", (n_out, n_in), linear=True), get(f"{prefix}.bias", (n_out,))
 
-    layers = []
-    for i in range(config.num_hidden_layers):
-        p = f"encoder.layer.{i}"
-        W_q, b_q = linear(f"{p}.attention.self.query", H, H)
-        W_k, b_k = linear(f"{p}.attention.self.key", H, H)
-        W_v, b_v = linear(f"{p}.attention.self.value", H, H)
-        W_o, b_o = linear(f"{p}.attention.output.dense", H, H)
-        W_in, b_in = linear(f"{p}.intermediate.dense", H, I)
-        W_out, b_out = linear(f"{p}.output.dense", I, H)
-        layers.append(
-            BertLayerParams(
-                attention=AttentionParams(W_q, W_k, W_v, W_o, b_q, b_k, b_v, b_o),
-                attention_norm_weight=get(f"{p}.attention.output.LayerNorm.weight", (H,)),
-                attention_norm_bias=get(f"{p}.attention.output.LayerNorm.bias", (H,)),
-                W_in=W_in,
-                b_in=b_in,
-                W_out=W_out,
-                b_out=b_out,
-                output_norm_weight=get(f"{p}.output.LayerNorm.weight", (H,)),
-                output_norm_bias=get(f"{p}.output.LayerNorm.bias", (H,)),
-            )
-        )
-    return BertModel(
-        config=config,
-        word_embeddings=get("embeddings.word_embeddings.weight", (config.vocab_size, H)),
-        position_embeddings=get(
-            "embeddings.position_embeddings.weight", (config.max_position_embeddings, H)
-        ),
-        token_type_embeddings=get(
-            "embeddings.token_type_embeddings.weight", (config.type_vocab_size, H)
-        ),
-        embeddings_norm_weight=get("embeddings.LayerNorm.weight", (H,)),
-        embeddings_norm_bias=get("embeddings.LayerNorm.bias", (H,)),
-        layers=tuple(layers),
-        tokenizer=tokenizer,
-        path=path,
-        max_length=max_length,
+    p = f"encoder.layer.{i}"
+    W_q, b_q = linear(f"{p}.attention.self.query", H, H)
+    W_k, b_k = linear(f"{p}.attention.self.key", H, H)
+    W_v, b_v = linear(f"{p}.attention.self.value", H, H)
+    W_o, b_o = linear(f"{p}.attention.output.dense", H, H)
+    W_in, b_in = linear(f"{p}.intermediate.dense", H, I)
+    W_out, b_out = linear(f"{p}.output.dense", I, H)
+    return BertLayerParams(
+        attention=AttentionParams(W_q, W_k, W_v, W_o, b_q, b_k, b_v, b_o),
+        attention_norm_weight=get(f"{p}.attention.output.LayerNorm.weight", (H,)),
+        attention_norm_bias=get(f"{p}.attention.output.LayerNorm.bias", (H,)),
+        W_in=W_in,
+        b_in=b_in,
+        W_out=W_out,
+        b_out=b_out,
+        output_norm_weight=get(f"{p}.output.LayerNorm.weight", (H,)),
+        output_norm_bias=get(f"{p}.output.LayerNorm.bias", (H,)),
     )
 
 

@@ -480,8 +480,7 @@ def translator_loss_and_gradients(
     logits, alphas, cache = _forward(model, src, mask, tgt)
     loss, dlogits = _cross_entropy(logits, tgt)
     g = {k: np.zeros_like(v) for k, v in p.items()}
-    enc, S, C = cache["enc"], cache["S"], cache["C"]
-    H, keys = enc["H"], enc["keys"]
+    S, C, H = cache["S"], cache["C"], cache["enc"]["H"]
     B, L, Vt = dlogits.shape
     d, n2 = S.shape[-1], H.shape[-1]
 
@@ -489,14 +488,28 @@ def translator_loss_and_gradients(
     g["out_W_s"] = S.reshape(-1, d).T @ dlogits.reshape(-1, Vt)
     g["out_W_c"] = C.reshape(-1, n2).T @ dlogits.reshape(-1, Vt)
     g["out_b"] = dlogits.sum(axis=(0, 1))
-    dS = dlogits @ p["out_W_s"].T
-    dC = dlogits @ p["out_W_c"].T
+    dH, dkeys, dxw_all, ds = _decoder_backward(p, g, cache, alphas, dlogits @ p["out_W_s"].T,
+                                               dlogits @ p["out_W_c"].T)
 
-    # decoder, backwards in time
+    # decoder inputs: y_{i-1} embeddings
+    y_in = cache["y_in"]
+    ye = p["tgt_embed"][y_in]
+    g["dec_W_y"] = ye.reshape(-1, ye.shape[-1]).T @ dxw_all.reshape(-1, dxw_all.shape[-1])
+    g["dec_b"] = dxw_all.sum(axis=(0, 1))
+    np.add.at(g["tgt_embed"], y_in, dxw_all @ p["dec_W_y"].T)
+    _encoder_backward(p, g, cache["enc"], src, mask, dH, dkeys, ds)
+    return loss, g
+
+
+def _decoder_backward(p: dict, g: dict, cache: dict, alphas: np.ndarray, dS: np.ndarray, dC: np.ndarray) -> tuple:
+    """The decoder, backwards in time: accumulates into ``g`` and returns dH, d(U_a h), the GRU
+    input gradients of every step and d s_0."""
+    S, C, H, keys = cache["S"], cache["C"], cache["enc"]["H"], cache["enc"]["keys"]
+    B, L = dS.shape[:2]
     dH = np.zeros_like(H)
     dkeys = np.zeros_like(keys)
     dxw_all = np.empty((B, L, p["dec_U"].shape[1]), dtype=S.dtype)
-    ds = np.zeros_like(enc["s0"])
+    ds = np.zeros_like(cache["enc"]["s0"])
     for i in reversed(range(L)):
         hidden, gru_cache = cache["dec"][i]
         dxw, ds_prev = _gru_step_backward(ds + dS[:, i], gru_cache, p["dec_U"], g["dec_U"])
@@ -515,14 +528,13 @@ def translator_loss_and_gradients(
         dq = dpre.sum(axis=1)  # d(W_a s_{i-1})
         g["att_W"] += cache["prev"][i].T @ dq
         ds = ds_prev + dq @ p["att_W"].T
+    return dH, dkeys, dxw_all, ds
 
-    # decoder inputs: y_{i-1} embeddings
-    y_in = cache["y_in"]
-    ye = p["tgt_embed"][y_in]
-    g["dec_W_y"] = ye.reshape(-1, ye.shape[-1]).T @ dxw_all.reshape(-1, dxw_all.shape[-1])
-    g["dec_b"] = dxw_all.sum(axis=(0, 1))
-    np.add.at(g["tgt_embed"], y_in, dxw_all @ p["dec_W_y"].T)
 
+def _encoder_backward(p: dict, g: dict, enc: dict, src: np.ndarray, mask: np.ndarray, dH: np.ndarray,
+                      dkeys: np.ndarray, ds: np.ndarray) -> None:
+    """s_0, the keys U_a h, the encoder GRUs and the source embeddings, backwards: into ``g``."""
+    H, n2 = enc["H"], enc["H"].shape[-1]
     # s_0 = tanh(←h_1 W_s + b_s)
     da0 = ds * (1.0 - enc["s0"] ** 2)
     g["init_W"] = enc["hb0"].T @ da0
@@ -530,7 +542,7 @@ def translator_loss_and_gradients(
 
     # keys = H U_a
     g["att_U"] = H.reshape(-1, n2).T @ dkeys.reshape(-1, dkeys.shape[-1])
-    dH += dkeys @ p["att_U"].T
+    dH = dH + dkeys @ p["att_U"].T
     n = n2 // 2
     dHf, dHb = dH[..., :n], dH[..., n:].copy()
     dHb[:, 0] += da0 @ p["init_W"].T
@@ -549,7 +561,6 @@ def translator_loss_and_gradients(
         g[f"enc_{name}_b"] = dxw.sum(axis=(0, 1))
         dx += dxw @ p[f"enc_{name}_W"].T
     np.add.at(g["src_embed"], src, dx)
-    return loss, g
 
 
 def clip_gradients(grads: dict[str, np.ndarray], max_norm: float) -> float:

@@ -26,11 +26,14 @@ v (S, dv).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from .contract import check_choice, check_float_array, check_int, check_real
+from .dot_product import default_scale
+from .softmax import softmax
 
 __all__ = [
     "IOCount",
@@ -93,16 +96,13 @@ def sram_block_sizes(sram_size: int, d: int, outer: str = "kv") -> tuple[int, in
 
     The stationary block (of the outer loop: ``outer="kv"`` for FA-1 and both backward passes,
     ``"q"`` for FA-2's forward pass) gets ⌈M/(4d)⌉ rows, the streamed one min(⌈M/(4d)⌉, d).
+    Export with ``python -m attention_ref.export sram_block_sizes``.
     """
-    if sram_size < 1 or d < 1:
-        raise ValueError(f"sram_size and d must be positive, got M={sram_size}, d={d}")
-    big = math.ceil(sram_size / (4 * d))
+    sram_size, d = check_int("sram_size", sram_size, 1), check_int("d", d, 1)
+    check_choice("outer", outer, ("kv", "q"))
+    big = -(-sram_size // (4 * d))
     small = min(big, d)
-    if outer == "kv":
-        return small, big
-    if outer == "q":
-        return big, small
-    raise ValueError(f"outer must be 'kv' or 'q', got {outer!r}")
+    return (small, big) if outer == "kv" else (big, small)
 
 
 def _blocks(n: int, b: int) -> list[slice]:
@@ -110,14 +110,11 @@ def _blocks(n: int, b: int) -> list[slice]:
 
 
 def _check_2d(**arrays: np.ndarray) -> None:
+    """One head: every array (length, features)."""
     for name, a in arrays.items():
-        if np.ndim(a) != 2:
-            raise ValueError(f"{name} must be 2-D (one head: (length, features)), got {np.shape(a)}")
-
-
-def _softmax_rows(s: np.ndarray) -> np.ndarray:
-    e = np.exp(s - s.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
+        check_float_array(name, a)
+        if a.ndim != 2:
+            raise ValueError(f"{name} must be 2-D (one head: (length, features)), got {tuple(a.shape)}")
 
 
 def io_standard_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, scale: float | None = None) -> IOCount:
@@ -125,13 +122,13 @@ def io_standard_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, scale: f
 
     1. load Q, K; S = τ Q Kᵀ; write S.   2. read S; P = softmax(S); write P.
     3. load P, V; O = P V; write O.      Reads Ld + Sd + 2LS + S·dv, writes 2LS + L·dv.
-    ``result`` is O (L, dv).
+    ``result`` is O (L, dv). Export with ``python -m attention_ref.export io_standard_forward``.
     """
     _check_2d(q=q, k=k, v=v)
-    tau = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    tau = default_scale(q.shape[-1]) if scale is None else check_real("scale", scale)
     hbm = SlowMemory(Q=q, K=k, V=v)
     hbm.store("S", tau * hbm.load("Q") @ hbm.load("K").T)  # line 1
-    hbm.store("P", _softmax_rows(hbm.load("S")))  # line 2
+    hbm.store("P", softmax(hbm.load("S")))  # line 2
     hbm.store("O", hbm.load("P") @ hbm.load("V"))  # line 3
     return IOCount(hbm.reads, hbm.writes, result=hbm.arrays["O"])
 
@@ -145,10 +142,11 @@ def io_standard_backward(
     3. read P, dP; dS = P ∘ (dP − rowsum(P ∘ dP)); write dS.
     4. load dS, K; dQ = τ dS K; write dQ.  5. load dS, Q; dK = τ dSᵀ Q; write dK.
     The forward pass's P is placed in HBM uncounted. ``result`` is (dQ, dK, dV).
+    Export with ``python -m attention_ref.export io_standard_backward``.
     """
     _check_2d(q=q, k=k, v=v, grad_out=grad_out)
-    tau = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    hbm = SlowMemory(Q=q, K=k, V=v, dO=grad_out, P=_softmax_rows(tau * q @ k.T))
+    tau = default_scale(q.shape[-1]) if scale is None else check_real("scale", scale)
+    hbm = SlowMemory(Q=q, K=k, V=v, dO=grad_out, P=softmax(tau * q @ k.T))
     hbm.store("dV", hbm.load("P").T @ hbm.load("dO"))  # line 1
     hbm.store("dP", hbm.load("dO") @ hbm.load("V").T)  # line 2
     P, dP = hbm.load("P"), hbm.load("dP")  # line 3
@@ -158,83 +156,97 @@ def io_standard_backward(
     return IOCount(hbm.reads, hbm.writes, result=tuple(hbm.arrays[n] for n in ("dQ", "dK", "dV")))
 
 
+def _io_fa1_forward(hbm: SlowMemory, tau: float, sram_size: int) -> IOCount:
+    """FA-1 Algorithm 1 on the Q, K, V in ``hbm``: key/value blocks outer, O, ℓ, m rewritten."""
+    (L, d), (S, dv) = hbm.arrays["Q"].shape, hbm.arrays["V"].shape
+    bq, bk = sram_block_sizes(sram_size, d, outer="kv")
+    hbm.allocate("O", np.zeros((L, dv)))  # line 2
+    hbm.allocate("l", np.zeros(L))
+    hbm.allocate("m", np.full(L, -np.inf))
+    for cols in _blocks(S, bk):  # line 5
+        k_j, v_j = hbm.load("K", cols), hbm.load("V", cols)  # line 6
+        for rows in _blocks(L, bq):  # line 7
+            q_i, o_i = hbm.load("Q", rows), hbm.load("O", rows)  # line 8
+            l_i, m_i = hbm.load("l", rows), hbm.load("m", rows)
+            s = tau * q_i @ k_j.T  # line 9
+            m_t = s.max(axis=1)  # line 10
+            p_t = np.exp(s - m_t[:, None])
+            l_t = p_t.sum(axis=1)
+            m_new = np.maximum(m_i, m_t)  # line 11
+            l_new = np.exp(m_i - m_new) * l_i + np.exp(m_t - m_new) * l_t
+            o_new = ((l_i * np.exp(m_i - m_new))[:, None] * o_i
+                     + np.exp(m_t - m_new)[:, None] * (p_t @ v_j)) / l_new[:, None]  # line 12
+            hbm.store("O", o_new, rows)
+            hbm.store("l", l_new, rows)  # line 13
+            hbm.store("m", m_new, rows)
+    lse = hbm.arrays["m"] + np.log(hbm.arrays["l"])
+    return IOCount(hbm.reads, hbm.writes, bq, bk, (hbm.arrays["O"], lse))
+
+
+def _io_fa2_forward(hbm: SlowMemory, tau: float, sram_size: int) -> IOCount:
+    """FA-2 Algorithm 1 on the Q, K, V in ``hbm``: query blocks outer, O_i and L_i written once."""
+    (L, d), (S, dv) = hbm.arrays["Q"].shape, hbm.arrays["V"].shape
+    bq, bk = sram_block_sizes(sram_size, d, outer="q")
+    hbm.arrays["O"], hbm.arrays["L"] = np.zeros((L, dv)), np.zeros(L)  # outputs, written once
+    for rows in _blocks(L, bq):  # line 3
+        q_i = hbm.load("Q", rows)  # line 4
+        o_i = np.zeros((q_i.shape[0], dv))  # line 5 (on chip)
+        l_i, m_i = np.zeros(q_i.shape[0]), np.full(q_i.shape[0], -np.inf)
+        for cols in _blocks(S, bk):  # line 6
+            k_j, v_j = hbm.load("K", cols), hbm.load("V", cols)  # line 7
+            s = tau * q_i @ k_j.T  # line 8
+            m_new = np.maximum(m_i, s.max(axis=1))  # line 9
+            p_t = np.exp(s - m_new[:, None])
+            alpha = np.exp(m_i - m_new)
+            l_i = alpha * l_i + p_t.sum(axis=1)
+            o_i = alpha[:, None] * o_i + p_t @ v_j  # line 10
+            m_i = m_new
+        hbm.store("O", o_i / l_i[:, None], rows)  # lines 12, 14
+        hbm.store("L", m_i + np.log(l_i), rows)  # lines 13, 15
+    return IOCount(hbm.reads, hbm.writes, bq, bk, (hbm.arrays["O"], hbm.arrays["L"]))
+
+
 def io_flash_forward(
-    q: np.ndarray,
-    k: np.ndarray,
-    v: np.ndarray,
-    sram_size: int,
-    *,
-    algorithm: str = "fa1",
+    q: np.ndarray, k: np.ndarray, v: np.ndarray, sram_size: int, *, algorithm: str = "fa1",
     scale: float | None = None,
 ) -> IOCount:
     """FlashAttention forward (FA-1 Algorithm 1 or FA-2 Algorithm 1) with its HBM traffic counted.
 
     FA-1 (key/value outer): writes O = 0, ℓ = 0, m = −∞ (line 2); per key block loads K_j, V_j
-    (line 7); per tile loads Q_i, O_i, ℓ_i, m_i (line 9) and writes O_i, ℓ_i, m_i (lines 13–14).
+    (line 6); per tile loads Q_i, O_i, ℓ_i, m_i (line 8) and writes O_i, ℓ_i, m_i (lines 12–13).
     FA-2 (query outer): per query block loads Q_i, per tile K_j, V_j; writes O_i and L_i once.
-    ``result`` is (O (L, dv), lse (L,)).
+    ``result`` is (O (L, dv), lse (L,)). Export with ``python -m attention_ref.export io_flash_forward``.
     """
     _check_2d(q=q, k=k, v=v)
-    L, d = q.shape
-    S, dv = v.shape
-    tau = 1.0 / math.sqrt(d) if scale is None else scale
+    check_choice("algorithm", algorithm, ("fa1", "fa2"))
+    tau = default_scale(q.shape[-1]) if scale is None else check_real("scale", scale)
     hbm = SlowMemory(Q=q, K=k, V=v)
+    return (_io_fa1_forward if algorithm == "fa1" else _io_fa2_forward)(hbm, tau, sram_size)
+
+
+def _io_backward_memory(q, k, v, out, lse, grad_out, algorithm: str, bq: int) -> SlowMemory:
+    """HBM before the backward loop: the inputs, and FA-1's ℓ = 1, m = λ with dQ, dK, dV = 0
+    (line 5), or FA-2's λ with the pre-pass D = rowsum(dO ∘ O) and dQ = 0."""
+    L, d, S, dv = q.shape[0], q.shape[1], v.shape[0], v.shape[1]
+    hbm = SlowMemory(Q=q, K=k, V=v, O=out, dO=grad_out)
     if algorithm == "fa1":
-        bq, bk = sram_block_sizes(sram_size, d, outer="kv")
-        hbm.allocate("O", np.zeros((L, dv)))  # line 2
-        hbm.allocate("l", np.zeros(L))
-        hbm.allocate("m", np.full(L, -np.inf))
-        for cols in _blocks(S, bk):  # line 6
-            k_j, v_j = hbm.load("K", cols), hbm.load("V", cols)  # line 7
-            for rows in _blocks(L, bq):  # line 8
-                q_i, o_i = hbm.load("Q", rows), hbm.load("O", rows)  # line 9
-                l_i, m_i = hbm.load("l", rows), hbm.load("m", rows)
-                s = tau * q_i @ k_j.T  # line 10
-                m_t = s.max(axis=1)  # line 11
-                p_t = np.exp(s - m_t[:, None])
-                l_t = p_t.sum(axis=1)
-                m_new = np.maximum(m_i, m_t)  # line 12
-                l_new = np.exp(m_i - m_new) * l_i + np.exp(m_t - m_new) * l_t
-                o_new = ((l_i * np.exp(m_i - m_new))[:, None] * o_i
-                         + np.exp(m_t - m_new)[:, None] * (p_t @ v_j)) / l_new[:, None]  # line 13
-                hbm.store("O", o_new, rows)
-                hbm.store("l", l_new, rows)  # line 14
-                hbm.store("m", m_new, rows)
-        lse = hbm.arrays["m"] + np.log(hbm.arrays["l"])
-        return IOCount(hbm.reads, hbm.writes, bq, bk, (hbm.arrays["O"], lse))
-    if algorithm == "fa2":
-        bq, bk = sram_block_sizes(sram_size, d, outer="q")
-        hbm.arrays["O"], hbm.arrays["L"] = np.zeros((L, dv)), np.zeros(L)  # outputs, written once
-        for rows in _blocks(L, bq):  # line 3
-            q_i = hbm.load("Q", rows)  # line 4
-            o_i = np.zeros((q_i.shape[0], dv))  # line 5 (on chip)
-            l_i, m_i = np.zeros(q_i.shape[0]), np.full(q_i.shape[0], -np.inf)
-            for cols in _blocks(S, bk):  # line 6
-                k_j, v_j = hbm.load("K", cols), hbm.load("V", cols)  # line 7
-                s = tau * q_i @ k_j.T  # line 8
-                m_new = np.maximum(m_i, s.max(axis=1))  # line 9
-                p_t = np.exp(s - m_new[:, None])
-                alpha = np.exp(m_i - m_new)
-                l_i = alpha * l_i + p_t.sum(axis=1)
-                o_i = alpha[:, None] * o_i + p_t @ v_j  # line 10
-                m_i = m_new
-            hbm.store("O", o_i / l_i[:, None], rows)  # lines 12, 14
-            hbm.store("L", m_i + np.log(l_i), rows)  # lines 13, 15
-        return IOCount(hbm.reads, hbm.writes, bq, bk, (hbm.arrays["O"], hbm.arrays["L"]))
-    raise ValueError(f"algorithm must be 'fa1' or 'fa2', got {algorithm!r}")
+        hbm.arrays["l"], hbm.arrays["m"] = np.ones(L), np.asarray(lse, dtype=np.float64)
+        hbm.allocate("dQ", np.zeros((L, d)))  # line 5
+        hbm.allocate("dK", np.zeros((S, d)))
+        hbm.allocate("dV", np.zeros((S, dv)))
+        return hbm
+    hbm.arrays["L"] = np.asarray(lse, dtype=np.float64)
+    hbm.arrays["D"] = np.zeros(L)  # space for D; its elements are counted when written
+    for rows in _blocks(L, bq):  # pre-pass: D = rowsum(dO ∘ O)
+        hbm.store("D", (hbm.load("dO", rows) * hbm.load("O", rows)).sum(axis=1), rows)
+    hbm.allocate("dQ", np.zeros((L, d)))
+    hbm.arrays["dK"], hbm.arrays["dV"] = np.zeros((S, d)), np.zeros((S, dv))
+    return hbm
 
 
 def io_flash_backward(
-    q: np.ndarray,
-    k: np.ndarray,
-    v: np.ndarray,
-    out: np.ndarray,
-    lse: np.ndarray,
-    grad_out: np.ndarray,
-    sram_size: int,
-    *,
-    algorithm: str = "fa1",
-    scale: float | None = None,
+    q: np.ndarray, k: np.ndarray, v: np.ndarray, out: np.ndarray, lse: np.ndarray, grad_out: np.ndarray,
+    sram_size: int, *, algorithm: str = "fa1", scale: float | None = None,
 ) -> IOCount:
     """FlashAttention backward (FA-1 Algorithm 4 or FA-2 Algorithm 2) with its HBM traffic counted.
 
@@ -245,32 +257,17 @@ def io_flash_backward(
     same P = diag(ℓ)⁻¹ e^{S − m}.)
     FA-2: a pre-pass reads O, dO and writes D = rowsum(dO ∘ O); writes dQ = 0; per tile loads
     Q_i, dO_i, dQ_i, L_i, D_i and writes dQ_i; writes dK_j, dV_j once.
-    ``result`` is (dQ, dK, dV).
+    ``result`` is (dQ, dK, dV). Export with ``python -m attention_ref.export io_flash_backward``.
     """
     _check_2d(q=q, k=k, v=v, out=out, grad_out=grad_out)
-    L, d = q.shape
-    S, dv = v.shape
-    tau = 1.0 / math.sqrt(d) if scale is None else scale
-    bq, bk = sram_block_sizes(sram_size, d, outer="kv")
-    if algorithm not in ("fa1", "fa2"):
-        raise ValueError(f"algorithm must be 'fa1' or 'fa2', got {algorithm!r}")
-    hbm = SlowMemory(Q=q, K=k, V=v, O=out, dO=grad_out)
-    if algorithm == "fa1":
-        hbm.arrays["l"], hbm.arrays["m"] = np.ones(L), np.asarray(lse, dtype=np.float64)
-        hbm.allocate("dQ", np.zeros((L, d)))  # line 5
-        hbm.allocate("dK", np.zeros((S, d)))
-        hbm.allocate("dV", np.zeros((S, dv)))
-    else:
-        hbm.arrays["L"] = np.asarray(lse, dtype=np.float64)
-        hbm.arrays["D"] = np.zeros(L)  # space for D; its elements are counted when written
-        for rows in _blocks(L, bq):  # pre-pass: D = rowsum(dO ∘ O)
-            hbm.store("D", (hbm.load("dO", rows) * hbm.load("O", rows)).sum(axis=1), rows)
-        hbm.allocate("dQ", np.zeros((L, d)))
-        hbm.arrays["dK"], hbm.arrays["dV"] = np.zeros((S, d)), np.zeros((S, dv))
-    for cols in _blocks(S, bk):  # line 6
+    check_choice("algorithm", algorithm, ("fa1", "fa2"))
+    tau = default_scale(q.shape[-1]) if scale is None else check_real("scale", scale)
+    bq, bk = sram_block_sizes(sram_size, q.shape[1], outer="kv")
+    hbm = _io_backward_memory(q, k, v, out, lse, grad_out, algorithm, bq)
+    for cols in _blocks(v.shape[0], bk):  # line 6
         k_j, v_j = hbm.load("K", cols), hbm.load("V", cols)  # line 7
         dk_j, dv_j = np.zeros_like(k_j), np.zeros_like(v_j)  # line 8 (on chip)
-        for rows in _blocks(L, bq):  # line 9
+        for rows in _blocks(q.shape[0], bq):  # line 9
             q_i, do_i, dq_i = hbm.load("Q", rows), hbm.load("dO", rows), hbm.load("dQ", rows)
             if algorithm == "fa1":  # line 10
                 o_i, l_i, m_i = hbm.load("O", rows), hbm.load("l", rows), hbm.load("m", rows)
@@ -305,6 +302,7 @@ def io_closed_form(
     * standard backward: reads 5LS + Ld + Sd + 2L·dv + S·dv; writes 2LS + Ld + Sd + S·dv
     * FA-1 backward: reads S(d + dv) + T_c·L(2d + 2dv + 2); writes Ld + 2S(d + dv) + T_c·Ld
     * FA-2 backward: reads 2L·dv + S(d + dv) + T_c·L(2d + dv + 2); writes L + Ld + S(d + dv) + T_c·Ld
+    Export with ``python -m attention_ref.export io_closed_form``.
     """
     dv = d if dv is None else dv
     if kind == "standard_forward":

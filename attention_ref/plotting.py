@@ -7,6 +7,7 @@ Arrays from any backend (CuPy included) are copied to the host first.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -57,14 +58,25 @@ def plot_attention(
     if title:
         ax.set_title(title)
     if annotate:
-        top = w.max() if w.size else 0.0
         for i in range(w.shape[0]):
             for j in range(w.shape[1]):
                 ax.text(j, i, f"{w[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                        color="black" if w[i, j] > 0.6 * top else "white")
+                        color=_text_colour_on(image.cmap(image.norm(w[i, j]))))
     if colorbar:
         ax.figure.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     return ax
+
+
+def _text_colour_on(rgba: Sequence[float]) -> str:
+    """Black or white, whichever reads better on the cell's own colour (its relative luminance,
+    WCAG 2), so the choice follows the colour scale actually drawn, not the data's maximum."""
+
+    def linear(c: float) -> float:
+        return c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4
+
+    r, g, b = (linear(c) for c in rgba[:3])
+    luminance = 0.2126 * r + 0.7152 * g + 0.0722 * b
+    return "black" if luminance > 0.179 else "white"
 
 
 def plot_heads(
@@ -122,10 +134,20 @@ def plot_heads(
     return fig
 
 
-def save_figure(fig: Any, path: str | Path, *, dpi: int = 110) -> Path:
+SAVE_FIGURES_ENV_VAR = "ATTENTION_REF_SAVE_FIGURES"
+
+
+def save_figure(fig: Any, path: str | Path, *, dpi: int = 110, force: bool = False) -> Path:
     """Save a figure as PNG with byte-stable metadata (no software/date stamp), so re-running a
-    notebook does not rewrite an unchanged figure in git. Creates the folder. Returns the path."""
+    notebook does not rewrite an unchanged figure in git. Creates the folder. Returns the path.
+
+    With the environment variable ``ATTENTION_REF_SAVE_FIGURES=0`` nothing is written: ``make
+    test`` sets it, so running the notebooks under nbval never rewrites the committed figures
+    (some show measured times or memory, which differ from run to run). ``force=True`` writes
+    anyway: for a file a user asked for by name (``show_heads --output``)."""
     path = Path(path)
+    if not force and os.environ.get(SAVE_FIGURES_ENV_VAR, "1").strip() == "0":
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi, bbox_inches="tight", metadata={"Software": None})
     return path
