@@ -33,11 +33,12 @@ Everything is namespace-neutral (NumPy, CuPy, array-api-strict). Inputs are neve
 from __future__ import annotations
 
 import math
-import operator
 from types import ModuleType
 from typing import Any
 
 from array_api_compat import array_namespace
+
+from .contract import check_bool, check_choice, check_float_array, check_int, check_real
 
 Array = Any
 
@@ -49,43 +50,23 @@ _ALIGNMENTS = ("top_left", "bottom_right")
 # ----------------------------------------------------------------------------- input checks
 
 
-def _count(name: str, value: Any, minimum: int = 0) -> int:
-    """An int-like (Python or NumPy integer, not bool) >= minimum, else ValueError naming it."""
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        n = operator.index(value)
-    except TypeError:
-        n = minimum - 1
-    if n < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return n
-
-
 def _even_head_size(E: int, where: str) -> None:
     if E % 2 != 0:
         raise ValueError(f"RoPE rotates pairs of features: the head size E must be even, got {where}")
 
 
 def _check_theta(theta: Any) -> float:
-    try:
-        value = float(theta)
-    except (TypeError, ValueError):
-        value = math.nan
-    if not (value > 0 and math.isfinite(value)):
+    value = check_real("theta", theta)
+    if not 0 < value < float("inf"):  # also false for NaN
         raise ValueError(f"theta must be a positive finite number, got {theta!r}")
     return value
 
 
 def _check_rope_inputs(xp: ModuleType, x: Array, positions: Array) -> None:
-    """The input contract of :func:`rope`: x floating (..., T, E) with E even, positions (T,) ints."""
-    if not xp.isdtype(x.dtype, "real floating"):
-        raise TypeError(f"x must have a real floating dtype, got {x.dtype}")
-    if x.ndim < 2:
-        raise ValueError(f"x must have shape (..., T, E), got shape {tuple(x.shape)}")
+    """The rest of :func:`rope`'s contract: E even, positions (T,) integers."""
     _even_head_size(x.shape[-1], f"x of shape {tuple(x.shape)}")
     if not xp.isdtype(positions.dtype, "integral"):
-        raise TypeError(f"positions must be integers, got dtype {positions.dtype}")
+        raise TypeError(f"positions must be an integer array, got dtype {positions.dtype}")
     if positions.ndim != 1 or positions.shape[0] != x.shape[-2]:
         raise ValueError(
             f"positions must have shape (T,) with T = x.shape[-2]; got positions "
@@ -111,7 +92,7 @@ def rope_frequencies(head_dim: int, theta: float = 10000.0, *, xp: ModuleType | 
     """
     if xp is None:
         import numpy as xp
-    E = _count("head_dim", head_dim, 2)
+    E = check_int("head_dim", head_dim, 2)
     _even_head_size(E, f"head_dim={E}")
     base = _check_theta(theta)
     i = xp.arange(E // 2, dtype=xp.float64)
@@ -132,10 +113,14 @@ def rope(x: Array, positions: Array, *, theta: float = 10000.0, interleaved: boo
     (a, b) = (i, i + E/2) otherwise (the "rotate-half" layout of Llama in ``transformers``).
     The angles are computed in float64 and rounded once to x's dtype; float32 in → float32 out
     (float16 is computed in float32). Returns a new array of x's shape.
+    Take it home as one NumPy file with ``python -m attention_ref.export rope``.
     """
+    check_float_array("x", x, 2, "(..., T, E)")  # before array_namespace: a list has none
+    check_bool(interleaved=interleaved)
     xp = array_namespace(x)
     positions = xp.asarray(positions)
     _check_rope_inputs(xp, x, positions)
+    _check_theta(theta)
     half = getattr(xp, "float16", None)
     work = xp.float32 if half is not None and x.dtype == half else x.dtype
     E = x.shape[-1]
@@ -172,7 +157,7 @@ def rope_permutation(head_dim: int, *, xp: ModuleType | None = None) -> Array:
     """
     if xp is None:
         import numpy as xp
-    E = _count("head_dim", head_dim, 2)
+    E = check_int("head_dim", head_dim, 2)
     _even_head_size(E, f"head_dim={E}")
     i = xp.arange(E // 2)
     return xp.reshape(xp.stack((i, i + E // 2), axis=-1), (E,))
@@ -195,7 +180,7 @@ def alibi_slopes(num_heads: int, *, xp: ModuleType | None = None) -> Array:
     """
     if xp is None:
         import numpy as xp
-    H = _count("num_heads", num_heads, 1)
+    H = check_int("num_heads", num_heads, 1)
     n = 2 ** int(math.floor(math.log2(H)))
     slopes = _slopes_power_of_two(n)
     if n < H:
@@ -226,10 +211,10 @@ def alibi_bias(
     (it broadcasts over leading batch dimensions of (..., H, L, S)). ``dtype`` defaults to the
     namespace's float32; ``xp`` to NumPy.
     """
-    if alignment not in _ALIGNMENTS:
-        raise ValueError(f"alignment must be one of {_ALIGNMENTS}, got {alignment!r}")
-    H = _count("num_heads", num_heads, 1)
-    L, S = _count("L", L), _count("S", S)
+    check_choice("alignment", alignment, _ALIGNMENTS)
+    check_bool(causal=causal)
+    H = check_int("num_heads", num_heads, 1)
+    L, S = check_int("L", L), check_int("S", S)
     xp = _standard(xp)
     dtype = xp.float32 if dtype is None else dtype
     if not xp.isdtype(dtype, "real floating"):

@@ -140,13 +140,17 @@ def test_rope_rejects_bad_input():
     x = np.zeros((4, 8))
     with pytest.raises(ValueError, match="even"):
         rope(np.zeros((4, 7)), np.arange(4))
-    with pytest.raises(TypeError, match="x must have a real floating dtype"):
+    with pytest.raises(TypeError, match="x must be a floating-point array"):
         rope(np.zeros((4, 8), dtype=np.int64), np.arange(4))
-    with pytest.raises(TypeError, match="positions must be integers"):
+    with pytest.raises(TypeError, match="x must be a floating-point array"):
+        rope([[1.0, 2.0]], [0])
+    with pytest.raises(TypeError, match="interleaved must be True or False"):
+        rope(x, np.arange(4), interleaved="yes")
+    with pytest.raises(TypeError, match="positions must be an integer array"):
         rope(x, np.arange(4.0))
     with pytest.raises(ValueError, match=r"positions must have shape \(T,\).*\(3,\).*\(4, 8\)"):
         rope(x, np.arange(3))
-    with pytest.raises(ValueError, match="x must have shape"):
+    with pytest.raises(ValueError, match="x must have at least 2 dimensions"):
         rope(np.zeros(8), np.arange(1))
     with pytest.raises(ValueError, match="theta"):
         rope(x, np.arange(4), theta=-1.0)
@@ -197,8 +201,8 @@ def test_alibi_slopes_match_the_paper(H):
 
 
 def test_alibi_slopes_rejects_bad_counts():
-    for bad in (0, -2, 2.5, True):
-        with pytest.raises(ValueError, match="num_heads"):
+    for bad, error in ((0, ValueError), (-2, ValueError), (2.5, TypeError), (True, TypeError)):
+        with pytest.raises(error, match="num_heads must be an int"):
             alibi_slopes(bad)
 
 
@@ -278,3 +282,23 @@ def test_alibi_bias_rejects_bad_input():
         alibi_bias(8, -1, 2)
     with pytest.raises(TypeError, match="dtype"):
         alibi_bias(8, 2, 2, dtype=np.int32)
+
+
+def test_rope_exports_as_a_numpy_only_file(tmp_path, rng):
+    """python -m attention_ref.export rope gives a file that runs with NumPy alone and agrees."""
+    import subprocess
+    import sys
+
+    from attention_ref.export import export
+
+    source = export("rope")
+    assert "import attention_ref" not in source and "array_api_compat" not in source
+    (tmp_path / "my_rope.py").write_text(source)
+    x = rng.standard_normal((2, 5, 8))
+    np.save(tmp_path / "x.npy", x)
+    code = ("import sys, numpy as np; sys.path.insert(0, sys.argv[1]); from my_rope import rope; "
+            "x = np.load(sys.argv[1] + '/x.npy'); "
+            "np.save(sys.argv[1] + '/y.npy', rope(x, np.arange(3, 8), theta=500.0, interleaved=True))")
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), rope(x, np.arange(3, 8), theta=500.0, interleaved=True))
