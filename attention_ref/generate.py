@@ -64,6 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.exit(1, f"error: {exc}\n")
     seconds = time.perf_counter() - start
     sys.stdout.write("\n")
+    sys.stdout.flush()  # before the summary on stderr
     rate = count / seconds if seconds > 0 else float("inf")
     print(
         f"[{model.name}: loaded in {model.load_seconds:.1f} s; {prompt_tokens} prompt tokens, "
