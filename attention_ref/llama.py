@@ -39,6 +39,7 @@ from typing import Any
 
 from array_api_compat import array_namespace
 
+from .contract import check_choice
 from .dot_product import scaled_dot_product_attention
 from .flash import flash_attention
 from .kv_cache import KVCache, append_kv, decode_step, empty_kv_cache
@@ -275,6 +276,52 @@ def _undo_llama_cpp_qk_order(W: Array, num_heads: int, head_dim: int, xp: Module
     return xp.reshape(W, (W.shape[0], num_heads * head_dim))
 
 
+def _tensor_getter(tensors: dict[str, Any], path: Path, xp: ModuleType, dtype: Any):
+    """get(name, shape, linear=False): a GGUF tensor dequantised to float32 (or ``dtype``), checked
+    against the shape the metadata implies; a linear layer's (out, in) transposed to our (in, out)."""
+    import numpy as np
+    from gguf.quants import dequantize
+
+    def get(name: str, shape: tuple[int, ...], *, linear: bool = False) -> Array:
+        if name not in tensors:
+            raise ValueError(f"{path} has no tensor {name!r}")
+        t = tensors[name]
+        value = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
+        if value.shape != shape:
+            raise ValueError(f"{path}: tensor {name!r} has shape {value.shape}, the metadata implies {shape}")
+        value = value.T if linear else value
+        return xp.asarray(np.ascontiguousarray(value, dtype=np.float32 if dtype is None else dtype))
+
+    return get
+
+
+def _read_layer(get: Any, config: LlamaConfig, i: int) -> LlamaLayerParams:
+    """Decoder layer i (GGUF names ``blk.{i}.*``), with W_Q, W_K in ``config.rope_layout``."""
+    d, I = config.hidden_size, config.intermediate_size
+    H, Hkv, E = config.num_heads, config.num_kv_heads, config.head_dim
+    p = f"blk.{i}"
+
+    def qk(name: str, heads: int) -> Array:
+        W = get(name, (heads * E, d), linear=True)
+        if config.rope_layout == "interleaved":
+            return W
+        return _undo_llama_cpp_qk_order(W, heads, E, array_namespace(W))
+
+    return LlamaLayerParams(
+        attention_norm=get(f"{p}.attn_norm.weight", (d,)),
+        attention=AttentionParams(
+            W_q=qk(f"{p}.attn_q.weight", H),
+            W_k=qk(f"{p}.attn_k.weight", Hkv),
+            W_v=get(f"{p}.attn_v.weight", (Hkv * E, d), linear=True),
+            W_o=get(f"{p}.attn_output.weight", (d, H * E), linear=True),
+        ),
+        mlp_norm=get(f"{p}.ffn_norm.weight", (d,)),
+        W_gate=get(f"{p}.ffn_gate.weight", (I, d), linear=True),
+        W_up=get(f"{p}.ffn_up.weight", (I, d), linear=True),
+        W_down=get(f"{p}.ffn_down.weight", (d, I), linear=True),
+    )
+
+
 def load_llama(
     path: str | Path | None = None,
     *,
@@ -294,24 +341,18 @@ def load_llama(
     the model applies rotate-half RoPE; ``"interleaved"`` keeps the file's order and applies
     interleaved RoPE. Both compute the same function: q·k is unchanged when q and k are permuted
     alike. xp: the array module for the weights (NumPy by default); dtype: cast them (e.g.
-    ``numpy.float64``).
-
-    Raises FileNotFoundError for a missing file, ValueError naming a missing key or misshapen
-    tensor, and ImportError with the install command when ``path`` is None and the package is absent.
+    ``numpy.float64``). Raises FileNotFoundError for a missing file, ValueError naming a missing key
+    or misshapen tensor, ImportError with the install command when the default package is absent.
     """
-    import numpy as np
-
     start = time.perf_counter()
-    if rope_layout not in ROPE_LAYOUTS:
-        raise ValueError(f"rope_layout must be one of {ROPE_LAYOUTS}, got {rope_layout!r}")
+    check_choice("rope_layout", rope_layout, ROPE_LAYOUTS)
     if xp is None:
-        xp = np
+        import numpy as xp
     path = default_model_path() if path is None else Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file {path} does not exist")
     try:
         import gguf
-        from gguf.quants import dequantize
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise ImportError("load_llama needs gguf: pip install 'attention_ref[llama]'") from exc
     try:
@@ -323,45 +364,9 @@ def load_llama(
     template = _field(reader, "tokenizer.chat_template", None, required=False)
     name = str(_field(reader, "general.name", path.stem, required=False))
     tensors = {t.name: t for t in reader.tensors}
-    d, I, V = config.hidden_size, config.intermediate_size, config.vocab_size
-    H, Hkv, E = config.num_heads, config.num_kv_heads, config.head_dim
-
-    def get(name: str, shape: tuple[int, ...], *, linear: bool = False) -> Array:
-        """The tensor as float32 (out, in) → our (in, out) when ``linear``."""
-        if name not in tensors:
-            raise ValueError(f"{path} has no tensor {name!r}")
-        t = tensors[name]
-        value = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
-        if value.shape != shape:
-            raise ValueError(f"{path}: tensor {name!r} has shape {value.shape}, the metadata implies {shape}")
-        if linear:
-            value = value.T
-        value = np.ascontiguousarray(value, dtype=np.float32 if dtype is None else dtype)
-        return xp.asarray(value)
-
-    def qk(name: str, heads: int) -> Array:
-        W = get(name, (heads * E, d), linear=True)
-        return _undo_llama_cpp_qk_order(W, heads, E, xp) if rope_layout == "rotate_half" else W
-
-    layers = []
-    for i in range(config.num_layers):
-        p = f"blk.{i}"
-        attention = AttentionParams(
-            W_q=qk(f"{p}.attn_q.weight", H),
-            W_k=qk(f"{p}.attn_k.weight", Hkv),
-            W_v=get(f"{p}.attn_v.weight", (Hkv * E, d), linear=True),
-            W_o=get(f"{p}.attn_output.weight", (d, H * E), linear=True),
-        )
-        layers.append(
-            LlamaLayerParams(
-                attention_norm=get(f"{p}.attn_norm.weight", (d,)),
-                attention=attention,
-                mlp_norm=get(f"{p}.ffn_norm.weight", (d,)),
-                W_gate=get(f"{p}.ffn_gate.weight", (I, d), linear=True),
-                W_up=get(f"{p}.ffn_up.weight", (I, d), linear=True),
-                W_down=get(f"{p}.ffn_down.weight", (d, I), linear=True),
-            )
-        )
+    get = _tensor_getter(tensors, path, xp, dtype)
+    layers = tuple(_read_layer(get, config, i) for i in range(config.num_layers))
+    d, V = config.hidden_size, config.vocab_size
     embeddings = get("token_embd.weight", (V, d))
     lm_head = get("output.weight", (V, d)) if "output.weight" in tensors else embeddings
     return LlamaModel(
@@ -512,6 +517,21 @@ def _check_ids(xp: ModuleType, input_ids: Any, vocab_size: int) -> Array:
     return ids
 
 
+def _checked_cache(model: LlamaModel, cache: LlamaCache | None, B: int, t: int, xp: ModuleType) -> LlamaCache:
+    """The cache to continue from: empty ones for B sequences when None, else checked."""
+    c = model.config
+    if cache is None:
+        dtype = model.token_embeddings.dtype
+        cache = tuple(empty_kv_cache((B,), c.num_kv_heads, c.head_dim, dtype=dtype, xp=xp) for _ in range(c.num_layers))
+    if len(cache) != c.num_layers or not all(isinstance(layer, KVCache) for layer in cache):
+        raise TypeError(f"cache must be a tuple of {c.num_layers} KVCache (one per layer), got {type(cache).__name__}")
+    if cache[0].keys.shape[0] != B:
+        raise ValueError(f"the cache holds {cache[0].keys.shape[0]} sequences but input_ids has B = {B}")
+    if cache[0].length + t > c.context_length:
+        raise ValueError(f"{cache[0].length} cached + {t} new tokens exceed the context length {c.context_length}")
+    return cache
+
+
 def llama_forward(
     model: LlamaModel,
     input_ids: Any,
@@ -541,19 +561,7 @@ def llama_forward(
     if attention not in ATTENTION_CHOICES:
         raise ValueError(f"attention must be one of {ATTENTION_CHOICES}, got {attention!r}")
     B, t = ids.shape
-    if cache is None:
-        dtype = model.token_embeddings.dtype
-        cache = tuple(
-            empty_kv_cache((B,), c.num_kv_heads, c.head_dim, dtype=dtype, xp=xp)
-            for _ in range(c.num_layers)
-        )
-    if len(cache) != c.num_layers or not all(isinstance(layer, KVCache) for layer in cache):
-        raise TypeError(f"cache must be a tuple of {c.num_layers} KVCache (one per layer), got {type(cache).__name__}")
-    T = cache[0].length
-    if cache[0].keys.shape[0] != B:
-        raise ValueError(f"the cache holds {cache[0].keys.shape[0]} sequences but input_ids has B = {B}")
-    if T + t > c.context_length:
-        raise ValueError(f"{T} cached + {t} new tokens exceed the context length {c.context_length}")
+    cache = _checked_cache(model, cache, B, t, xp)
     if attention == "auto":
         attention = "flash" if t >= FLASH_MIN_NEW_TOKENS and not return_weights else "sdpa"
     x = xp.reshape(xp.take(model.token_embeddings, xp.reshape(ids, (-1,)), axis=0), (B, t, c.hidden_size))
