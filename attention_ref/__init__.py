@@ -17,6 +17,8 @@ module                stage
 ``flash_numba``       06 Numba-jitted tiled kernels (optional dependency)
 ``kv_cache``          07 KV-cache decoding, split-KV (Flash-Decoding)
 ``bert``              08 a real pretrained encoder (MiniLM) in NumPy
+``positions``         09 rotary position embeddings (RoPE) and ALiBi
+``llama``             09 a real pretrained decoder (SmolLM2, Llama architecture) in NumPy
 ``ring``              10 ring attention across MPI processes, and its simulator
 ``plotting``          heatmaps of attention weights used by every notebook
 ``explorer``          interactive explorer (Jupyter widget, offline HTML page)
@@ -31,7 +33,8 @@ The core stages (02–04) are imported eagerly; everything else is resolved lazi
 ``import attention_ref`` needs only NumPy and array-api-compat, and optional dependencies (Numba,
 matplotlib, tokenizers) are imported when first used. (``attention_ref.softmax`` and
 ``attention_ref.self_attention`` are the functions; their modules are reached with
-``from attention_ref.softmax import ...``.)
+``from attention_ref.softmax import ...``. Likewise ``attention_ref.generate`` is stage 09's
+function; its command-line module runs as ``python -m attention_ref.generate``.)
 """
 
 from __future__ import annotations
@@ -137,6 +140,27 @@ _EXPORTS: dict[str, str] = {
     "BertLayerParams": "bert",
     "BertModel": "bert",
     "BertOutput": "bert",
+    # --- stage 09: positions and a real decoder (issue 14) ---
+    "rope": "positions",
+    "rope_frequencies": "positions",
+    "rope_permutation": "positions",
+    "alibi_slopes": "positions",
+    "alibi_bias": "positions",
+    "load_llama": "llama",
+    "llama_forward": "llama",
+    "llama_attention": "llama",
+    "rope_decode_step": "llama",
+    "generate": "llama",
+    "apply_chat_template": "llama",
+    "encode_prompt": "llama",
+    "sample_token": "llama",
+    "rms_norm": "llama",
+    "silu": "llama",
+    "swiglu": "llama",
+    "GeneratedToken": "llama",
+    "LlamaConfig": "llama",
+    "LlamaLayerParams": "llama",
+    "LlamaModel": "llama",
     # --- stage 10: ring attention (mpi4py is imported only by the command-line demo) ---
     "shard_spans": "ring",
     "shard": "ring",

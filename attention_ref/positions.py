@@ -1,0 +1,230 @@
+"""Stage 09: relative positions inside attention — rotary embeddings (RoPE) and ALiBi.
+
+Stage 03 *added* a sinusoidal vector to each token before attention. Decoders since 2021 put the
+position into the attention logits themselves, so that z_ij depends on the *offset* i − j:
+
+* **RoPE** (Su et al. 2021, RoFormer, arXiv:2104.09864, eq. 34) rotates every pair of features of a
+  query or key by an angle proportional to its position m. With θ_i = θ^(−2i/E), i = 0 … E/2 − 1,
+
+      R_m x:   (x_a, x_b)  ↦  (x_a cos mθ_i − x_b sin mθ_i,  x_a sin mθ_i + x_b cos mθ_i),
+
+  and since rotations compose, ⟨R_m q, R_n k⟩ = ⟨q, R_{n−m} k⟩: the logit sees only n − m.
+  Which features form pair i is a convention. RoFormer, GPT-J and llama.cpp pair *neighbours*
+  (a, b) = (2i, 2i + 1) ("interleaved"); Llama in Hugging Face ``transformers`` pairs the two
+  *halves* (a, b) = (i, i + E/2) ("rotate-half"). The two differ only by a fixed permutation of the
+  features (:func:`rope_permutation`), applied to the rows of W_Q and W_K when a checkpoint is
+  converted from one to the other.
+* **ALiBi** (Press, Smith & Lewis 2022, arXiv:2108.12409, §3) adds no embedding at all: head h
+  adds the bias −m_h · (i − j) to the logit of query i and key j, with the geometric slopes
+  m_h = 2^(−8h/H), h = 1 … H. The bias is a float mask Δ (README's notation) for stage 02's
+  ``scaled_dot_product_attention`` and stage 05's ``flash_attention``.
+
+Public names
+------------
+``rope_frequencies``  θ_i = θ^(−2i/E), the E/2 rotation frequencies
+``rope``              rotate (..., T, E) queries or keys to their positions (both layouts)
+``rope_permutation``  the feature permutation taking the rotate-half layout to the interleaved one
+``alibi_slopes``      m_h for H heads (the paper's rule for H not a power of two)
+``alibi_bias``        the (H, L, S) float mask −m_h · (i − j), causal in either alignment
+
+Everything is namespace-neutral (NumPy, CuPy, array-api-strict). Inputs are never modified.
+"""
+
+from __future__ import annotations
+
+import math
+from types import ModuleType
+from typing import Any
+
+from array_api_compat import array_namespace
+
+from .contract import check_bool, check_choice, check_float_array, check_int, check_real
+
+Array = Any
+
+__all__ = ["alibi_bias", "alibi_slopes", "rope", "rope_frequencies", "rope_permutation"]
+
+_ALIGNMENTS = ("top_left", "bottom_right")
+
+
+# ----------------------------------------------------------------------------- input checks
+
+
+def _even_head_size(E: int, where: str) -> None:
+    if E % 2 != 0:
+        raise ValueError(f"RoPE rotates pairs of features: the head size E must be even, got {where}")
+
+
+def _check_theta(theta: Any) -> float:
+    value = check_real("theta", theta)
+    if not 0 < value < float("inf"):  # also false for NaN
+        raise ValueError(f"theta must be a positive finite number, got {theta!r}")
+    return value
+
+
+def _check_rope_inputs(xp: ModuleType, x: Array, positions: Array) -> None:
+    """The rest of :func:`rope`'s contract: E even, positions (T,) integers."""
+    _even_head_size(x.shape[-1], f"x of shape {tuple(x.shape)}")
+    if not xp.isdtype(positions.dtype, "integral"):
+        raise TypeError(f"positions must be an integer array, got dtype {positions.dtype}")
+    if positions.ndim != 1 or positions.shape[0] != x.shape[-2]:
+        raise ValueError(
+            f"positions must have shape (T,) with T = x.shape[-2]; got positions "
+            f"{tuple(positions.shape)} for x {tuple(x.shape)}"
+        )
+
+
+def _standard(xp: ModuleType | None) -> ModuleType:
+    """The array-API view of an array module (NumPy by default), which has ``bool``, ``isdtype``."""
+    if xp is None:
+        import numpy as xp
+    return array_namespace(xp.asarray(0))
+
+
+# ----------------------------------------------------------------------------- RoPE
+
+
+def rope_frequencies(head_dim: int, theta: float = 10000.0, *, xp: ModuleType | None = None) -> Array:
+    """The E/2 rotation frequencies θ_i = θ^(−2i/E), i = 0 … E/2 − 1 (RoFormer eq. 15), float64.
+
+    Pair i turns by the angle m·θ_i at position m: the first pair once per token (θ_0 = 1), the
+    last about θ^(−1) times, so the pairs measure offsets from one token to thousands.
+    """
+    if xp is None:
+        import numpy as xp
+    E = check_int("head_dim", head_dim, 2)
+    _even_head_size(E, f"head_dim={E}")
+    base = _check_theta(theta)
+    i = xp.arange(E // 2, dtype=xp.float64)
+    return base ** (-2.0 * i / E)
+
+
+def rope(x: Array, positions: Array, *, theta: float = 10000.0, interleaved: bool = False) -> Array:
+    """Rotary position embedding of queries or keys (Su et al. 2021, RoFormer eq. 34).
+
+    x: (..., T, E) — e.g. the (B, H, T, E) heads of stage 04's ``split_heads`` — with E even;
+    positions: (T,) integers, the position m of each of the T rows (``arange(t, t + T)`` for the
+    tokens t … t + T − 1 of a sequence). Pair i = 0 … E/2 − 1 of row m is rotated by m·θ_i,
+    θ_i = theta^(−2i/E):
+
+        out_a = x_a cos mθ_i − x_b sin mθ_i,     out_b = x_b cos mθ_i + x_a sin mθ_i
+
+    with (a, b) = (2i, 2i + 1) when ``interleaved`` (RoFormer, GPT-J, llama.cpp) and
+    (a, b) = (i, i + E/2) otherwise (the "rotate-half" layout of Llama in ``transformers``).
+    The angles are computed in float64 and rounded once to x's dtype; float32 in → float32 out
+    (float16 is computed in float32). Returns a new array of x's shape.
+    Take it home as one NumPy file with ``python -m attention_ref.export rope``.
+    """
+    check_float_array("x", x, 2, "(..., T, E)")  # before array_namespace: a list has none
+    check_bool(interleaved=interleaved)
+    xp = array_namespace(x)
+    positions = xp.asarray(positions)
+    _check_rope_inputs(xp, x, positions)
+    _check_theta(theta)
+    half = getattr(xp, "float16", None)
+    work = xp.float32 if half is not None and x.dtype == half else x.dtype
+    E = x.shape[-1]
+    if E == 0:
+        return xp.asarray(x, copy=True)
+    freqs = rope_frequencies(E, theta, xp=xp)
+    angles = xp.reshape(xp.astype(positions, xp.float64), (-1, 1)) * freqs  # (T, E/2): m·θ_i
+    cos, sin = xp.astype(xp.cos(angles), work), xp.astype(xp.sin(angles), work)
+    y = xp.astype(x, work)
+    if interleaved:
+        pairs = xp.reshape(y, (*y.shape[:-1], E // 2, 2))
+        x_a, x_b = pairs[..., 0], pairs[..., 1]
+    else:
+        x_a, x_b = y[..., : E // 2], y[..., E // 2 :]
+    out_a = x_a * cos - x_b * sin
+    out_b = x_b * cos + x_a * sin
+    if interleaved:
+        out = xp.reshape(xp.stack((out_a, out_b), axis=-1), y.shape)
+    else:
+        out = xp.concat((out_a, out_b), axis=-1)
+    return xp.astype(out, x.dtype)
+
+
+def rope_permutation(head_dim: int, *, xp: ModuleType | None = None) -> Array:
+    """The feature order that turns the rotate-half layout into the interleaved one, (E,) ints.
+
+    perm = [0, E/2, 1, E/2 + 1, …]: feature 2i of the interleaved layout is feature i of the
+    rotate-half layout and feature 2i + 1 is feature i + E/2. Hence, for any x (..., T, E),
+
+        rope(x[..., perm], m, interleaved=True) == rope(x, m)[..., perm],
+
+    and a checkpoint converts between the layouts by reordering the rows of W_Q and W_K within
+    each head (llama.cpp's converter applies ``perm``; ``transformers`` undoes it on load).
+    """
+    if xp is None:
+        import numpy as xp
+    E = check_int("head_dim", head_dim, 2)
+    _even_head_size(E, f"head_dim={E}")
+    i = xp.arange(E // 2)
+    return xp.reshape(xp.stack((i, i + E // 2), axis=-1), (E,))
+
+
+# ----------------------------------------------------------------------------- ALiBi
+
+
+def _slopes_power_of_two(n: int) -> list[float]:
+    """2^(−8h/n) for h = 1 … n: a geometric sequence starting (and with ratio) 2^(−8/n)."""
+    return [2.0 ** (-8.0 * h / n) for h in range(1, n + 1)]
+
+
+def alibi_slopes(num_heads: int, *, xp: ModuleType | None = None) -> Array:
+    """The head-specific ALiBi slopes m_1 … m_H (Press et al. 2022, §3), float64 (H,).
+
+    For H a power of two, m_h = 2^(−8h/H): for 8 heads 1/2, 1/4, …, 1/256. Otherwise (the
+    authors' code): take the 2^⌊log₂ H⌋ slopes of the nearest smaller power of two, then add every
+    other slope of the sequence for twice that many heads until there are H.
+    """
+    if xp is None:
+        import numpy as xp
+    H = check_int("num_heads", num_heads, 1)
+    n = 2 ** int(math.floor(math.log2(H)))
+    slopes = _slopes_power_of_two(n)
+    if n < H:
+        slopes += _slopes_power_of_two(2 * n)[0::2][: H - n]
+    return xp.asarray(slopes, dtype=xp.float64)
+
+
+def alibi_bias(
+    num_heads: int,
+    L: int,
+    S: int,
+    *,
+    causal: bool = True,
+    alignment: str = "top_left",
+    dtype: Any = None,
+    xp: ModuleType | None = None,
+) -> Array:
+    """ALiBi's additive mask Δ of shape (H, L, S) (Press et al. 2022, §3, Figure 3).
+
+    Query i sits at position p_i = i (``alignment="top_left"``, PyTorch's ``is_causal``) or
+    p_i = i + S − L (``"bottom_right"``: the last query lines up with the last key, as when the
+    queries are the newest tokens of a KV cache). Head h adds
+
+        Δ_hij = −m_h · (p_i − j)   for j ≤ p_i,        Δ_hij = −∞   for j > p_i   (causal)
+
+    or −m_h · |p_i − j| everywhere with ``causal=False`` (the symmetric bidirectional variant).
+    Pass it as ``attn_mask`` to ``scaled_dot_product_attention`` or ``flash_attention``
+    (it broadcasts over leading batch dimensions of (..., H, L, S)). ``dtype`` defaults to the
+    namespace's float32; ``xp`` to NumPy.
+    """
+    check_choice("alignment", alignment, _ALIGNMENTS)
+    check_bool(causal=causal)
+    H = check_int("num_heads", num_heads, 1)
+    L, S = check_int("L", L), check_int("S", S)
+    xp = _standard(xp)
+    dtype = xp.float32 if dtype is None else dtype
+    if not xp.isdtype(dtype, "real floating"):
+        raise TypeError(f"dtype must be a real floating dtype, got {dtype}")
+    offset = 0 if alignment == "top_left" else S - L
+    query_pos = xp.reshape(xp.arange(L, dtype=xp.float64) + offset, (1, L, 1))
+    key_pos = xp.reshape(xp.arange(S, dtype=xp.float64), (1, 1, S))
+    distance = query_pos - key_pos  # p_i − j: positive for keys in the past
+    slopes = xp.reshape(alibi_slopes(H, xp=xp), (H, 1, 1))
+    bias = -slopes * xp.abs(distance)
+    if causal:
+        bias = xp.where(distance >= 0, bias, xp.asarray(-math.inf, dtype=xp.float64))
+    return xp.astype(bias, dtype)
