@@ -38,7 +38,7 @@ from typing import Any
 
 from array_api_compat import array_namespace
 
-from .contract import check_bool, check_choice, check_float_array, check_int, check_real
+from .contract import check_bool, check_choice, check_float_arrays, check_int, check_real
 
 Array = Any
 
@@ -115,7 +115,7 @@ def rope(x: Array, positions: Array, *, theta: float = 10000.0, interleaved: boo
     (float16 is computed in float32). Returns a new array of x's shape.
     Take it home as one NumPy file with ``python -m attention_ref.export rope``.
     """
-    check_float_array("x", x, 2, "(..., T, E)")  # before array_namespace: a list has none
+    check_float_arrays(2, "(..., L, E)", x=x)  # before array_namespace: a list has none
     check_bool(interleaved=interleaved)
     xp = array_namespace(x)
     positions = xp.asarray(positions)
