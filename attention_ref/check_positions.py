@@ -3,8 +3,9 @@
 
 The references are written independently of ``attention_ref.positions``: every pair of features
 is turned by its angle with Python's ``math.cos`` / ``math.sin`` in float64 (rotate-half layout:
-pair i is (i, i + E/2); interleaved: (2i, 2i + 1)), and the decoding step appends the rotated keys
-and attends over the whole matrix with the bottom-right causal mask.
+pair f is (f, f + E/2); interleaved: (2f, 2f + 1)), and the decoding step appends the rotated keys
+and attends over the whole matrix with the bottom-right causal mask. Sizes in the course's
+notation: L rows (new tokens), t tokens already cached, S = t + L keys, ``batch`` sequences.
 """
 
 from __future__ import annotations
@@ -19,15 +20,15 @@ from .check_core import Battery, Call, Case, Mistake, Unexpected, randn, registe
 
 def _rope64(x, positions, theta=10000.0, interleaved=False, *, sign=1.0, exponent=2.0,
             halves_plus=False):
-    """Rotate every pair of x (..., L, E) by positions[l]·θ_i in float64 (or with one slip)."""
+    """Rotate every pair f of x (..., L, E) by positions[l]·ω_f in float64 (or with one slip)."""
     x = np.asarray(x, dtype=np.float64)
     E = x.shape[-1]
     out = np.empty_like(x)
-    for l, m in enumerate(np.asarray(positions).tolist()):
-        for i in range(E // 2):
-            angle = sign * m * theta ** (-exponent * i / E)
+    for l, pos in enumerate(np.asarray(positions).tolist()):
+        for f in range(E // 2):
+            angle = sign * pos * theta ** (-exponent * f / E)
             c, s = math.cos(angle), math.sin(angle)
-            a, b = (2 * i, 2 * i + 1) if interleaved else (i, i + E // 2)
+            a, b = (2 * f, 2 * f + 1) if interleaved else (f, f + E // 2)
             xa, xb = x[..., l, a], x[..., l, b]
             out[..., l, a] = xa * c - xb * s if not halves_plus else xa * c + xb * s
             out[..., l, b] = xb * c + xa * s
@@ -39,8 +40,8 @@ def _rope_reference(x, positions, theta=10000.0, *, interleaved=False):
 
 
 def _rope_build(*, ints=False, start=0, positions=None, theta=None, interleaved=None, scale=1.0):
-    def build(rng, dtype, L, E, H=None, B=None):
-        shape = tuple(n for n in (B, H) if n is not None) + (L, E)
+    def build(rng, dtype, L, E, H=None, batch=None):
+        shape = tuple(n for n in (batch, H) if n is not None) + (L, E)
         x = small_ints(rng, shape, dtype, -2, 2) if ints else randn(rng, shape, dtype, scale)
         pos = np.arange(start, start + L) if positions is None else np.asarray(positions[:L])
         kwargs = {}
@@ -61,13 +62,13 @@ _ROPE_CASES = [
          dict(L=3, E=4), minimum=dict(L=1, E=2)),
     Case("positions in any order, repeated", _rope_build(positions=[5, 0, 5, 2, 9]), dict(L=5, E=6),
          minimum=dict(L=1, E=2)),
-    Case("leading batch and head dims (B, H, L, E)", _rope_build(), dict(L=4, E=8, H=3, B=2),
-         minimum=dict(L=1, E=2, H=1, B=1)),
+    Case("leading batch and head dims (batch, H, L, E)", _rope_build(), dict(L=4, E=8, H=3, batch=2),
+         minimum=dict(L=1, E=2, H=1, batch=1)),
     Case("theta given (θ = 100000, Llama 3 / SmolLM2)", _rope_build(theta=100000.0, start=30),
          dict(L=4, E=16), minimum=dict(L=1, E=2)),
     Case("float32 stays float32", _rope_build(start=100), dict(L=4, E=8), dtype="float32",
          minimum=dict(L=1, E=2)),
-    Case("interleaved layout: pairs (2i, 2i + 1)", _rope_build(interleaved=True, start=3),
+    Case("interleaved layout: pairs (2f, 2f + 1)", _rope_build(interleaved=True, start=3),
          dict(L=4, E=8), minimum=dict(L=1, E=2)),
 ]
 
@@ -98,24 +99,24 @@ register(
         reference=_rope_reference,
         cases=_ROPE_CASES,
         mistakes=[
-            Mistake("neighbouring pairs (2i, 2i + 1) rotated instead of the halves",
-                    "the rotate-half layout (Llama in transformers) pairs feature i with feature i + E/2: "
+            Mistake("neighbouring pairs (2f, 2f + 1) rotated instead of the halves",
+                    "the rotate-half layout (Llama in transformers) pairs feature f with feature f + E/2: "
                     "x_a = x[..., :E/2], x_b = x[..., E/2:] (interleaved=True is the other layout).",
                     _rope_slip(swap_layout=True)),
             Mistake("rotated the wrong way (the sign of sin flipped)",
-                    "out_a = x_a cos mθ_i − x_b sin mθ_i and out_b = x_b cos mθ_i + x_a sin mθ_i: "
-                    "a rotation by +mθ_i.",
+                    "out_a = x_a cos(pos·ω_f) − x_b sin(pos·ω_f) and out_b = x_b cos(pos·ω_f) + "
+                    "x_a sin(pos·ω_f): a rotation by +pos·ω_f.",
                     _rope_slip(sign=-1.0)),
             Mistake("the minus sign of the rotation is missing (x_a cos + x_b sin)",
-                    "the first feature of each pair is x_a cos mθ_i − x_b sin mθ_i: rotate_half(x) is "
+                    "the first feature of each pair is x_a cos(pos·ω_f) − x_b sin(pos·ω_f): rotate_half(x) is "
                     "(−x_b, x_a), not (x_b, x_a).",
                     _rope_slip(halves_plus=True)),
-            Mistake("frequencies θ^(−i/E) instead of θ^(−2i/E)",
-                    "pair i turns at θ_i = θ^(−2i/E), i = 0 … E/2 − 1 (RoFormer eq. 15): the exponent "
-                    "counts features, two per pair.",
+            Mistake("frequencies θ^(−f/E) instead of θ^(−2f/E)",
+                    "pair f turns at ω_f = θ^(−2f/E), f = 0 … E/2 − 1 (RoFormer eq. 15, which calls it "
+                    "θ_i): the exponent counts features, two per pair.",
                     _rope_slip(exponent=1.0)),
             Mistake("positions ignored: rows rotated by 0, 1, 2, … instead of `positions`",
-                    "row l is at position positions[l] (after a cache of T tokens that is T + l): use "
+                    "row l is at position positions[l] (after a cache of t tokens that is t + l): use "
                     "the positions given, not arange(L).",
                     _rope_slip(from_zero=True)),
         ],
@@ -137,18 +138,18 @@ def _kv_cache(keys, values):
 def _step64(q_new, k_new, v_new, cache, *, theta=10000.0, enable_gqa=False, interleaved=False,
             start=None, rotate_values=False, rotate_cached=False):
     """(out, cached keys, cached values) of the step in float64 (or with one slip)."""
-    T, t = cache.keys.shape[-2], q_new.shape[-2]
-    first = T if start is None else start
-    positions = np.arange(first, first + t)
+    t, L = cache.keys.shape[-2], q_new.shape[-2]
+    first = t if start is None else start
+    positions = np.arange(first, first + L)
     q = _rope64(q_new, positions, theta, interleaved)
     k = _rope64(k_new, positions, theta, interleaved)
     v = _rope64(v_new, positions, theta, interleaved) if rotate_values else np.asarray(v_new, np.float64)
     old_keys = np.asarray(cache.keys, np.float64)
     if rotate_cached:  # the cached keys rotated once more by their positions
-        old_keys = _rope64(old_keys, np.arange(T), theta, interleaved)
+        old_keys = _rope64(old_keys, np.arange(t), theta, interleaved)
     keys = np.concatenate([old_keys, k], -2)
     values = np.concatenate([np.asarray(cache.values, np.float64), v], -2)
-    out = attention64(q, keys, values, allowed=causal(t, T + t, "bottom_right"))[0]
+    out = attention64(q, keys, values, allowed=causal(L, t + L, "bottom_right"))[0]
     return out, keys, values
 
 
@@ -169,16 +170,16 @@ def _step_unpack(value, outputs):
 
 
 def _step_build(*, gqa=False, theta=None, rotated_cache=True):
-    def build(rng, dtype, T, t, E, Ev, H, Hkv=None, B=None):
-        lead = () if B is None else (B,)
+    def build(rng, dtype, t, L, E, Ev, H, Hkv=None, batch=None):
+        lead = () if batch is None else (batch,)
         hkv = H if Hkv is None else Hkv
-        q_new = randn(rng, lead + (H, t, E), dtype)
-        k_new = randn(rng, lead + (hkv, t, E), dtype)
-        v_new = randn(rng, lead + (hkv, t, Ev), dtype)
-        keys = randn(rng, lead + (hkv, T, E), dtype)
-        if rotated_cache:  # what earlier steps stored: keys already rotated to 0 … T − 1
-            keys = _rope64(keys, np.arange(T), 10000.0 if theta is None else theta).astype(dtype)
-        cache = _kv_cache(keys, randn(rng, lead + (hkv, T, Ev), dtype))
+        q_new = randn(rng, lead + (H, L, E), dtype)
+        k_new = randn(rng, lead + (hkv, L, E), dtype)
+        v_new = randn(rng, lead + (hkv, L, Ev), dtype)
+        keys = randn(rng, lead + (hkv, t, E), dtype)
+        if rotated_cache:  # what earlier steps stored: keys already rotated to 0 … t − 1
+            keys = _rope64(keys, np.arange(t), 10000.0 if theta is None else theta).astype(dtype)
+        cache = _kv_cache(keys, randn(rng, lead + (hkv, t, Ev), dtype))
         kwargs = {}
         if theta is not None:
             kwargs["theta"] = theta
@@ -190,20 +191,20 @@ def _step_build(*, gqa=False, theta=None, rotated_cache=True):
 
 
 _STEP_CASES = [
-    Case("one new token after 3 cached, one head", _step_build(), dict(T=3, t=1, E=2, Ev=2, H=1),
-         minimum=dict(T=1, Ev=2)),
-    Case("prefill: 4 tokens into an empty cache", _step_build(), dict(T=0, t=4, E=4, Ev=3, H=2),
-         minimum=dict(t=2, Ev=2)),
-    Case("2 new tokens after 5 cached, 2 heads", _step_build(), dict(T=5, t=2, E=8, Ev=3, H=2),
-         minimum=dict(T=1, t=1, E=2, Ev=2)),
-    Case("theta given (θ = 100000)", _step_build(theta=100000.0), dict(T=6, t=2, E=8, Ev=4, H=2),
-         minimum=dict(T=1, t=1, E=2, Ev=2)),
-    Case("leading batch dim (B, H, t, E)", _step_build(), dict(T=4, t=1, E=4, Ev=2, H=2, B=2),
-         minimum=dict(T=1, E=2, Ev=2)),
-    Case("float32 stays float32", _step_build(), dict(T=4, t=2, E=4, Ev=4, H=2), dtype="float32",
-         minimum=dict(T=1, t=1, E=2, Ev=2)),
+    Case("one new token after 3 cached, one head", _step_build(), dict(t=3, L=1, E=2, Ev=2, H=1),
+         minimum=dict(t=1, Ev=2)),
+    Case("prefill: 4 tokens into an empty cache", _step_build(), dict(t=0, L=4, E=4, Ev=3, H=2),
+         minimum=dict(L=2, Ev=2)),
+    Case("2 new tokens after 5 cached, 2 heads", _step_build(), dict(t=5, L=2, E=8, Ev=3, H=2),
+         minimum=dict(t=1, L=1, E=2, Ev=2)),
+    Case("theta given (θ = 100000)", _step_build(theta=100000.0), dict(t=6, L=2, E=8, Ev=4, H=2),
+         minimum=dict(t=1, L=1, E=2, Ev=2)),
+    Case("leading batch dim (batch, H, L, E)", _step_build(), dict(t=4, L=1, E=4, Ev=2, H=2, batch=2),
+         minimum=dict(t=1, E=2, Ev=2)),
+    Case("float32 stays float32", _step_build(), dict(t=4, L=2, E=4, Ev=4, H=2), dtype="float32",
+         minimum=dict(t=1, L=1, E=2, Ev=2)),
     Case("GQA (enable_gqa, H = 4 query heads, Hkv = 2)", _step_build(gqa=True),
-         dict(T=3, t=2, E=4, Ev=2, H=4, Hkv=2), minimum=dict(T=1, t=1, E=2, Ev=2, H=2, Hkv=1)),
+         dict(t=3, L=2, E=4, Ev=2, H=4, Hkv=2), minimum=dict(t=1, L=1, E=2, Ev=2, H=2, Hkv=1)),
 ]
 
 
@@ -237,8 +238,8 @@ register(
         cases=_STEP_CASES,
         mistakes=[
             Mistake("the new tokens are rotated as if at positions 0, 1, … (the cache length ignored)",
-                    "the t new tokens come after the T cached ones: rotate them to positions "
-                    "T … T + t − 1, T = cache.length.",
+                    "the L new tokens come after the t cached ones: rotate them to positions "
+                    "t … t + L − 1, t = cache.length.",
                     _step_slip(start=0)),
             Mistake("the cached keys are rotated again",
                     "keys enter the cache already rotated to their positions; rotate only the new "
@@ -253,7 +254,7 @@ register(
                     _unrotated_keys_cached),
         ],
         outputs=("out", "new_cache.keys", "new_cache.values"),
-        shapes=("(..., H, t, Ev)", "(..., Hkv, T + t, E)", "(..., Hkv, T + t, Ev)"),
+        shapes=("(..., H, L, Ev)", "(..., Hkv, S, E)", "(..., Hkv, S, Ev)"),
         required_options=("theta",),
         unpack=_step_unpack,
     )

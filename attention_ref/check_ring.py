@@ -2,7 +2,7 @@
 *, is_causal=False)`` — what one rank does at one step of ring attention.
 
 The reference is written from the tokens' global positions, not from chunk pairs: the query at
-position p attends the keys of the block at positions ≤ p (causal) or all of them, and the block's
+position pos attends the keys of the block at positions ≤ pos (causal) or all of them, and the block's
 (O_b, λ_b) is merged into the running (O, λ) with λ ← log(e^λ + e^λ_b). Each case cuts a whole
 sequence with the course's ``shard_spans`` and hands the step what a real ring hands it at that
 step: rank r's queries, the block of the rank it holds, and the (O, λ) its earlier steps left.
@@ -57,8 +57,8 @@ def _build(*, layout="contiguous", causal=False, rank=0, owner=0, ints=False, si
     """A step of a ring of R ranks over a sequence of N tokens: rank ``rank`` holds the block of
     rank ``owner`` (negative numbers count from R), after the steps that brought it there."""
 
-    def build(rng, dtype, N, R, E, Ev, B=None, H=None):
-        q, k, v = qkv(rng, dtype, N, N, E, Ev, B, H, Hkv=None if not gqa else H // 2, ints=ints, size=size)
+    def build(rng, dtype, N, R, E, Ev, batch=None, H=None):
+        q, k, v = qkv(rng, dtype, N, N, E, Ev, batch, H, Hkv=None if not gqa else H // 2, ints=ints, size=size)
         spans = shard_spans(N, R, layout)
         r, o = rank % R, owner % R
         step = (r - o) % R  # rank r holds rank (r − s)'s block at step s
@@ -91,7 +91,7 @@ _CASES = [
           dict(N=4, R=2, E=2, Ev=2), rank=1, owner=1, ints=True),
     _case("a later step: merge the block into the running (O, λ)", dict(N=6, R=2, E=3, Ev=2), rank=0, owner=1),
     _case("three ranks, N not divisible by R, Ev ≠ E", dict(N=11, R=3, E=4, Ev=3), rank=1, owner=2),
-    _case("leading batch dims (B, H, L_r, E)", dict(N=8, R=2, E=4, Ev=3, B=2, H=2), rank=1, owner=0),
+    _case("leading batch dims (batch, H, L_r, E)", dict(N=8, R=2, E=4, Ev=3, batch=2, H=2), rank=1, owner=0),
     _case("causal: the own block (the diagonal)", dict(N=8, R=2, E=4, Ev=3), causal=True, rank=1, owner=1),
     _case("causal: an earlier rank's block (every key visible)", dict(N=9, R=3, E=4, Ev=3), causal=True,
           rank=2, owner=0),
@@ -110,7 +110,7 @@ _CASES = [
     _case("float32, large logits (overflow)", dict(N=12, R=2, E=4, Ev=3), layout="zigzag", causal=True,
           rank=1, owner=0, size=22.0, **LARGE_LOGITS),
     _case("scale given", dict(N=12, R=2, E=4, Ev=3), layout="zigzag", causal=True, rank=1, owner=0, scale=0.3),
-    _case("GQA (enable_gqa, Hq = 4, Hkv = 2)", dict(N=12, R=2, E=4, Ev=3, B=1, H=4), layout="zigzag", causal=True,
+    _case("GQA (enable_gqa, H = 4, Hkv = 2)", dict(N=12, R=2, E=4, Ev=3, batch=1, H=4), layout="zigzag", causal=True,
           rank=1, owner=0, gqa=True),
 ]
 
@@ -228,8 +228,8 @@ _MISTAKES = [
     Mistake("merge without max-subtraction", "e^λ overflows for large logsumexps (float32: λ > 88) and "
             "inf/inf gives NaN: with m = max(λ, λ_b), λ_new = m + log(e^{λ − m} + e^{λ_b − m}) "
             "(merge_attention_partials does this).", _replays(merge="naive")),
-    Mistake("no causal mask", "with is_causal the query at global position p sees only the keys at "
-            "positions ≤ p: in a ring most blocks are either wholly visible or wholly hidden.",
+    Mistake("no causal mask", "with is_causal the query at global position pos sees only the keys at "
+            "positions ≤ pos: in a ring most blocks are either wholly visible or wholly hidden.",
             _when("is_causal", _replays(mask="none"))),
     Mistake("causal mask aligned by local, not global, positions",
             "row i of q and column j of the block are tokens at the global positions of q_spans and "

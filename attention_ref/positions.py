@@ -1,31 +1,33 @@
 """Stage 09: relative positions inside attention — rotary embeddings (RoPE) and ALiBi.
 
 Stage 03 *added* a sinusoidal vector to each token before attention. Decoders since 2021 put the
-position into the attention logits themselves, so that z_ij depends on the *offset* i − j:
+position into the attention logits themselves, so that z_ij depends on the *offset* δ between the
+positions of query i and key j (README's notation; the papers' own letters are named where quoted):
 
 * **RoPE** (Su et al. 2021, RoFormer, arXiv:2104.09864, eq. 34) rotates every pair of features of a
-  query or key by an angle proportional to its position m. With θ_i = θ^(−2i/E), i = 0 … E/2 − 1,
+  query or key by an angle proportional to its position pos. With the frequencies
+  ω_f = θ^(−2f/E), f = 0 … E/2 − 1 (RoFormer writes θ_i and the position m),
 
-      R_m x:   (x_a, x_b)  ↦  (x_a cos mθ_i − x_b sin mθ_i,  x_a sin mθ_i + x_b cos mθ_i),
+      R_pos x:   (x_a, x_b)  ↦  (x_a cos(pos·ω_f) − x_b sin(pos·ω_f),  x_a sin(pos·ω_f) + x_b cos(pos·ω_f)),
 
-  and since rotations compose, ⟨R_m q, R_n k⟩ = ⟨q, R_{n−m} k⟩: the logit sees only n − m.
-  Which features form pair i is a convention. RoFormer, GPT-J and llama.cpp pair *neighbours*
-  (a, b) = (2i, 2i + 1) ("interleaved"); Llama in Hugging Face ``transformers`` pairs the two
-  *halves* (a, b) = (i, i + E/2) ("rotate-half"). The two differ only by a fixed permutation of the
-  features (:func:`rope_permutation`), applied to the rows of W_Q and W_K when a checkpoint is
-  converted from one to the other.
+  and since rotations compose, ⟨R_pos_i q, R_pos_j k⟩ = ⟨q, R_δ k⟩ with δ = pos_j − pos_i: the
+  logit sees only the offset. Which features form pair f is a convention. RoFormer, GPT-J and
+  llama.cpp pair *neighbours* (a, b) = (2f, 2f + 1) ("interleaved"); Llama in Hugging Face
+  ``transformers`` pairs the two *halves* (a, b) = (f, f + E/2) ("rotate-half"). The two differ
+  only by a fixed permutation of the features (:func:`rope_permutation`), applied to the rows of
+  W_Q and W_K when a checkpoint is converted from one to the other.
 * **ALiBi** (Press, Smith & Lewis 2022, arXiv:2108.12409, §3) adds no embedding at all: head h
-  adds the bias −m_h · (i − j) to the logit of query i and key j, with the geometric slopes
-  m_h = 2^(−8h/H), h = 1 … H. The bias is a float mask Δ (README's notation) for stage 02's
-  ``scaled_dot_product_attention`` and stage 05's ``flash_attention``.
+  adds the bias −μ_h · (pos_i − pos_j) to the logit of query i and key j, with the geometric
+  slopes μ_h = 2^(−8h/H), h = 1 … H (the paper calls the slope m). The bias is a float mask Δ
+  for stage 02's ``scaled_dot_product_attention`` and stage 05's ``flash_attention``.
 
 Public names
 ------------
-``rope_frequencies``  θ_i = θ^(−2i/E), the E/2 rotation frequencies
-``rope``              rotate (..., T, E) queries or keys to their positions (both layouts)
+``rope_frequencies``  ω_f = θ^(−2f/E), the E/2 rotation frequencies
+``rope``              rotate (..., L, E) queries or keys to their positions (both layouts)
 ``rope_permutation``  the feature permutation taking the rotate-half layout to the interleaved one
-``alibi_slopes``      m_h for H heads (the paper's rule for H not a power of two)
-``alibi_bias``        the (H, L, S) float mask −m_h · (i − j), causal in either alignment
+``alibi_slopes``      μ_h for H heads (the paper's rule for H not a power of two)
+``alibi_bias``        the (H, L, S) float mask −μ_h · (pos_i − pos_j), causal in either alignment
 
 Everything is namespace-neutral (NumPy, CuPy, array-api-strict). Inputs are never modified.
 """
@@ -63,13 +65,13 @@ def _check_theta(theta: Any) -> float:
 
 
 def _check_rope_inputs(xp: ModuleType, x: Array, positions: Array) -> None:
-    """The rest of :func:`rope`'s contract: E even, positions (T,) integers."""
+    """The rest of :func:`rope`'s contract: E even, positions (L,) integers."""
     _even_head_size(x.shape[-1], f"x of shape {tuple(x.shape)}")
     if not xp.isdtype(positions.dtype, "integral"):
         raise TypeError(f"positions must be an integer array, got dtype {positions.dtype}")
     if positions.ndim != 1 or positions.shape[0] != x.shape[-2]:
         raise ValueError(
-            f"positions must have shape (T,) with T = x.shape[-2]; got positions "
+            f"positions must have shape (L,) with L = x.shape[-2]; got positions "
             f"{tuple(positions.shape)} for x {tuple(x.shape)}"
         )
 
@@ -85,10 +87,12 @@ def _standard(xp: ModuleType | None) -> ModuleType:
 
 
 def rope_frequencies(head_dim: int, theta: float = 10000.0, *, xp: ModuleType | None = None) -> Array:
-    """The E/2 rotation frequencies θ_i = θ^(−2i/E), i = 0 … E/2 − 1 (RoFormer eq. 15), float64.
+    """The E/2 rotation frequencies ω_f = θ^(−2f/E), f = 0 … E/2 − 1, float64 (RoFormer eq. 15,
+    where they are called θ_i).
 
-    Pair i turns by the angle m·θ_i at position m: the first pair once per token (θ_0 = 1), the
-    last about θ^(−1) times, so the pairs measure offsets from one token to thousands.
+    Pair f turns by the angle pos·ω_f at position pos: the first pair one radian per token
+    (ω_0 = 1), the last about θ^(−1) radians, so the pairs measure offsets from one token to
+    thousands.
     """
     if xp is None:
         import numpy as xp
@@ -102,15 +106,15 @@ def rope_frequencies(head_dim: int, theta: float = 10000.0, *, xp: ModuleType | 
 def rope(x: Array, positions: Array, *, theta: float = 10000.0, interleaved: bool = False) -> Array:
     """Rotary position embedding of queries or keys (Su et al. 2021, RoFormer eq. 34).
 
-    x: (..., T, E) — e.g. the (B, H, T, E) heads of stage 04's ``split_heads`` — with E even;
-    positions: (T,) integers, the position m of each of the T rows (``arange(t, t + T)`` for the
-    tokens t … t + T − 1 of a sequence). Pair i = 0 … E/2 − 1 of row m is rotated by m·θ_i,
-    θ_i = theta^(−2i/E):
+    x: (..., L, E) — e.g. the (batch, H, L, E) heads of stage 04's ``split_heads`` — with E even;
+    positions: (L,) integers, the position pos of each of the L rows (``arange(t, t + L)`` for L
+    new tokens after t cached ones). Pair f = 0 … E/2 − 1 of a row at position pos is rotated by
+    pos·ω_f, ω_f = theta^(−2f/E):
 
-        out_a = x_a cos mθ_i − x_b sin mθ_i,     out_b = x_b cos mθ_i + x_a sin mθ_i
+        out_a = x_a cos(pos·ω_f) − x_b sin(pos·ω_f),     out_b = x_b cos(pos·ω_f) + x_a sin(pos·ω_f)
 
-    with (a, b) = (2i, 2i + 1) when ``interleaved`` (RoFormer, GPT-J, llama.cpp) and
-    (a, b) = (i, i + E/2) otherwise (the "rotate-half" layout of Llama in ``transformers``).
+    with (a, b) = (2f, 2f + 1) when ``interleaved`` (RoFormer, GPT-J, llama.cpp) and
+    (a, b) = (f, f + E/2) otherwise (the "rotate-half" layout of Llama in ``transformers``).
     The angles are computed in float64 and rounded once to x's dtype; float32 in → float32 out
     (float16 is computed in float32). Returns a new array of x's shape.
     Take it home as one NumPy file with ``python -m attention_ref.export rope``.
@@ -127,7 +131,7 @@ def rope(x: Array, positions: Array, *, theta: float = 10000.0, interleaved: boo
     if E == 0:
         return xp.asarray(x, copy=True)
     freqs = rope_frequencies(E, theta, xp=xp)
-    angles = xp.reshape(xp.astype(positions, xp.float64), (-1, 1)) * freqs  # (T, E/2): m·θ_i
+    angles = xp.reshape(xp.astype(positions, xp.float64), (-1, 1)) * freqs  # (L, E/2): pos·ω_f
     cos, sin = xp.astype(xp.cos(angles), work), xp.astype(xp.sin(angles), work)
     y = xp.astype(x, work)
     if interleaved:
@@ -147,10 +151,11 @@ def rope(x: Array, positions: Array, *, theta: float = 10000.0, interleaved: boo
 def rope_permutation(head_dim: int, *, xp: ModuleType | None = None) -> Array:
     """The feature order that turns the rotate-half layout into the interleaved one, (E,) ints.
 
-    perm = [0, E/2, 1, E/2 + 1, …]: feature 2i of the interleaved layout is feature i of the
-    rotate-half layout and feature 2i + 1 is feature i + E/2. Hence, for any x (..., T, E),
+    perm = [0, E/2, 1, E/2 + 1, …]: feature 2f of the interleaved layout is feature f of the
+    rotate-half layout and feature 2f + 1 is feature f + E/2. Hence, for any x (..., L, E) and
+    positions (L,),
 
-        rope(x[..., perm], m, interleaved=True) == rope(x, m)[..., perm],
+        rope(x[..., perm], positions, interleaved=True) == rope(x, positions)[..., perm],
 
     and a checkpoint converts between the layouts by reordering the rows of W_Q and W_K within
     each head (llama.cpp's converter applies ``perm``; ``transformers`` undoes it on load).
@@ -172,9 +177,10 @@ def _slopes_power_of_two(n: int) -> list[float]:
 
 
 def alibi_slopes(num_heads: int, *, xp: ModuleType | None = None) -> Array:
-    """The head-specific ALiBi slopes m_1 … m_H (Press et al. 2022, §3), float64 (H,).
+    """The head-specific ALiBi slopes μ_1 … μ_H (Press et al. 2022, §3, where they are called m),
+    float64 (H,).
 
-    For H a power of two, m_h = 2^(−8h/H): for 8 heads 1/2, 1/4, …, 1/256. Otherwise (the
+    For H a power of two, μ_h = 2^(−8h/H): for 8 heads 1/2, 1/4, …, 1/256. Otherwise (the
     authors' code): take the 2^⌊log₂ H⌋ slopes of the nearest smaller power of two, then add every
     other slope of the sequence for twice that many heads until there are H.
     """
@@ -200,13 +206,13 @@ def alibi_bias(
 ) -> Array:
     """ALiBi's additive mask Δ of shape (H, L, S) (Press et al. 2022, §3, Figure 3).
 
-    Query i sits at position p_i = i (``alignment="top_left"``, PyTorch's ``is_causal``) or
-    p_i = i + S − L (``"bottom_right"``: the last query lines up with the last key, as when the
-    queries are the newest tokens of a KV cache). Head h adds
+    Key j sits at position j; query i at pos_i = i (``alignment="top_left"``, PyTorch's
+    ``is_causal``) or pos_i = i + S − L (``"bottom_right"``: the last query lines up with the last
+    key, as when the queries are the newest tokens of a KV cache). Head h adds
 
-        Δ_hij = −m_h · (p_i − j)   for j ≤ p_i,        Δ_hij = −∞   for j > p_i   (causal)
+        Δ_hij = −μ_h · (pos_i − j)   for j ≤ pos_i,        Δ_hij = −∞   for j > pos_i   (causal)
 
-    or −m_h · |p_i − j| everywhere with ``causal=False`` (the symmetric bidirectional variant).
+    or −μ_h · |pos_i − j| everywhere with ``causal=False`` (the symmetric bidirectional variant).
     Pass it as ``attn_mask`` to ``scaled_dot_product_attention`` or ``flash_attention``
     (it broadcasts over leading batch dimensions of (..., H, L, S)). ``dtype`` defaults to the
     namespace's float32; ``xp`` to NumPy.
@@ -222,7 +228,7 @@ def alibi_bias(
     offset = 0 if alignment == "top_left" else S - L
     query_pos = xp.reshape(xp.arange(L, dtype=xp.float64) + offset, (1, L, 1))
     key_pos = xp.reshape(xp.arange(S, dtype=xp.float64), (1, 1, S))
-    distance = query_pos - key_pos  # p_i − j: positive for keys in the past
+    distance = query_pos - key_pos  # pos_i − j: positive for keys in the past
     slopes = xp.reshape(alibi_slopes(H, xp=xp), (H, 1, 1))
     bias = -slopes * xp.abs(distance)
     if causal:

@@ -204,8 +204,8 @@ def visible_chunk_pairs(
 ) -> list[tuple[int, int, str]]:
     """Which (query chunk c, key chunk j) pairs must be computed, and how: ``(c, j, kind)``.
 
-    Without a causal mask every pair is ``"full"``. With one (query at position p sees keys at
-    positions ≤ p), compare the chunks' global positions:
+    Without a causal mask every pair is ``"full"``. With one (query at position pos sees keys at
+    positions ≤ pos), compare the chunks' global positions:
 
     * every key at or before the first query  → ``"full"``: attend without a mask;
     * the same positions on both sides          → ``"diagonal"``: the ordinary causal mask; with
@@ -1033,7 +1033,7 @@ def _print_report(result: dict[str, Any]) -> None:
     c, reports = result["config"], result["ranks"]
     N, R = c["seq_len"], c["world_size"]
     print(f"ring attention over MPI: N = {N}, R = {R} ranks, {c['layout']} layout, "
-          f"{'causal' if c['causal'] else 'no mask'}, B = {c['batch']}, H = {c['heads']} "
+          f"{'causal' if c['causal'] else 'no mask'}, batch {c['batch']}, H = {c['heads']} "
           f"(Hkv = {c['kv_heads']}), E = {c['head_dim']}, {c['dtype']}, {c['communication']}")
     if "max_abs_error" in result:
         print(f"max |ring − flash_attention over the whole sequence| = {result['max_abs_error']:.2e}")

@@ -34,8 +34,9 @@
 # and $\Delta_{ij} = 0$ where $A_{ij}$ is True, $-\infty$ elsewhere. This notebook explains why
 # caching is valid (and why an encoder cannot cache), builds the cache (`attention_ref.kv_cache`),
 # checks that cached decoding is *exactly* full causal attention, counts what it saves in FLOPs and
-# costs in memory, and ends with two decoding tricks: **split-KV** (Flash-Decoding) and a
-# **sliding-window** cache.
+# costs in memory, shows two decoding tricks — **split-KV** (Flash-Decoding) and a
+# **sliding-window** cache — and ends by decoding a real prompt with the caches of a real
+# 30-layer decoder (SmolLM2-135M, section 9).
 
 # %% [markdown]
 # **Notation** (the course's table; this notebook uses these rows):
@@ -531,6 +532,90 @@ save_figure(fig, "../figures/07_sliding_window_cache.png")
 plt.show()
 
 # %% [markdown]
+# ## 9. A real decoder: greedy decoding with SmolLM2's cache
+#
+# So far the keys and values were random tensors. Notebook 09's decoder, **SmolLM2-135M-Instruct**
+# (a 30-layer Llama-architecture language model), runs in NumPy on this notebook's `decode_step`:
+# in every layer it rotates the new queries and keys to their positions (RoPE, notebook 09) and
+# calls `decode_step` with that layer's own `KVCache`. `llama_forward(model, ids, cache)` takes $L$
+# new tokens after the $t$ cached ones and returns their next-token logits and the 30 new caches.
+# `load_llama()` reads the float32 weights from a file that comes with an installed package (no
+# download) in a few seconds.
+
+# %%
+from attention_ref import encode_prompt, llama_forward, load_llama
+
+smollm = load_llama()
+cfg = smollm.config
+print(f"{cfg.num_layers} layers; H = {cfg.num_heads} query heads share H_kv = {cfg.num_kv_heads} "
+      f"key/value heads of size E = {cfg.head_dim}")
+
+# %% [markdown]
+# Greedy decoding: the **prefill** runs the whole prompt at once ($L = 5$ queries, an empty cache);
+# each **decode step** feeds back the most likely next token ($L = 1$), and every layer appends its
+# key and value to its cache. We keep every step's logits for the check below.
+
+# %%
+def show(token_ids):
+    return smollm.tokenizer.decode(token_ids)  # shown with !r, so a newline reads \n
+
+
+prompt = encode_prompt(smollm, "The capital of France is")
+logits, caches = llama_forward(smollm, [prompt])  # prefill: L = 5 new tokens, t = 0 cached
+step_logits = [to_numpy(logits)[0]]
+print(f"prefill {show(prompt)!r}: L = {len(prompt)}, layer 0 caches keys {tuple(caches[0].keys.shape)}")
+generated = []
+for step in range(1, 7):
+    token = int(np.argmax(step_logits[-1][-1]))  # greedy: the most likely next token
+    generated.append(token)
+    t = caches[0].length
+    logits, caches = llama_forward(smollm, [[token]], caches)  # decode: L = 1 after t cached tokens
+    step_logits.append(to_numpy(logits)[0])
+    print(f"step {step}: feeds {show([token])!r:9} L = 1 after t = {t:2d}, S = {caches[0].length:2d}: "
+          f"layer 0 caches keys {tuple(caches[0].keys.shape)}")
+print("text so far:", repr(smollm.tokenizer.decode(prompt + generated)))
+
+# %% [markdown]
+# Each layer's cache holds keys and values of shape (batch, $H_{kv}$, $S$, $E$) = (1, 3, $S$, 64):
+# one row more per token. Per token the 30 caches store $2 \cdot 30 \cdot H_{kv} \cdot E$ numbers —
+# with GQA's 3 key/value heads for 9 query heads, a third of what one key/value head per query head
+# would need (section 6):
+
+# %%
+cached_tokens = caches[0].length  # S after the last step
+total = sum(cache.nbytes for cache in caches)
+print(f"after S = {cached_tokens} tokens: one layer {caches[0].nbytes:,} bytes, all {len(caches)} layers "
+      f"{total:,} bytes")
+print(f"per token: {total // cached_tokens:,} bytes = 2 (K and V) × {cfg.num_layers} layers × {cfg.num_kv_heads} "
+      f"KV heads × E = {cfg.head_dim} × 4 bytes (float32)")
+print(f"with H_kv = H = {cfg.num_heads} (multi-head attention): "
+      f"{per_token(cfg.num_layers, cfg.num_heads, cfg.head_dim, bytes_per_number=4):,} bytes per token")
+
+# %% [markdown]
+# **The check.** Cached decoding must give what the model computes when it re-reads the whole
+# sequence without a cache: one `llama_forward` over all $S$ tokens, where every position's logits
+# come from full causal attention. In float32 the two may differ only by rounding (the same sums
+# taken in another order).
+
+# %%
+cached = np.concatenate(step_logits)  # (S, vocab): the prefill's 5 rows, then one row per step
+uncached = to_numpy(llama_forward(smollm, [prompt + generated])[0])[0]
+print(f"logits {cached.shape} both ways; the largest |logit| is about {np.abs(uncached).max():.0f}")
+print("same next token at every position:", bool(np.array_equal(cached.argmax(-1), uncached.argmax(-1))))
+print("max |cached − uncached| < 1e-3:", float(np.abs(cached - uncached).max()) < 1e-3)
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+print(f"max |cached − uncached| = {np.abs(cached - uncached).max():.1e}  (float32 rounding; varies with the BLAS)")
+
+# %% [markdown]
+# A real model caches exactly as the toy did: every token adds one row to each of the 30 caches —
+# 45 KiB in float32 — and costs one query's row of attention per layer and head, and the logits
+# equal the uncached ones to float32 rounding. **Notebook 09** builds this decoder from its parts
+# (RoPE, grouped-query attention, the attention sink on the first token) and times a new token with
+# and without the cache; exercise 4 below scales its cache to bfloat16 and long contexts.
+
+# %% [markdown]
 # ## What we learned / next stage
 #
 # * A decoder may cache because every layer is causal: the keys and values of earlier tokens never
@@ -547,9 +632,12 @@ plt.show()
 # * Split-KV decoding (Flash-Decoding) parallelises one query over chunks of the cache and merges
 #   $(O_c, \lambda_c)$ exactly with the logsumexp rule of stage 05; fully masked chunks get
 #   weight 0.
+# * A real decoder (SmolLM2-135M, 30 layers, $H = 9$, $H_{kv} = 3$) keeps one `KVCache` per
+#   layer: each token adds 45 KiB in float32, and greedy decoding with the cache gives the logits
+#   of re-reading the whole sequence, to float32 rounding.
 #
 # **Next — 08 A real model:** a pretrained encoder in NumPy on top of the course's own
-# multi-head attention.
+# multi-head attention; **09** then takes the decoder of section 9 apart.
 
 # %% [markdown]
 # ## Exercises

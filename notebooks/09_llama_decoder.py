@@ -28,14 +28,38 @@
 #
 # $$
 # \begin{aligned}
-# n &= \operatorname{RMSNorm}(x), \qquad Q = \operatorname{RoPE}(n W_Q),\quad K = \operatorname{RoPE}(n W_K),\quad V = n W_V\\
-# h &= x + \operatorname{softmax}\!\big(\tau\, Q K^\top + \Delta_\text{causal}\big)\, V\, W_O \qquad (H = 9 \text{ query heads}, H_{kv} = 3 \text{ key/value heads})\\
-# x' &= h + \big(\operatorname{SiLU}(m W_\text{gate}) \odot m W_\text{up}\big) W_\text{down}, \qquad m = \operatorname{RMSNorm}(h)
+# \hat x &= \operatorname{RMSNorm}(x), \qquad Q = \operatorname{RoPE}(\hat x W_Q),\quad K = \operatorname{RoPE}(\hat x W_K),\quad V = \hat x W_V\\
+# y &= x + \operatorname{softmax}\!\big(\tau\, Q K^\top + \Delta_\text{causal}\big)\, V\, W_O \qquad (H = 9 \text{ query heads}, H_{kv} = 3 \text{ key/value heads})\\
+# x' &= y + \big(\operatorname{SiLU}(\hat y W_\text{gate}) \odot \hat y W_\text{up}\big) W_\text{down}, \qquad \hat y = \operatorname{RMSNorm}(y)
 # \end{aligned}
 # $$
 #
-# and the logits of the next token are $\operatorname{RMSNorm}(x_{30})\, W_\text{emb}^\top$ (the embedding matrix is
-# reused as the output layer). We start with the two ways of putting positions *into* the logits: RoPE and ALiBi.
+# where $x$ holds one row per token, and the logits of the next token are
+# $\operatorname{RMSNorm}(x_{30})\, W_\text{emb}^\top$ (the embedding matrix is reused as the output layer). We
+# start with the two ways of putting positions *into* the logits: RoPE and ALiBi.
+
+# %% [markdown]
+# **Notation** (the course's table; this notebook uses these rows):
+#
+# | symbol | meaning | in code |
+# | --- | --- | --- |
+# | $L$, $S$ | new tokens (queries) of a step, and keys: the $t$ cached tokens plus the $L$ new ones, $S = t + L$ | `L`, `S` |
+# | $N$ | length of a whole sequence (when $L = S$) | `N` |
+# | $t$ | tokens cached (or generated) so far: the context length when decoding | `t`, `cache.length` |
+# | $E$ | query/key size per head (64 here) | `E`, `head_dim` |
+# | $H$, $H_{kv}$ | query heads, key/value heads (GQA: $H_{kv}$ divides $H$) | `num_heads`, `num_kv_heads` |
+# | $Q, K, V$ | queries, keys, values; $q$, $k$ one query or key vector | `q`, `k`, `v` |
+# | $\tau$, $Z$, $P$ | the scale $1/\sqrt E$, logits $z_{ij}$ and weights $p_{ij}$ of query $i$ and key $j$ | `scale`, `logits`, `weights` |
+# | $\Delta$ | additive float mask: $0$ or $-\infty$ (causal), or ALiBi's bias | `attn_mask` |
+# | $\theta$ | RoPE's frequency base (10,000 in RoFormer, 100,000 in SmolLM2) | `theta` |
+# | $\omega_f$ | frequency of feature pair $f$, $\omega_f = \theta^{-2f/E}$, $f = 0 \dots E/2 - 1$ | `rope_frequencies` |
+# | $\text{pos}$, $\delta$ | a token's position, and the offset between two positions | `positions` |
+# | $\mu_h$ | ALiBi's slope for head $h = 1 \dots H$ | `alibi_slopes` |
+#
+# The papers use other letters: RoFormer writes $m$ for the position and $\theta_i$ for the frequency,
+# ALiBi writes $m$ for the slope. Here $m$ is kept for the running maximum of the online softmax
+# (notebook 05), $\theta$ for the base and $p_{ij}$ for a weight. Local to this notebook: $R_\text{pos}$ is
+# the rotation RoPE applies at position pos, $\hat x$ and $\hat y$ the normalised rows a layer reads.
 
 # %%
 import json
@@ -49,6 +73,7 @@ from attention_ref import (
     alibi_bias,
     alibi_slopes,
     encode_prompt,
+    explore,
     flash_attention,
     generate,
     llama_forward,
@@ -66,84 +91,85 @@ rng = np.random.default_rng(0)
 # ## 1. RoPE: positions as rotations
 #
 # Stage 03 *added* a position vector to each token. RoPE (Su et al. 2021, RoFormer eq. 34) instead
-# **rotates** every query and key. The $E$ features of a head are read as $E/2$ pairs; at position $m$,
-# pair $i$ is turned by the angle $m\,\theta_i$ with $\theta_i = \theta^{-2i/E}$:
+# **rotates** every query and key. The $E$ features of a head are read as $E/2$ pairs; at position
+# $\text{pos}$, pair $f$ is turned by the angle $\text{pos}\cdot\omega_f$ with $\omega_f = \theta^{-2f/E}$:
 #
 # $$
 # \begin{pmatrix} q_a' \\ q_b' \end{pmatrix} =
-# \begin{pmatrix} \cos m\theta_i & -\sin m\theta_i \\ \sin m\theta_i & \cos m\theta_i \end{pmatrix}
+# \underbrace{\begin{pmatrix} \cos \text{pos}\,\omega_f & -\sin \text{pos}\,\omega_f \\ \sin \text{pos}\,\omega_f & \cos \text{pos}\,\omega_f \end{pmatrix}}_{R_\text{pos} \text{ on pair } f}
 # \begin{pmatrix} q_a \\ q_b \end{pmatrix}.
 # $$
 #
-# With $E = 2$ there is a single pair turning by $\theta_0 = 1$ radian per position: the 2×2 picture.
+# With $E = 2$ there is a single pair turning by $\omega_0 = 1$ radian per position: the 2×2 picture.
 
 # %%
 q = np.array([[1.0, 0.25]])                    # one query with a single pair (E = 2)
 positions = np.arange(8)
-rotated = rope(np.repeat(q, 8, axis=0), positions)   # row m: q at position m
+rotated = rope(np.repeat(q, 8, axis=0), positions)   # row pos: q at position pos
 R3 = np.array([[np.cos(3.0), -np.sin(3.0)], [np.sin(3.0), np.cos(3.0)]])
 print("position 3 equals the 2x2 rotation by 3 rad:", np.allclose(rotated[3], R3 @ q[0]))
 print("lengths are unchanged:", np.allclose(np.linalg.norm(rotated, axis=1), np.linalg.norm(q)))
 
 E, theta = 64, 100000.0                       # SmolLM2's head size and base
-freqs = rope_frequencies(E, theta)            # theta_i, i = 0 ... 31
-print(f"pair 0 turns {freqs[0]:.2f} rad per token (a full turn every {2 * np.pi / freqs[0]:.1f} tokens);"
-      f" pair 31 a full turn every {2 * np.pi / freqs[-1]:,.0f} tokens")
+omega = rope_frequencies(E, theta)            # ω_f, f = 0 ... 31
+print(f"pair 0 turns {omega[0]:.2f} rad per token (a full turn every {2 * np.pi / omega[0]:.1f} tokens);"
+      f" pair 31 a full turn every {2 * np.pi / omega[-1]:,.0f} tokens")
 
 # %%
 fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.6), gridspec_kw={"width_ratios": [1, 1.6]})
 colours = plt.cm.viridis(np.linspace(0, 0.9, 8))
 ax1.add_patch(plt.Circle((0, 0), np.linalg.norm(q), fill=False, ls=":", color="grey"))
-for m in range(8):
-    ax1.annotate("", xy=rotated[m], xytext=(0, 0),
-                 arrowprops=dict(arrowstyle="->", color=colours[m], lw=2))
-    ax1.text(*(1.15 * rotated[m]), f"m={m}", ha="center", va="center", fontsize=8, color=colours[m])
+for pos in range(8):
+    ax1.annotate("", xy=rotated[pos], xytext=(0, 0),
+                 arrowprops=dict(arrowstyle="->", color=colours[pos], lw=2))
+    ax1.text(*(1.17 * rotated[pos]), f"pos {pos}", ha="center", va="center", fontsize=8, color=colours[pos])
 ax1.set_xlim(-1.4, 1.4)
 ax1.set_ylim(-1.4, 1.4)
 ax1.set_aspect("equal")
 ax1.set_xlabel("feature a (first of the pair)")
 ax1.set_ylabel("feature b (second of the pair)")
-ax1.set_title("RoPE turns the pair by m·θ₀ = m rad\nat position m (E = 2, θ₀ = 1)")
+ax1.set_title("RoPE turns the pair by pos·ω₀ = pos radians\nat position pos (E = 2, ω₀ = 1)")
 
-ms = np.arange(256)
-angles = np.cos(ms[:, None] * freqs[None, :])          # cos(m theta_i)
+all_pos = np.arange(256)
+angles = np.cos(all_pos[:, None] * omega[None, :])      # cos(pos·ω_f)
 im = ax2.imshow(angles.T, aspect="auto", cmap="RdBu", vmin=-1, vmax=1, interpolation="nearest")
-ax2.set_xlabel("position m")
-ax2.set_ylabel("pair i (θ_i = 100000^(−2i/64))")
-ax2.set_title("cos(m·θ_i) for SmolLM2's 32 pairs: fast pairs tell\nneighbours apart, slow ones far-away tokens")
-fig.colorbar(im, ax=ax2, label="cos(m·θ_i)")
+ax2.set_xlabel("position pos")
+ax2.set_ylabel("pair f (ω_f = 100000^(−2f/64))")
+ax2.set_title("cos(pos·ω_f) for SmolLM2's 32 pairs: fast pairs tell\nneighbours apart, slow ones far-away tokens")
+fig.colorbar(im, ax=ax2, label="cos(pos·ω_f)")
 fig.tight_layout()
 save_figure(fig, "../figures/09_rope_rotation.png")
 plt.show()
 
 # %% [markdown]
-# **The relative property.** Rotations compose: $\langle R_m q, R_n k\rangle = \langle q, R_{n-m} k\rangle$.
-# The logit of query position $m$ and key position $n$ therefore depends on the *offset* $n - m$ only, not
+# **The relative property.** Rotations compose, and the transpose of a rotation turns back:
+# $\langle R_i q, R_j k\rangle = \langle q, R_i^\top R_j k\rangle = \langle q, R_{j-i} k\rangle$. The logit of a
+# query at position $i$ and a key at position $j$ therefore depends on the *offset* $\delta = j - i$ only, not
 # on where in the text the pair sits. Take one random query and key of size 64, put them at every pair of
-# positions 0 … 63, and draw the logits.
+# positions 0 … 63 ($N = 64$), and draw the logits $z_{ij}$.
 
 # %%
 qv, kv = rng.standard_normal((2, 1, E))
-P = 64
-Q_all = rope(np.repeat(qv, P, axis=0), np.arange(P), theta=theta)   # q at positions 0..63
-K_all = rope(np.repeat(kv, P, axis=0), np.arange(P), theta=theta)
-Z = Q_all @ K_all.T / np.sqrt(E)                                    # Z[m, n]
-constant_diagonals = all(np.allclose(np.diag(Z, d), np.diag(Z, d)[0]) for d in range(-P + 1, P))
-print("every diagonal (fixed n - m) holds one value:", constant_diagonals)
+N = 64
+Q_all = rope(np.repeat(qv, N, axis=0), np.arange(N), theta=theta)   # q at positions 0..63
+K_all = rope(np.repeat(kv, N, axis=0), np.arange(N), theta=theta)
+Z = Q_all @ K_all.T / np.sqrt(E)                                    # Z[i, j] = z_ij
+constant_diagonals = all(np.allclose(np.diag(Z, d), np.diag(Z, d)[0]) for d in range(-N + 1, N))
+print("every diagonal (fixed offset δ = j − i) holds one value:", constant_diagonals)
 
 fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.4))
 im = ax1.imshow(Z, cmap="RdBu_r", interpolation="nearest")
-ax1.set_xlabel("key position n")
-ax1.set_ylabel("query position m")
+ax1.set_xlabel("key position j")
+ax1.set_ylabel("query position i")
 ax1.set_title("q·k after RoPE is constant along every diagonal")
-fig.colorbar(im, ax=ax1, label="logit z_mn")
+fig.colorbar(im, ax=ax1, label="logit z_ij = τ q·k")
 offsets = np.arange(-20, 21)
-for m0, style, width in ((20, "-", 6), (30, "--", 3), (40, "o", 1)):
-    ax2.plot(offsets, [Z[m0, m0 + d] for d in offsets], style, lw=width, ms=4, alpha=0.8,
-             label=f"query at m = {m0}")
-ax2.set_xlabel("offset n − m")
-ax2.set_ylabel("logit z_mn")
-ax2.set_title("The same curve from three query positions\n(drawn on top of each other): only n − m matters")
+for i0, style, width in ((20, "-", 6), (30, "--", 3), (40, "o", 1)):
+    ax2.plot(offsets, [Z[i0, i0 + d] for d in offsets], style, lw=width, ms=4, alpha=0.8,
+             label=f"query at position i = {i0}")
+ax2.set_xlabel("offset δ = j − i")
+ax2.set_ylabel("logit z_ij")
+ax2.set_title("The same curve from three query positions\n(drawn on top of each other): only δ = j − i matters")
 ax2.legend()
 fig.tight_layout()
 save_figure(fig, "../figures/09_rope_relative.png")
@@ -151,8 +177,8 @@ plt.show()
 
 # %% [markdown]
 # **Two layouts of the same idea.** Which features form a pair is a convention. RoFormer, GPT-J and
-# llama.cpp pair neighbours, $(2i, 2i+1)$ (`interleaved=True`); Llama in `transformers` pairs the halves,
-# $(i, i + E/2)$ (the default "rotate-half"). They are the same function up to a fixed reordering of the
+# llama.cpp pair neighbours, $(2f, 2f+1)$ (`interleaved=True`); Llama in `transformers` pairs the halves,
+# $(f, f + E/2)$ (the default "rotate-half"). They are the same function up to a fixed reordering of the
 # features, `rope_permutation(E)`. That is why llama.cpp's converter reorders the rows of $W_Q$ and $W_K$
 # when it writes a GGUF file — and why `load_llama` undoes it (or, with `rope_layout="interleaved"`, keeps
 # it and rotates neighbours).
@@ -168,10 +194,10 @@ print("rope(x[..., perm], interleaved=True) == rope(x)[..., perm]:",
 # ## 2. ALiBi: a distance penalty instead of an embedding
 #
 # ALiBi (Press, Smith & Lewis 2022) adds no position information to the tokens at all. Each head $h$
-# adds a fixed bias to its logits, $\Delta_{hij} = -m_h\,(i - j)$ for $j \le i$, so older keys are penalised
-# linearly, with a head-specific slope from the geometric sequence $m_h = 2^{-8h/H}$. (For $H$ not a power
-# of two, the authors interleave the slopes of the two nearest powers.) The bias is simply a float mask
-# $\Delta$ for the attention we already have.
+# adds a fixed bias to its logits, $\Delta_{hij} = -\mu_h\,(i - j)$ for $j \le i$, so older keys are penalised
+# linearly, with a head-specific slope from the geometric sequence $\mu_h = 2^{-8h/H}$ (the paper calls the
+# slope $m$). For $H$ not a power of two, the authors interleave the slopes of the two nearest powers. The
+# bias is simply a float mask $\Delta$ for the attention we already have.
 
 # %%
 print("H = 8: ", " ".join(f"1/{1 / s:g}" for s in alibi_slopes(8)))
@@ -193,12 +219,12 @@ ax1.set_ylabel("query i")
 ax1.set_title("Head 1 (slope 1/2): Δ_ij = −(i − j)/2; future keys masked")
 fig.colorbar(im, ax=ax1, label="bias Δ_ij added to the logit")
 d = np.arange(0, 64)
-for h, m_h in enumerate(alibi_slopes(8)):
-    ax2.plot(d, np.exp(-m_h * d), color=plt.cm.viridis(h / 7), label=f"head {h + 1}: m = 1/{1 / m_h:g}")
+for h, mu_h in enumerate(alibi_slopes(8)):
+    ax2.plot(d, np.exp(-mu_h * d), color=plt.cm.viridis(h / 7), label=f"head {h + 1}: μ = 1/{1 / mu_h:g}")
 ax2.set_xlabel("distance i − j (tokens back)")
-ax2.set_ylabel("factor e^(−m_h (i − j)) on the weight")
+ax2.set_ylabel("factor e^(−μ_h (i − j)) on the weight")
 ax2.set_title("Steep heads read only the last few tokens; flat heads read far back")
-ax2.legend(fontsize=7, ncol=2, loc="center right")
+ax2.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes: hides no curve
 fig.tight_layout()
 save_figure(fig, "../figures/09_alibi.png")
 plt.show()
@@ -208,7 +234,7 @@ plt.show()
 # same function at every length: the bias block of positions 1000 … 1015 of a 1024-token sequence *is* the
 # bias of a 16-token sequence. A model trained on short texts therefore never meets an unseen position — unlike
 # learned absolute embeddings (there is no row for position 5000) or added sinusoids (vectors the layers were
-# never trained on). And because the weight of a key falls off like $e^{-m_h(i-j)}$, most heads see a bounded
+# never trained on). And because the weight of a key falls off like $e^{-\mu_h(i-j)}$, most heads see a bounded
 # window whatever the length: the share of a head's weight on the last 32 tokens (keys with equal content)
 # hardly changes between a 512- and an 8192-token context.
 
@@ -335,8 +361,8 @@ for token in generate(model, prompt_ids, 24):
 # %% [markdown]
 # To see the attention, run the same loop by hand: a prefill over the prompt, then one `llama_forward`
 # step per token with the cache, asking for the weights (`return_weights=True`: each layer's
-# (B, H, t, S) matrix). Row $k$ of a head's picture below is the query of step $k$ — the token just fed in —
-# and its weights over every token so far.
+# (batch, $H$, $L$, $S$) matrix, $L = 1$ new query after $t$ cached tokens, $S = t + 1$). In a head's picture
+# below, the row of a step is its query — the token just fed in — and its weights over every token so far.
 
 # %%
 def label(token_id):
@@ -352,11 +378,11 @@ while token != c.eos_token_id and len(fed) < 24:
     token = int(logits[0, -1].argmax())
 all_ids = prompt_ids + fed
 S = len(all_ids)
-# G[k, layer, head, j]: weight of generation step k's query on key j (zero for keys not yet made)
+# G[step, layer, head, j]: weight of that generation step's query on key j (zero for keys not yet made)
 G = np.zeros((len(fed), c.num_layers, c.num_heads, S), dtype=np.float32)
-for k, weights in enumerate(steps):
+for step, weights in enumerate(steps):
     for layer, w in enumerate(weights):
-        G[k, layer, :, : w.shape[-1]] = w[0, :, 0, :]
+        G[step, layer, :, : w.shape[-1]] = w[0, :, 0, :]
 print("answer:", repr(model.tokenizer.decode(fed)))
 print("each step's weights sum to 1:", np.allclose(G.sum(-1), 1.0, atol=1e-5))
 
@@ -394,7 +420,7 @@ plt.show()
 
 # %%
 france = next(j for j, t in enumerate(prompt_ids) if label(t).strip() == "France")
-paris_step = next(k for k, t in enumerate(fed) if label(t).strip() == "Paris")
+paris_step = next(step for step, t in enumerate(fed) if label(t).strip() == "Paris")
 # the query that predicts "Paris" is the token fed in just before it (prefill's last row if it is the first)
 query = G[paris_step - 1] if paris_step > 0 else np.stack([w[0, :, -1, :] for w in prefill_weights])
 on_france = query[..., france]
@@ -410,19 +436,54 @@ row_labels = [f"{label(t)}" for t in ([prompt_ids[-1]] + fed[:-1])]
 key_labels = [label(t) for t in all_ids]
 picks = [(l_fr, h_fr, "reads the question's key word"), (l_prev, h_prev, "previous-token head"),
          (20, 0, "a sink head")]
-fig, axes = plt.subplots(len(picks), 1, figsize=(15, 5.2 * len(picks)))
+fig, axes = plt.subplots(len(picks), 1, figsize=(15, 5.0 * len(picks)), layout="constrained")
 for ax, (layer, head, what) in zip(axes, picks):
     # the prefill's last query produced the first answer token: prepend it as row 0
     first_row = np.zeros((1, S), dtype=np.float32)
     first_row[0, : len(prompt_ids)] = prefill_weights[layer][0, head, -1]
     W = np.concatenate([first_row, G[:-1, layer, head]]) if len(fed) > 1 else first_row
-    plot_attention(W, row_labels, key_labels, ax=ax, vmax=float(W.max()),
-                   title=f"layer {layer} head {head} ({what}): rows = query of each generation step")
+    plot_attention(W, row_labels, key_labels, ax=ax, vmax=1.0, colorbar=False,
+                   title=f"layer {layer} head {head}: {what}")
     ax.set_ylabel("query (token fed in)")
     ax.set_xlabel("key (prompt, then the answer so far)")
-fig.tight_layout()
+fig.colorbar(axes[0].images[0], ax=axes, shrink=0.5, label="weight p_ij (one scale, 0–1, for all panels)")
+fig.suptitle("While it writes the answer, one head reads 'France', one the previous token, "
+             "and one parks on the first token\n(rows: the query of each generation step)", fontsize=14)
 save_figure(fig, "../figures/09_generation_heads.png")
 plt.show()
+
+# %% [markdown]
+# **Explore every head.** Those are 3 of the model's 270 heads, and only the answer's rows. One forward
+# pass over the whole conversation — prompt and answer, $N$ tokens — gives every query's row at once: per
+# head a causal, lower-triangular $N \times N$ matrix $P$. Because appending tokens never changes what an
+# earlier token sees (notebook 07), its rows for the answer are the very rows the generation steps
+# computed with the cache:
+
+# %%
+_, _, full_weights = llama_forward(model, [all_ids], return_weights=True)  # one (1, H, N, N) per layer
+P_all = np.stack([w[0] for w in full_weights])                              # (layers, H, N, N)
+step_rows = np.stack([P_all[:, :, len(prompt_ids) + step] for step in range(len(fed))])
+print(f"P_all {P_all.shape}, lower-triangular (no query sees a later key):",
+      bool(np.all(np.triu(P_all, 1) == 0)))
+print("its rows of the answer's queries equal the generation steps' weights (to 1e-5):",
+      bool(np.abs(step_rows - G).max() < 1e-5))
+
+# %% [markdown]
+# The explorer below holds the three layers of those heads. It opens on the head that reads *France*,
+# with the query that writes *Paris* pinned: hover over other tokens (click to pin one), pick another layer
+# or head in the menus, or **all heads** to see a layer's nine heads side by side. Layer 20 head 0 parks
+# almost every row on the first token, `<|im_start|>`; tick **hide sinks** to drop that token and rescale
+# each row over the others, and what the head reads *besides* the sink appears. Two things to keep in mind
+# with a decoder's weights: the matrix is lower-triangular, so **key ← query** on a token shows only the
+# queries *after* it; and with the sink hidden the first tokens have few keys left to share their row —
+# the token right after the sink has only itself — so their rescaled rows say little. (Where widgets cannot
+# run, a static viewer of this notebook shows a picture of the first view.)
+
+# %%
+layers = sorted({int(l_fr), int(l_prev), 20})
+explore(key_labels, P_all[layers], layer=layers.index(int(l_fr)), head=int(h_fr),
+        selected=len(prompt_ids) + paris_step - 1, sinks=[0],
+        layer_names=[f"layer {layer}" for layer in layers], title="SmolLM2 answers: the capital of France")
 
 # %% [markdown]
 # ## 6. Generation with the cache: time per token
@@ -455,28 +516,52 @@ for t in (32, 128, 512):
     print(f"t = {t:4d}: one new token {cached_ms:6.1f} ms with the cache, {full_ms:7.1f} ms without")
 
 # %% [markdown]
-# The benchmark `benchmarks/bench_llama.py` measures the same on a quiet process per library, against
-# `transformers` on the same CPU, and stores the numbers in `benchmarks/results/llama.json`:
+# The benchmark `benchmarks/bench_llama.py` measures the same in a separate process per library, against
+# `transformers` on the same CPU, and stores the numbers in `benchmarks/results/llama.json`. Its run
+# (best of several calls; $N$ = prompt length, $t$ = tokens before the new one):
 
 # %%
 with open("../benchmarks/results/llama.json") as f:
     bench = json.load(f)
-print(bench["report"])
+machine, results = bench["machine"], bench["results"]
+libraries = [name for name in ("numpy", "transformers") if name in results]
+print(f"{machine['cpu']} (family {machine['cpu_family_model_stepping'][0]}, model "
+      f"{machine['cpu_family_model_stepping'][1]}), {machine['cores']} cores, {machine['threads']} thread(s) "
+      f"per library; load average {machine['load_average_at_start'][0]:.1f} when it started\n")
+
+
+def bench_row(what, values):
+    print(f"{what:52s}" + "".join(f"{v:>15s}" for v in values))
+
+
+bench_row("", ["attention_ref" if name == "numpy" else name for name in libraries])
+bench_row("load the GGUF file (s)", [f"{results[n]['load_s']:.1f}" for n in libraries])
+bench_row("peak memory after loading (MB)", [f"{results[n]['peak_mb_after_load']:.0f}" for n in libraries])
+for N in bench["prefill_lengths"]:
+    bench_row(f"prefill, N = {N} (ms; ours: SDPA / flash)",
+              [" / ".join(f"{r[str(N)]['best']:.0f}" for r in results[n]["prefill_ms"].values()) for n in libraries])
+for kind, what in (("decode_cached_ms", "with the cache"), ("decode_uncached_ms", "without a cache")):
+    for t in bench["contexts"]:
+        bench_row(f"one new token after t = {t}, {what} (ms)",
+                  [f"{results[n][kind][str(t)]['best']:.1f}" for n in libraries])
+bench_row("greedy generation (tokens/s)", [f"{results[n]['generate']['tokens_per_s']:.1f}" for n in libraries])
+print("\nsame greedy tokens from both:", bench["same_greedy_ids"])
 
 # %%
 ts = bench["contexts"]
 fig, ax = plt.subplots(figsize=(8, 4.6))
 for impl, colour in (("numpy", "C0"), ("transformers", "C3")):
-    r = bench["results"].get(impl)
+    r = results.get(impl)
     if r is None:
         continue
-    ax.loglog(ts, [r["decode_cached_ms"][str(t)]["best"] for t in ts], "-o", color=colour, label=f"{impl}, KV cache")
-    ax.loglog(ts, [r["decode_uncached_ms"][str(t)]["best"] for t in ts], "--s", color=colour, label=f"{impl}, no cache")
+    name = "attention_ref (NumPy)" if impl == "numpy" else impl
+    ax.loglog(ts, [r["decode_cached_ms"][str(t)]["best"] for t in ts], "-o", color=colour, label=f"{name}, KV cache")
+    ax.loglog(ts, [r["decode_uncached_ms"][str(t)]["best"] for t in ts], "--s", color=colour, label=f"{name}, no cache")
 ax.set_xlabel("context length t (tokens before the new one)")
 ax.set_ylabel("time for one new token (ms)")
 ax.set_title("With the KV cache a new token costs about the same at any t;\nwithout it the cost grows with t")
 ax.legend()
-ax.text(0.01, 0.01, f"{bench['machine']['cpu']}, {bench['machine']['threads']} threads, best of several calls",
+ax.text(0.01, 0.01, f"{machine['cpu']}, {machine['threads']} thread(s) per library, best of several calls",
         transform=ax.transAxes, fontsize=7, color="grey")
 save_figure(fig, "../figures/09_time_per_token.png")
 plt.show()
@@ -486,7 +571,7 @@ plt.show()
 #
 # For a prompt of at least `FLASH_MIN_NEW_TOKENS` = 512 tokens, `llama_forward` runs each layer's
 # attention through stage 05's `flash_attention` (bottom-right causal, grouped-query heads), which never
-# forms the (H, t, t) logits; shorter steps use the materialised SDPA of `decode_step`. The logits agree.
+# forms the $(H, N, N)$ logits; shorter steps use the materialised SDPA of `decode_step`. The logits agree.
 
 # %%
 long_ids = filler[:520]
@@ -506,7 +591,9 @@ print(f"{len(long_ids)} tokens: flash and SDPA give the same next token:",
 #   no embedding, which is why it extrapolates to longer texts.
 # * GQA shares each key/value head among three query heads here, cutting the KV cache to a third.
 # * Most heads of the deeper layers sink their weight onto the first token; a few do visible jobs — the
-#   previous token, or the key word of the question when the answer is written.
+#   previous token, or the key word of the question when the answer is written. One pass over the whole
+#   text gives every head's causal weights, the same rows the cached generation steps computed; the
+#   explorer lets you browse them and hide the sink.
 # * With the cache a generated token costs about the same whatever the context; without it the cost grows
 #   with every token.
 
@@ -524,20 +611,20 @@ from attention_ref.check import check
 
 # %% [markdown]
 # **1. RoPE.** Write `rope(x, positions, theta=10000.0)` in the rotate-half layout: `x` is (..., L, E)
-# with E even, `positions` (L,) integers; pair $i$ = (feature $i$, feature $i + E/2$) of row $l$ is turned
-# by the angle `positions[l]` · θ_i, θ_i = theta^(−2i/E). Keep float32 float32.
+# with E even, `positions` (L,) integers; pair $f$ = (feature $f$, feature $f + E/2$) of row $l$ is turned
+# by the angle `positions[l]` $\cdot\, \omega_f$, $\omega_f$ = `theta`$^{-2f/E}$. Keep float32 float32.
 
 # %% nbgrader={"grade": false, "grade_id": "rope-solution", "locked": false, "schema_version": 3, "solution": true, "task": false}
 def rope(x, positions, theta=10000.0):
     ### BEGIN SOLUTION
     ### STUB E = x.shape[-1]
-    ### STUB freqs = ...   # theta_i = theta^(-2i/E), i = 0 ... E/2 - 1
-    ### STUB angles = ...  # (L, E/2): positions[l] * theta_i
+    ### STUB omega = ...   # ω_f = theta^(-2f/E), f = 0 ... E/2 - 1
+    ### STUB angles = ...  # (L, E/2): positions[l] * ω_f
     ### STUB x_a, x_b = x[..., : E // 2], x[..., E // 2 :]
     ### STUB return ...
     E = x.shape[-1]
-    freqs = theta ** (-2.0 * np.arange(E // 2) / E)
-    angles = np.asarray(positions, dtype=np.float64)[:, None] * freqs
+    omega = theta ** (-2.0 * np.arange(E // 2) / E)
+    angles = np.asarray(positions, dtype=np.float64)[:, None] * omega
     cos, sin = np.cos(angles).astype(x.dtype), np.sin(angles).astype(x.dtype)
     x_a, x_b = x[..., : E // 2], x[..., E // 2 :]
     return np.concatenate([x_a * cos - x_b * sin, x_b * cos + x_a * sin], axis=-1)
@@ -550,17 +637,17 @@ check(rope, "rope", raise_on_failure=True)
 
 # %% [markdown]
 # **2. A decoding step with RoPE.** Write `rope_decode_step(q_new, k_new, v_new, cache, theta=10000.0)`
-# with your `rope` and stage 07's `decode_step`: the cache holds T tokens whose keys are already rotated;
-# rotate the t new queries and keys to *their* positions and take one decoding step. Return what
+# with your `rope` and stage 07's `decode_step`: the cache holds $t$ tokens whose keys are already rotated;
+# rotate the $L$ new queries and keys to *their* positions and take one decoding step. Return what
 # `decode_step` returns, `(out, new_cache)`.
 
 # %% nbgrader={"grade": false, "grade_id": "rope-decode-solution", "locked": false, "schema_version": 3, "solution": true, "task": false}
 def rope_decode_step(q_new, k_new, v_new, cache, theta=10000.0):
     ### BEGIN SOLUTION
-    ### STUB positions = ...  # the positions of the t new tokens
+    ### STUB positions = ...  # the positions of the L new tokens
     ### STUB return decode_step(...)
-    T = cache.keys.shape[-2]
-    positions = np.arange(T, T + q_new.shape[-2])
+    t = cache.keys.shape[-2]
+    positions = np.arange(t, t + q_new.shape[-2])
     return decode_step(rope(q_new, positions, theta), rope(k_new, positions, theta), v_new, cache)
     ### END SOLUTION
 
@@ -574,9 +661,9 @@ check(rope_decode_step, "rope_decode_step", raise_on_failure=True)
 # keys unrotated instead.
 
 # %% [markdown] nbgrader={"grade": true, "grade_id": "rope-cache-answer", "locked": false, "points": 1, "schema_version": 3, "solution": true, "task": false}
-# A key's rotation depends only on its own position $n$, which never changes once the token is written,
-# so $R_n k$ is the same at every later step: it can be computed once and stored. The query of step $t$
-# is rotated by its own position, and $\langle R_t q, R_n k\rangle$ then depends only on $t - n$, as it
+# A key's rotation depends only on its own position $j$, which never changes once the token is written,
+# so $R_j k$ is the same at every later step: it can be computed once and stored. A later query at position
+# $i$ is rotated by its own position, and $\langle R_i q, R_j k\rangle$ then depends only on $j - i$, as it
 # should. Caching unrotated keys would give the same attention only if every step rotated all $S$ cached
 # keys again — $O(S \cdot E)$ extra work per layer and token — for nothing.
 

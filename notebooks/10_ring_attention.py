@@ -40,6 +40,24 @@
 # multi-process runs (`mpiexec -n 4 python -m attention_ref.ring ...`) were measured with
 # `benchmarks/bench_ring.py`; section 8 shows their stored results.
 
+# %% [markdown]
+# **Notation** (the course's table; this notebook uses these rows):
+#
+# | symbol | meaning | in code |
+# | --- | --- | --- |
+# | $N$ | length of the whole sequence | `N`, `seq_len` |
+# | $R$, $r$ | number of ranks (processes), and one rank $0 \dots R-1$ | `world_size`, `rank` |
+# | $N_r$ | tokens a rank holds, $\approx N/R$ (its $L_r$ queries; a block of as many keys) | |
+# | $E$, $E_v$ | query/key and value size per head | `E`, `Ev` |
+# | $H$, $H_{kv}$ | query heads, key/value heads (GQA: only the $H_{kv}$ heads travel) | `H`, `H_kv` |
+# | $Q_r$, $K_b$, $V_b$ | rank $r$'s queries; the keys and values of block $b$ (rank $b$'s shard) | `q`, `k_blk`, `v_blk` |
+# | $O$, $\lambda$ | output and logsumexp of each query row, merged step by step | `out`, `lse` |
+# | $\tau$, $z_{ij}$, $P$ | the scale $1/\sqrt E$, the logit of query $i$ and key $j$, the weights | `scale`, `weights` |
+# | $D$, $dQ, dK, dV, dO$, $dZ$ | rowsum$(dO \circ O)$, and the gradients of the loss (section 5) | `dq`, `dk`, `dv`, `grad_out` |
+# | $F$, $\beta$, $\nu$ | a device's FLOP rate, a link's bandwidth (bytes per second, each way), bytes per number (section 7) | `F`, `W`, `bytes_per` |
+#
+# Local to this notebook: $s$ numbers the steps of the ring ($0 \dots R-1$), $c$ the chunks of a shard.
+
 # %%
 import inspect
 import json
@@ -95,7 +113,7 @@ for layout in ("contiguous", "zigzag"):
 print(f"{'zigzag':>10}, N = 19, R = 4:", shard_spans(19, 4, "zigzag"),
       "→ shard lengths", [sum(b - a for a, b in s) for s in shard_spans(19, 4, "zigzag")])
 
-x = xp.asarray(rng.standard_normal((2, 3, 19, 8)))  # (B, H, N, E)
+x = xp.asarray(rng.standard_normal((2, 3, 19, 8)))  # (batch, H, N, E)
 pieces = shard(x, 4, layout="zigzag")
 print("shard shapes:", [tuple(p.shape) for p in pieces])
 print("unshard(shard(x)) == x:", bool(np.array_equal(to_numpy(unshard(pieces, layout="zigzag")), to_numpy(x))))
@@ -326,7 +344,8 @@ plt.show()
 # $P = e^{\tau Q K^\top - \lambda}$ of a chunk pair is the exact slice of the full weights, and
 # $D = \operatorname{rowsum}(dO \circ O)$ is the full row's — so the FlashAttention backward of each
 # visible pair (notebook 05) gives exact, additive contributions:
-# $dQ_r \mathrel{+}= \tau\, dS\, K_b$ stays on the rank; $dK_b \mathrel{+}= \tau\, dS^\top Q_r$ and
+# $dQ_r \mathrel{+}= \tau\, dZ\, K_b$ stays on the rank ($dZ = P \circ (dP - D)$, the gradient of the
+# logits); $dK_b \mathrel{+}= \tau\, dZ^\top Q_r$ and
 # $dV_b \mathrel{+}= P^\top dO_r$ belong to the block's owner. So $dK_b, dV_b$ travel round the ring
 # behind $K_b, V_b$, each rank adding its share, and one last pass brings them home.
 
@@ -387,16 +406,16 @@ print(f"machine: {machine['cpu']}, {machine['cores']} cores; {machine['mpi']}; n
 runs = {r["name"]: r for r in results["runs"]}
 MiB = 2**20
 head = runs["headline"]
-c = head["config"]
+conf = head["config"]
 worst = max(head["ranks"], key=lambda x: x["inputs_held_bytes"] + x["peak_extra_bytes"])
 one = head["one_process"]
-print(f"\nN = {c['seq_len']}, R = {c['world_size']}, {c['layout']}, causal, {c['dtype']}, "
+print(f"\nN = {conf['seq_len']}, R = {conf['world_size']}, {conf['layout']}, causal, {conf['dtype']}, "
       f"max error vs flash_attention {head['max_abs_error']:.1e}")
 print(f"  per rank (largest): inputs {worst['inputs_held_bytes'] / MiB:6.1f} MiB + peak extra "
       f"{worst['peak_extra_bytes'] / MiB:6.1f} MiB = {(worst['inputs_held_bytes'] + worst['peak_extra_bytes']) / MiB:6.1f} MiB")
 print(f"  one process:        inputs {one['inputs_held_bytes'] / MiB:6.1f} MiB + peak extra "
       f"{one['peak_extra_bytes'] / MiB:6.1f} MiB = {(one['inputs_held_bytes'] + one['peak_extra_bytes']) / MiB:6.1f} MiB")
-print(f"  time: ring {max(x['seconds'] for x in head['ranks']):.1f} s on {c['world_size']} ranks sharing "
+print(f"  time: ring {max(x['seconds'] for x in head['ranks']):.1f} s on {conf['world_size']} ranks sharing "
       f"{machine['cores']} cores; one process {one['seconds']:.1f} s")
 
 # %%
@@ -441,29 +460,29 @@ plt.show()
 #
 # ## 7. When does the transfer hide behind the compute?
 #
-# At each step a rank computes attention of $c = N/R$ queries against $c$ keys and sends $c$ keys
-# and values. Per step, forward pass, a full block:
+# At each step a rank computes attention of its $N_r = N/R$ queries against a block of $N_r$ keys and
+# sends $N_r$ keys and values. Per step, forward pass, a full block:
 #
 # $$
-# t_{\text{compute}} = \frac{4 c^2 E H}{F}, \qquad
-# t_{\text{transfer}} = \frac{2 c E H_{kv} b}{W}, \qquad
-# \frac{t_{\text{compute}}}{t_{\text{transfer}}} = \frac{2 c H W}{F H_{kv} b},
+# t_{\text{compute}} = \frac{4 N_r^2 E H}{F}, \qquad
+# t_{\text{transfer}} = \frac{2 N_r E H_{kv} \nu}{\beta}, \qquad
+# \frac{t_{\text{compute}}}{t_{\text{transfer}}} = \frac{2 N_r H \beta}{F H_{kv} \nu},
 # $$
 #
-# with $F$ the FLOP rate, $W$ the link bandwidth (one direction: a rank sends to one neighbour and
-# receives from the other), $b$ bytes per number. The compute grows as $c^2$ and the transfer as $c$,
-# so the transfer hides once the block is long enough:
+# with $F$ the FLOP rate, $\beta$ the link bandwidth in bytes per second (one direction: a rank sends to
+# one neighbour and receives from the other), $\nu$ bytes per number. The compute grows as $N_r^2$ and
+# the transfer as $N_r$, so the transfer hides once the block is long enough:
 #
 # $$
-# c \;\ge\; c^* = \frac{F\, b\, H_{kv}}{2\, H\, W}\qquad(\text{with MHA and bfloat16: } c^* = F/W).
+# N_r \;\ge\; N_r^* = \frac{F\, \nu\, H_{kv}}{2\, H\, \beta}\qquad(\text{with MHA and bfloat16: } N_r^* = F/\beta).
 # $$
 #
-# A zigzag causal step does half a block of work, which doubles $c^*$; GQA sends $H/H_{kv}$ times
+# A zigzag causal step does half a block of work, which doubles $N_r^*$; GQA sends $H/H_{kv}$ times
 # less, which divides it. Real hardware, from NVIDIA's public spec sheets: an **H100 SXM** does
 # **989 TFLOP/s** of dense BF16 tensor-core math (the datasheet's 1,979 is with 2:4 sparsity); its
 # fourth-generation **NVLink** moves **900 GB/s** in total, 450 GB/s each way, between the GPUs of a
 # node; between nodes, an **NDR InfiniBand** ConnectX-7 adapter per GPU moves **400 Gb/s = 50 GB/s**
-# each way. (A kernel that reaches a fraction of the peak $F$ lowers $c^*$ by that fraction.)
+# each way. (A kernel that reaches a fraction of the peak $F$ lowers $N_r^*$ by that fraction.)
 
 # %%
 F_H100 = 989e12  # FLOP/s, dense BF16, H100 SXM
@@ -471,7 +490,7 @@ LINKS = {"NVLink 4 (450 GB/s each way)": 450e9, "InfiniBand NDR (50 GB/s)": 50e9
 
 
 def min_block(F, W, H=64, H_kv=64, bytes_per=2, causal_zigzag=False):
-    # c* = F b Hkv / (2 H W); a zigzag causal step does half a block of work
+    # N_r* = F ν H_kv / (2 H β), with β = W bytes/s and ν = bytes_per; a zigzag causal step does half a block of work
     return F * bytes_per * H_kv / (2 * H * W) * (2 if causal_zigzag else 1)
 
 
@@ -480,12 +499,12 @@ for name, W in LINKS.items():
     print(f"{name:30s} {min_block(F_H100, W):10,.0f} {min_block(F_H100, W, causal_zigzag=True):11,.0f} "
           f"{min_block(F_H100, W, H_kv=8, causal_zigzag=True):15,.0f}")
 for N, R in ((1 << 20, 64), (1 << 20, 512)):
-    print(f"N = {N:,} tokens on R = {R}: c = {N // R:,} tokens per device")
+    print(f"N = {N:,} tokens on R = {R}: N_r = {N // R:,} tokens per device")
 
 # %% [markdown]
 # On this machine the "link" is shared memory between processes and $F$ is NumPy on a CPU core.
 # The demo timed both: the compute of each ring step, and one ring pass of a key/value block alone
-# (nothing to compute). The runs at $N = 4096 \dots 32768$ on $R = 4$ ranks give $c = 1024 \dots
+# (nothing to compute). The runs at $N = 4096 \dots 32768$ on $R = 4$ ranks give $N_r = 1024 \dots
 # 8192$ tokens per rank:
 
 # %%
@@ -500,13 +519,13 @@ for name in ("steps_N_4096", "steps_N_8192", "memory_vs_R_4", "headline"):
 measured_c, t_comp, t_pass = map(np.array, (measured_c, t_comp, t_pass))
 cfg = runs["headline"]["config"]
 H_m, E_m, b_m = cfg["heads"], cfg["head_dim"], 4
-# a zigzag causal step: two (c/2 × c/2) chunk pairs = half a block: 2 c² E H FLOPs
+# a zigzag causal step: two (N_r/2 × N_r/2) chunk pairs = half a block: 2 N_r² E H FLOPs
 F_here = np.median(2 * measured_c**2 * E_m * H_m / t_comp)
 W_here = np.median(2 * measured_c * E_m * H_m * b_m / t_pass)
 for cc, tc, tp in zip(measured_c, t_comp, t_pass):
-    print(f"c = {cc:5d} tokens per rank: compute {tc * 1e3:8.1f} ms per step, block transfer alone {tp * 1e3:6.2f} ms")
-print(f"\nthis machine: F ≈ {F_here / 1e9:.0f} GFLOP/s per rank, W ≈ {W_here / 1e9:.1f} GB/s per rank "
-      f"→ c* ≈ {min_block(F_here, W_here, H=H_m, H_kv=H_m, bytes_per=b_m, causal_zigzag=True):.0f} tokens")
+    print(f"N_r = {cc:5d} tokens per rank: compute {tc * 1e3:8.1f} ms per step, block transfer alone {tp * 1e3:6.2f} ms")
+print(f"\nthis machine: F ≈ {F_here / 1e9:.0f} GFLOP/s per rank, β ≈ {W_here / 1e9:.1f} GB/s per rank "
+      f"→ N_r* ≈ {min_block(F_here, W_here, H=H_m, H_kv=H_m, bytes_per=b_m, causal_zigzag=True):.0f} tokens")
 print(f"an H100 computes {F_H100 / F_here:,.0f}× faster and NVLink moves {450e9 / W_here:,.0f}× faster")
 
 # %%
@@ -514,12 +533,12 @@ fig, axes = plt.subplots(1, 2, figsize=(12.5, 5.6), layout="constrained")
 ax = axes[0]
 Ns = np.logspace(np.log2(32768), 20, 40, base=2)
 for R_line, colour in zip((64, 128, 256, 512), RANK_COLOURS):
-    ax.plot(Ns, Ns / R_line, color=colour, label=f"c = N/R, R = {R_line}")
+    ax.plot(Ns, Ns / R_line, color=colour, label=f"N_r = N/R, R = {R_line}")
 thresholds = [("NVLink, MHA, causal", min_block(F_H100, 450e9, causal_zigzag=True), "-."),
               ("InfiniBand, MHA, causal", min_block(F_H100, 50e9, causal_zigzag=True), "--"),
               ("InfiniBand, GQA 8:1, causal", min_block(F_H100, 50e9, H_kv=8, causal_zigzag=True), ":")]
-for name, c_star, style in thresholds:
-    ax.axhline(c_star, color="0.2", ls=style, lw=1.2, label=f"c* {name}: {c_star:,.0f}")
+for name, threshold, style in thresholds:
+    ax.axhline(threshold, color="0.2", ls=style, lw=1.2, label=f"N_r* {name}: {threshold:,.0f}")
 ax.set_xscale("log", base=2)
 ax.set_yscale("log", base=2)
 x_ticks = [2**p for p in range(15, 21)]
@@ -527,8 +546,8 @@ ax.set_xticks(x_ticks, [f"{t // 1024}K" if t < 2**20 else "1M" for t in x_ticks]
 y_ticks = [2**p for p in range(6, 17, 2)]
 ax.set_yticks(y_ticks, [f"{t:,}" for t in y_ticks])
 ax.set_xlabel("sequence length N (tokens)")
-ax.set_ylabel("tokens per device c = N/R")
-ax.set_title("H100, causal zigzag: above a c* line the transfer is hidden —\n"
+ax.set_ylabel("tokens per device N_r = N/R")
+ax.set_title("H100, causal zigzag: above an N_r* line the transfer is hidden —\n"
              "1M tokens on 64 GPUs: yes (but not MHA over InfiniBand); on 512: no", fontsize=10)
 ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
 ax.set_ylim(48, 2**16)
@@ -536,32 +555,32 @@ ax.set_ylim(48, 2**16)
 ax = axes[1]
 cs = np.logspace(np.log2(256), np.log2(16384), 30, base=2)
 ax.plot(cs, 2 * cs**2 * E_m * H_m / F_here * 1e3, color="#4c72b0", label=f"compute model, F = {F_here / 1e9:.0f} GFLOP/s")
-ax.plot(cs, 2 * cs * E_m * H_m * b_m / W_here * 1e3, color="#dd8452", label=f"transfer model, W = {W_here / 1e9:.1f} GB/s")
+ax.plot(cs, 2 * cs * E_m * H_m * b_m / W_here * 1e3, color="#dd8452", label=f"transfer model, β = {W_here / 1e9:.1f} GB/s")
 ax.plot(measured_c, t_comp * 1e3, "o", color="#4c72b0", label="measured compute per step")
 ax.plot(measured_c, t_pass * 1e3, "s", color="#dd8452", label="measured block transfer")
 ax.set_xscale("log", base=2)
 ax.set_yscale("log")
-ax.set_xlabel("tokens per rank c")
+ax.set_xlabel("tokens per rank N_r")
 ax.set_ylabel("milliseconds per ring step")
 ratio = t_comp / t_pass
 ax.set_title(f"Measured here: 4 MPI ranks on {machine['cores']} CPU cores, float32 —\n"
              f"compute is {ratio.min():.0f}–{ratio.max():.0f}× the transfer, so it always hides", fontsize=10)
 ax.legend(fontsize=7, loc="upper left")
-fig.suptitle("Compute per step ∝ c², transfer ∝ c: the ring hides communication once blocks are long enough")
+fig.suptitle("Compute per step ∝ N_r², transfer ∝ N_r: the ring hides communication once blocks are long enough")
 save_figure(fig, "../figures/10_compute_vs_comm.png")
 plt.show()
 
 # %% [markdown]
-# Read the left panel along a coloured line: a million tokens on 64 H100s gives $c = 16{,}384$
+# Read the left panel along a coloured line: a million tokens on 64 H100s gives $N_r = 16{,}384$
 # tokens per device — enough to hide NVLink transfers easily, and an InfiniBand ring too when GQA
-# shrinks the blocks 8×, but not with full multi-head keys and values. On 512 devices $c = 2{,}048$:
+# shrinks the blocks 8×, but not with full multi-head keys and values. On 512 devices $N_r = 2{,}048$:
 # the causal ring is then communication-bound even on NVLink. This is why long-context systems
 # combine ring attention with other ways to split the work (heads across devices, fewer and larger
 # ranks per ring) rather than make the ring ever longer.
 #
 # On this machine (right) the ratio of compute to bandwidth is very different: a rank computes
 # about $10^5$ times slower than an H100 but moves a block only a few hundred times slower than
-# NVLink, so $c^*$ is a few dozen tokens and every ring step hides its transfer many times over.
+# NVLink, so $N_r^*$ is a few dozen tokens and every ring step hides its transfer many times over.
 #
 # ## 8. Measured MPI runs on this machine
 #
@@ -576,12 +595,12 @@ print(f"{'run':16s} {'N':>6s} {'R':>2s} {'layout':>10s} {'communication':>13s} |
 for name in ("headline", "memory_vs_R_1", "memory_vs_R_2", "memory_vs_R_4", "contiguous", "sendrecv",
              "steps_N_4096", "steps_N_8192"):
     r = runs[name]
-    c = r["config"]
+    conf = r["config"]
     ranks = r["ranks"]
     slow = max(ranks, key=lambda x: x["seconds"])
     comp = "" if slow["compute_s"] is None else f"{sum(slow['compute_s']):11.2f}"
     wait = "" if slow["wait_s"] is None else f"{sum(slow['wait_s']):9.2f}"
-    print(f"{name:16s} {c['seq_len']:6d} {c['world_size']:2d} {c['layout']:>10s} {c['communication']:>13s} | "
+    print(f"{name:16s} {conf['seq_len']:6d} {conf['world_size']:2d} {conf['layout']:>10s} {conf['communication']:>13s} | "
           f"{slow['seconds']:14.2f} {comp:>11s} {wait:>9s}")
 
 # %%
@@ -678,8 +697,8 @@ print(inspect.getsource(ring_attention_sendrecv))
 # * Memory per rank is $O(N/R)$: queries, outputs and two key/value blocks in flight.
 # * A causal mask makes the contiguous layout take $\approx R$ block-steps while half the ranks idle;
 #   zigzag (chunks $r$ and $2R-1-r$) balances it to $\approx R/2$.
-# * Compute per step grows as $c^2$, the transfer as $c$ ($c = N/R$): the transfer hides once
-#   $c \ge F b H_{kv} / (2 H W)$ — about 2K tokens per H100 over NVLink and 20K over InfiniBand
+# * Compute per step grows as $N_r^2$, the transfer as $N_r$ ($N_r = N/R$): the transfer hides once
+#   $N_r \ge F \nu H_{kv} / (2 H \beta)$ — about 2K tokens per H100 over NVLink and 20K over InfiniBand
 #   for multi-head attention, doubled for a causal zigzag step, divided by $H/H_{kv}$ with GQA.
 
 # %% [markdown]
@@ -783,7 +802,7 @@ check(broken_step, "ring_attention_step")
 # **3. Predict the work per rank.** Causal attention over $N = 16$ tokens on $R = 4$ ranks. Before
 # running anything, predict how many logits $z_{ij}$ each rank computes at each step, in the
 # contiguous and in the zigzag layout (a chunk paired with itself, $n$ tokens, costs $n(n+1)/2$
-# logits; a wholly visible $n \times m$ pair $nm$; a hidden pair nothing). What is each layout's
+# logits; a wholly visible pair of $n$ query and $n'$ key tokens $n n'$; a hidden pair nothing). What is each layout's
 # critical path — the sum over steps of the busiest rank's work? Then run the cell below.
 
 # %% [markdown] nbgrader={"grade": true, "grade_id": "ring-work-answer", "locked": false, "points": 2, "schema_version": 3, "solution": true, "task": false}
@@ -835,30 +854,30 @@ for R in (1, 2, 4, 8, 16, 32):
 
 # %% [markdown]
 # **5. Where does communication stop hiding?** A cluster links its nodes with 200 Gb/s Ethernet
-# ($W = 25$ GB/s each way); its GPUs do $F = 400$ TFLOP/s of bfloat16. A causal zigzag ring runs
-# $H = 32$ query heads of $E = 128$. With `min_block` (section 7) compute $c^*$ for multi-head
+# ($\beta = 25$ GB/s each way); its GPUs do $F = 400$ TFLOP/s of bfloat16. A causal zigzag ring runs
+# $H = 32$ query heads of $E = 128$. With `min_block` (section 7) compute $N_r^*$ for multi-head
 # attention ($H_{kv} = 32$) and for GQA with $H_{kv} = 4$, and the largest number of ranks $R$ for
 # which a sequence of $N = 256\text{K}$ tokens still hides every transfer. Keep them in the dicts
-# `c_star` and `R_max` (keys `"MHA"`, `"GQA"`). Which would you change first to run on $R = 128$?
+# `N_r_star` and `R_max` (keys `"MHA"`, `"GQA"`). Which would you change first to run on $R = 128$?
 
 # %% nbgrader={"grade": false, "grade_id": "ring-link-solution", "locked": false, "schema_version": 3, "solution": true, "task": false}
 ### BEGIN SOLUTION
 F_cluster, W_ethernet, N_long = 400e12, 25e9, 256 * 1024
-c_star = {name: min_block(F_cluster, W_ethernet, H=32, H_kv=H_kv, causal_zigzag=True)
-          for name, H_kv in (("MHA", 32), ("GQA", 4))}
-R_max = {name: int(N_long // c) for name, c in c_star.items()}  # c = N/R must stay ≥ c*
-for name in c_star:
-    print(f"{name}: c* = {c_star[name]:,.0f} tokens per rank → R ≤ {R_max[name]} for N = {N_long:,} "
-          f"(c = {N_long / R_max[name]:,.0f})")
-print(f"at R = 128: c = {N_long // 128:,} tokens per rank")
+N_r_star = {name: min_block(F_cluster, W_ethernet, H=32, H_kv=H_kv, causal_zigzag=True)
+            for name, H_kv in (("MHA", 32), ("GQA", 4))}
+R_max = {name: int(N_long // n) for name, n in N_r_star.items()}  # N_r = N/R must stay ≥ N_r*
+for name in N_r_star:
+    print(f"{name}: N_r* = {N_r_star[name]:,.0f} tokens per rank → R ≤ {R_max[name]} for N = {N_long:,} "
+          f"(N_r = {N_long / R_max[name]:,.0f})")
+print(f"at R = 128: N_r = {N_long // 128:,} tokens per rank")
 ### END SOLUTION
 
 # %% [markdown] nbgrader={"grade": true, "grade_id": "ring-link-answer", "locked": false, "points": 2, "schema_version": 3, "solution": true, "task": false}
-# $c^* = F b H_{kv} / (2 H W)$, doubled for a causal zigzag step: 32,000 tokens for multi-head
-# attention and 4,000 with GQA 8:1. A ring of $R$ ranks gives each $c = N/R$ tokens, so with
+# $N_r^* = F \nu H_{kv} / (2 H \beta)$, doubled for a causal zigzag step: 32,000 tokens for multi-head
+# attention and 4,000 with GQA 8:1. A ring of $R$ ranks gives each $N_r = N/R$ tokens, so with
 # $N = 262{,}144$ the transfers hide for $R \le 8$ (MHA) and $R \le 65$ (GQA; 64 as a power of two).
-# At $R = 128$, $c = 2{,}048$: even the GQA ring would wait for the link about half of every step.
-# The first lever is the link: inside a node, NVLink's 450 GB/s lowers $c^*$ 18-fold (GQA: 222
+# At $R = 128$, $N_r = 2{,}048$: even the GQA ring would wait for the link about half of every step.
+# The first lever is the link: inside a node, NVLink's 450 GB/s lowers $N_r^*$ 18-fold (GQA: 222
 # tokens), so rings are laid out within nodes or split across them with other parallelism (heads
 # across nodes, a shorter ring per node). Fewer key/value heads help the same way; a faster GPU
 # makes it worse.

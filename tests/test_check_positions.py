@@ -28,11 +28,11 @@ def test_a_students_rope_passes():
 
 
 ROPE_MISTAKES = {
-    "neighbouring pairs (2i, 2i + 1) rotated instead of the halves":
+    "neighbouring pairs (2f, 2f + 1) rotated instead of the halves":
         lambda x, positions, theta=10000.0: ar.rope(x, positions, theta=theta, interleaved=True),
     "rotated the wrong way": lambda x, positions, theta=10000.0: _rope_halves(x, positions, theta, sign=-1.0),
     "the minus sign of the rotation is missing": lambda x, positions, theta=10000.0: _rope_halves(x, positions, theta, plus=True),
-    "frequencies θ^(−i/E) instead of θ^(−2i/E)": lambda x, positions, theta=10000.0: _rope_halves(x, positions, theta, exponent=1.0),
+    "frequencies θ^(−f/E) instead of θ^(−2f/E)": lambda x, positions, theta=10000.0: _rope_halves(x, positions, theta, exponent=1.0),
     "positions ignored": lambda x, positions, theta=10000.0: _rope_halves(x, np.arange(len(positions)), theta),
 }
 
@@ -45,8 +45,8 @@ def test_rope_mistakes_are_diagnosed(title):
 
 
 def _positions(cache, q_new, start=None):
-    T = cache.length if start is None else start
-    return np.arange(T, T + q_new.shape[-2])
+    t = cache.length if start is None else start
+    return np.arange(t, t + q_new.shape[-2])
 
 
 def step_from_zero(q_new, k_new, v_new, cache, theta=10000.0, enable_gqa=False):

@@ -339,7 +339,7 @@ def test_forward_rejects_bad_input(tiny):
     np.testing.assert_array_equal(ids, before)
     with pytest.raises(TypeError, match="input_ids must be integers"):
         llama_forward(model, np.zeros((1, 3)))
-    with pytest.raises(ValueError, match=r"input_ids must have shape \(B, T\)"):
+    with pytest.raises(ValueError, match=r"input_ids must have shape \(batch, L\)"):
         llama_forward(model, [1, 2, 3])
     with pytest.raises(ValueError, match=r"input_ids must lie in \[0, "):
         llama_forward(model, [[0, V]])

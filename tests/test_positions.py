@@ -148,7 +148,7 @@ def test_rope_rejects_bad_input():
         rope(x, np.arange(4), interleaved="yes")
     with pytest.raises(TypeError, match="positions must be an integer array"):
         rope(x, np.arange(4.0))
-    with pytest.raises(ValueError, match=r"positions must have shape \(T,\).*\(3,\).*\(4, 8\)"):
+    with pytest.raises(ValueError, match=r"positions must have shape \(L,\).*\(3,\).*\(4, 8\)"):
         rope(x, np.arange(3))
     with pytest.raises(ValueError, match="x must have at least 2 dimensions"):
         rope(np.zeros(8), np.arange(1))
