@@ -327,7 +327,7 @@ def report(res: dict) -> str:
         for i in impls:
             paths = R[i]["prefill_ms"]
             cells.append(" / ".join(f"{paths[a][str(P)]['best']:.0f}" for a in paths))
-        label = f"prefill P={P} (ms{'; numpy sdpa / flash' if P == res['prefill_lengths'][0] else ''})"
+        label = f"prefill N={P} (ms{'; numpy sdpa / flash' if P == res['prefill_lengths'][0] else ''})"
         lines.append(f"{label:34s}" + "".join(f"{c:>14s}" for c in cells))
     for kind, what in (("decode_cached_ms", "cached"), ("decode_uncached_ms", "no cache")):
         for t in res["contexts"]:
@@ -366,18 +366,18 @@ def figure(res: dict, path: Path = FIGURE) -> None:
     ax1.set_ylabel("time for one new token (ms, best of several)")
     ax1.set_title("With the cache a token costs about the same at any t;\nwithout it, the whole prefix is re-run")
     ax1.legend(fontsize=8)
-    Ps = res["prefill_lengths"]
+    lengths = res["prefill_lengths"]
     for impl, r in R.items():
         for attention, ls in zip(r["prefill_ms"], ("-o", "--^"), strict=False):
             label = impl if impl != "numpy" else f"numpy, {attention}"
-            ax2.loglog(Ps, [r["prefill_ms"][attention][str(P)]["best"] for P in Ps], ls, color=colours[impl],
-                       label=label, alpha=1.0 if attention != "flash" else 0.7)
-    ax2.set_xlabel("prompt length P (tokens)")
+            ax2.loglog(lengths, [r["prefill_ms"][attention][str(n)]["best"] for n in lengths], ls,
+                       color=colours[impl], label=label, alpha=1.0 if attention != "flash" else 0.7)
+    ax2.set_xlabel("prompt length N (tokens)")
     ax2.set_ylabel("prefill time (ms, best of several)")
-    ax2.set_title("Prefill: one forward pass over the prompt")
+    ax2.set_title("Prefill (one pass over the prompt) grows faster than linearly;\nflash attention pays off from about 512 tokens")
     ax2.legend(fontsize=8)
     cpu = res["machine"]["cpu"]
-    fig.suptitle(f"SmolLM2-135M on {cpu}, {res['machine']['threads']} threads (other work may have been running)",
+    fig.suptitle(f"SmolLM2-135M on {cpu}, {res['machine']['threads']} thread(s) per library (other work may have been running)",
                  fontsize=9)
     fig.tight_layout()
     save_figure(fig, path)
