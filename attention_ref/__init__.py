@@ -17,15 +17,24 @@ module                stage
 ``flash_numba``       06 Numba-jitted tiled kernels (optional dependency)
 ``kv_cache``          07 KV-cache decoding, split-KV (Flash-Decoding)
 ``bert``              08 a real pretrained encoder (MiniLM) in NumPy
+``positions``         09 rotary position embeddings (RoPE) and ALiBi
+``llama``             09 a real pretrained decoder (SmolLM2, Llama architecture) in NumPy
+``ring``              10 ring attention across MPI processes, and its simulator
 ``plotting``          heatmaps of attention weights used by every notebook
+``explorer``          interactive explorer (Jupyter widget, offline HTML page)
 ``backends``          choosing NumPy or CuPy for the notebooks
+``check``             homework: check a student's function, diagnose its mistake
+``exercises``         student versions of the notebooks (``make exercises``)
+``contract``          the input checks every public function shares
+``export``            ``python -m attention_ref.export NAME``: a function as a NumPy-only file
 ====================  =====================================================
 
 The core stages (02–04) are imported eagerly; everything else is resolved lazily, so
 ``import attention_ref`` needs only NumPy and array-api-compat, and optional dependencies (Numba,
 matplotlib, tokenizers) are imported when first used. (``attention_ref.softmax`` and
 ``attention_ref.self_attention`` are the functions; their modules are reached with
-``from attention_ref.softmax import ...``.)
+``from attention_ref.softmax import ...``. Likewise ``attention_ref.generate`` is stage 09's
+function; its command-line module runs as ``python -m attention_ref.generate``.)
 """
 
 from __future__ import annotations
@@ -90,6 +99,9 @@ _EXPORTS: dict[str, str] = {
     # --- stage 05: flash (issue 4) ---
     "flash_attention": "flash",
     "flash_attention_backward": "flash",
+    "forward_fa2": "flash",
+    "forward_fa1": "flash",
+    "backward_fa2": "flash",
     "attention_backward": "flash",
     "merge_attention_partials": "flash",
     "attention_weights_from_lse": "flash",
@@ -128,6 +140,48 @@ _EXPORTS: dict[str, str] = {
     "BertLayerParams": "bert",
     "BertModel": "bert",
     "BertOutput": "bert",
+    # --- stage 09: positions and a real decoder (issue 14) ---
+    "rope": "positions",
+    "rope_frequencies": "positions",
+    "rope_permutation": "positions",
+    "alibi_slopes": "positions",
+    "alibi_bias": "positions",
+    "load_llama": "llama",
+    "llama_forward": "llama",
+    "llama_attention": "llama",
+    "rope_decode_step": "llama",
+    "generate": "llama",
+    "apply_chat_template": "llama",
+    "encode_prompt": "llama",
+    "sample_token": "llama",
+    "rms_norm": "llama",
+    "silu": "llama",
+    "swiglu": "llama",
+    "GeneratedToken": "llama",
+    "LlamaConfig": "llama",
+    "LlamaLayerParams": "llama",
+    "LlamaModel": "llama",
+    # --- stage 10: ring attention (mpi4py is imported only by the command-line demo) ---
+    "shard_spans": "ring",
+    "shard": "ring",
+    "local_shard": "ring",
+    "unshard": "ring",
+    "visible_chunk_pairs": "ring",
+    "ring_attention_step": "ring",
+    "ring_attention_backward_step": "ring",
+    "ring_attention_sendrecv": "ring",
+    "ring_attention": "ring",
+    "ring_attention_backward": "ring",
+    "simulate_ring_attention": "ring",
+    "simulate_ring_attention_backward": "ring",
+    "RingEvent": "ring",
+    "RingStats": "ring",
+    # --- attention explorer (issue 16): widget, static fallback, offline HTML ---
+    "explore": "explorer",
+    "export_html": "explorer",
+    "explorer_html": "explorer",
+    "StaticAttentionView": "explorer",
+    "AttentionExplorer": "explorer_widget",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -3,11 +3,12 @@
 BERT (Devlin et al. 2019, arXiv:1810.04805) is the Transformer encoder of Vaswani et al. 2017
 (§3.1, post-layer-norm):
 
-    x_0 = LayerNorm(E_word[ids] + E_pos[0..T-1] + E_type[types])
+    x_0 = LayerNorm(Emb_word[ids] + Emb_pos[0..N-1] + Emb_type[types])
     a   = LayerNorm(x + MultiHead(x, x, x))                     (attention sub-layer)
     x'  = LayerNorm(a + GELU(a W_1 + b_1) W_2 + b_2)            (feed-forward sub-layer)
 
-repeated once per layer. Padding tokens are hidden from every query by a key-padding mask.
+repeated once per layer (N tokens, model width d_model). Padding tokens are hidden from every
+query by a key-padding mask.
 The multi-head attention is :func:`attention_ref.multi_head.multi_head_attention`, the one built
 in stage 04, so this module proves that the course's attention reproduces a real model.
 
@@ -26,7 +27,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -112,12 +113,12 @@ class BertModel:
 
 @dataclass(frozen=True, eq=False)
 class BertOutput:
-    """What :func:`encode` returns for a padded batch of B sentences of at most T tokens.
+    """What :func:`encode` returns for a padded batch of B sentences of at most N tokens.
 
-    input_ids, attention_mask: (B, T) integers (mask 1 = real token, 0 = padding);
-    hidden_states: num_layers + 1 arrays (B, T, hidden), the embeddings first, as
+    input_ids, attention_mask: (B, N) integers (mask 1 = real token, 0 = padding);
+    hidden_states: num_layers + 1 arrays (B, N, hidden), the embeddings first, as
     ``transformers`` orders ``output_hidden_states``; attentions: num_layers arrays
-    (B, heads, T, T) of per-head weights (rows = queries), or None when not requested or when
+    (B, H, N, N) of per-head weights (rows = queries), or None when not requested or when
     the flash path ran; tokens: each sentence's token strings, padding left out.
     Rows of padded positions are computed but carry no meaning.
     """
@@ -130,7 +131,7 @@ class BertOutput:
 
     @property
     def last_hidden_state(self) -> Array:
-        """(B, T, hidden): the output of the last layer."""
+        """(B, N, hidden): the output of the last layer."""
         return self.hidden_states[-1]
 
 
@@ -240,8 +241,6 @@ def load_bert(
     """
     import numpy as np
 
-    if xp is None:
-        xp = np
     path = default_checkpoint_path() if path is None else Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"BERT checkpoint directory {path} does not exist")
@@ -253,6 +252,30 @@ def load_bert(
     config = _read_config(path)
     max_length = _read_max_length(path, config)
     tokenizer = _load_tokenizer(path, max_length)
+    get = _tensor_reader(path, np if xp is None else xp, dtype)
+    H = config.hidden_size
+    return BertModel(
+        config=config,
+        word_embeddings=get("embeddings.word_embeddings.weight", (config.vocab_size, H)),
+        position_embeddings=get(
+            "embeddings.position_embeddings.weight", (config.max_position_embeddings, H)
+        ),
+        token_type_embeddings=get(
+            "embeddings.token_type_embeddings.weight", (config.type_vocab_size, H)
+        ),
+        embeddings_norm_weight=get("embeddings.LayerNorm.weight", (H,)),
+        embeddings_norm_bias=get("embeddings.LayerNorm.bias", (H,)),
+        layers=tuple(_layer_params(get, i, H, config.intermediate_size) for i in range(config.num_hidden_layers)),
+        tokenizer=tokenizer,
+        path=path,
+        max_length=max_length,
+    )
+
+
+def _tensor_reader(path: Path, xp: ModuleType, dtype: Any) -> Callable[..., Array]:
+    """``get(name, shape, linear=False)``: a tensor of ``model.safetensors`` checked against the
+    shape config.json implies, (in, out) for a ``linear`` weight, cast and moved to ``xp``."""
+    import numpy as np
 
     try:
         from safetensors.numpy import load_file
@@ -263,8 +286,6 @@ def load_bert(
     except Exception as exc:  # safetensors raises its own error type on corrupt files
         raise ValueError(f"{path / 'model.safetensors'} could not be read: {exc}") from exc
     tensors = {name.removeprefix("bert."): value for name, value in tensors.items()}
-
-    H, I = config.hidden_size, config.intermediate_size
 
     def get(name: str, shape: tuple[int, ...], *, linear: bool = False) -> Array:
         if name not in tensors:
@@ -281,46 +302,32 @@ def load_bert(
             value = value.astype(dtype)
         return xp.asarray(value)
 
+    return get
+
+
+def _layer_params(get: Callable[..., Array], i: int, H: int, I: int) -> BertLayerParams:
+    """The weights of encoder layer i (hidden size d_model, intermediate size I)."""
+
     def linear(prefix: str, n_in: int, n_out: int) -> tuple[Array, Array]:
         return get(f"{prefix}.weight", (n_out, n_in), linear=True), get(f"{prefix}.bias", (n_out,))
 
-    layers = []
-    for i in range(config.num_hidden_layers):
-        p = f"encoder.layer.{i}"
-        W_q, b_q = linear(f"{p}.attention.self.query", H, H)
-        W_k, b_k = linear(f"{p}.attention.self.key", H, H)
-        W_v, b_v = linear(f"{p}.attention.self.value", H, H)
-        W_o, b_o = linear(f"{p}.attention.output.dense", H, H)
-        W_in, b_in = linear(f"{p}.intermediate.dense", H, I)
-        W_out, b_out = linear(f"{p}.output.dense", I, H)
-        layers.append(
-            BertLayerParams(
-                attention=AttentionParams(W_q, W_k, W_v, W_o, b_q, b_k, b_v, b_o),
-                attention_norm_weight=get(f"{p}.attention.output.LayerNorm.weight", (H,)),
-                attention_norm_bias=get(f"{p}.attention.output.LayerNorm.bias", (H,)),
-                W_in=W_in,
-                b_in=b_in,
-                W_out=W_out,
-                b_out=b_out,
-                output_norm_weight=get(f"{p}.output.LayerNorm.weight", (H,)),
-                output_norm_bias=get(f"{p}.output.LayerNorm.bias", (H,)),
-            )
-        )
-    return BertModel(
-        config=config,
-        word_embeddings=get("embeddings.word_embeddings.weight", (config.vocab_size, H)),
-        position_embeddings=get(
-            "embeddings.position_embeddings.weight", (config.max_position_embeddings, H)
-        ),
-        token_type_embeddings=get(
-            "embeddings.token_type_embeddings.weight", (config.type_vocab_size, H)
-        ),
-        embeddings_norm_weight=get("embeddings.LayerNorm.weight", (H,)),
-        embeddings_norm_bias=get("embeddings.LayerNorm.bias", (H,)),
-        layers=tuple(layers),
-        tokenizer=tokenizer,
-        path=path,
-        max_length=max_length,
+    p = f"encoder.layer.{i}"
+    W_q, b_q = linear(f"{p}.attention.self.query", H, H)
+    W_k, b_k = linear(f"{p}.attention.self.key", H, H)
+    W_v, b_v = linear(f"{p}.attention.self.value", H, H)
+    W_o, b_o = linear(f"{p}.attention.output.dense", H, H)
+    W_in, b_in = linear(f"{p}.intermediate.dense", H, I)
+    W_out, b_out = linear(f"{p}.output.dense", I, H)
+    return BertLayerParams(
+        attention=AttentionParams(W_q, W_k, W_v, W_o, b_q, b_k, b_v, b_o),
+        attention_norm_weight=get(f"{p}.attention.output.LayerNorm.weight", (H,)),
+        attention_norm_bias=get(f"{p}.attention.output.LayerNorm.bias", (H,)),
+        W_in=W_in,
+        b_in=b_in,
+        W_out=W_out,
+        b_out=b_out,
+        output_norm_weight=get(f"{p}.output.LayerNorm.weight", (H,)),
+        output_norm_bias=get(f"{p}.output.LayerNorm.bias", (H,)),
     )
 
 
@@ -330,8 +337,8 @@ def load_bert(
 def tokenize(model: BertModel, sentences: str | Sequence[str]) -> tuple[Any, Any, list[list[str]]]:
     """Tokenise and right-pad a batch: ``[CLS] tokens [SEP] [PAD]…`` (NumPy only).
 
-    sentences: one string or a sequence of B strings. Returns input_ids (B, T) int64,
-    attention_mask (B, T) int64 (1 = real token) with T the longest sentence (truncated to
+    sentences: one string or a sequence of B strings. Returns input_ids (B, N) int64,
+    attention_mask (B, N) int64 (1 = real token) with N the longest sentence (truncated to
     ``model.max_length``), and each sentence's token strings without padding.
     """
     import numpy as np
@@ -359,8 +366,8 @@ def tokenize(model: BertModel, sentences: str | Sequence[str]) -> tuple[Any, Any
 def layer_norm(x: Array, weight: Array, bias: Array, eps: float = 1e-12) -> Array:
     """Layer normalisation over the last axis (Ba, Kiros, Hinton 2016, eq. 4).
 
-    x: (..., E); weight, bias: (E,). Returns (x − mean) / sqrt(var + eps) · weight + bias with
-    the biased variance, as ``torch.nn.LayerNorm``; same shape and dtype as x.
+    x: (..., d_model); weight, bias: (d_model,). Returns (x − mean) / sqrt(var + eps) · weight +
+    bias with the biased variance, as ``torch.nn.LayerNorm``; same shape and dtype as x.
     """
     xp = array_namespace(x, weight, bias)
     mean = xp.mean(x, axis=-1, keepdims=True)
@@ -429,10 +436,10 @@ _ACTIVATIONS = {
 def bert_embeddings(
     model: BertModel, input_ids: Array, token_type_ids: Array | None = None
 ) -> Array:
-    """The input layer: x_0 = LayerNorm(E_word[ids] + E_pos[0..T−1] + E_type[types]).
+    """The input layer: x_0 = LayerNorm(Emb_word[ids] + Emb_pos[0..N−1] + Emb_type[types]).
 
-    input_ids: (B, T) integers; token_type_ids: (B, T) (all segment 0 when None).
-    Returns (B, T, hidden) in the weights' namespace and dtype.
+    input_ids: (B, N) integers; token_type_ids: (B, N) (all segment 0 when None).
+    Returns (B, N, hidden) in the weights' namespace and dtype.
     """
     xp = array_namespace(model.word_embeddings)
     input_ids = xp.asarray(input_ids)
@@ -483,14 +490,14 @@ def bert_layer(
 ) -> Array | tuple[Array, Array]:
     """One post-layer-norm encoder layer (Vaswani et al. 2017, §3.1; Devlin et al. 2019).
 
-    x: (B, T, hidden); attn_mask: bool (B, 1, 1, T), True = real key (see
+    x: (B, N, hidden); attn_mask: bool (B, 1, 1, N), True = real key (see
     ``attention_ref.masks.padding_mask``).
 
         a  = LayerNorm(x + MultiHead(x, x, x))
         x' = LayerNorm(a + act(a W_in + b_in) W_out + b_out)
 
     ``attention`` is passed to :func:`multi_head_attention` ("sdpa" or "flash").
-    Returns x' (B, T, hidden), and the per-head weights (B, H, T, T) with ``return_weights``.
+    Returns x' (B, N, hidden), and the per-head weights (B, H, N, N) with ``return_weights``.
     """
     if activation not in _ACTIVATIONS:
         raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}")
@@ -524,10 +531,10 @@ def encode_ids(
 ) -> tuple[tuple[Array, ...], tuple[Array, ...] | None]:
     """Run the encoder on token ids: embeddings, then every layer.
 
-    input_ids: (B, T) integers; attention_mask: (B, T), nonzero = real token (all real when
-    None), which becomes the key-padding mask (B, 1, 1, T) of every attention layer.
-    Returns (hidden_states, attentions): num_layers + 1 arrays (B, T, hidden), embeddings first,
-    and num_layers arrays (B, heads, T, T), or None when ``output_attentions`` is False or
+    input_ids: (B, N) integers; attention_mask: (B, N), nonzero = real token (all real when
+    None), which becomes the key-padding mask (B, 1, 1, N) of every attention layer.
+    Returns (hidden_states, attentions): num_layers + 1 arrays (B, N, hidden), embeddings first,
+    and num_layers arrays (B, H, N, N), or None when ``output_attentions`` is False or
     ``attention="flash"`` (which never forms the weights).
     """
     xp = array_namespace(model.word_embeddings)
@@ -575,8 +582,8 @@ def encode(
 
     sentences: one string or B strings. ``attention="flash"`` runs every layer's attention
     through ``flash_attention`` (same hidden states, no weights). Returns a :class:`BertOutput`
-    with input_ids, attention_mask (B, T), hidden_states (num_layers + 1 × (B, T, hidden)),
-    attentions (num_layers × (B, heads, T, T), or None) and the token strings.
+    with input_ids, attention_mask (B, N), hidden_states (num_layers + 1 × (B, N, hidden)),
+    attentions (num_layers × (B, H, N, N), or None) and the token strings.
     """
     xp = array_namespace(model.word_embeddings)
     input_ids, attention_mask, tokens = tokenize(model, sentences)
@@ -590,9 +597,9 @@ def encode(
 def mean_pooling(hidden: Array, attention_mask: Array, *, normalize: bool = True) -> Array:
     """Sentence vectors: the mean of the real tokens' vectors, then L2-normalised.
 
-    hidden: (B, T, E); attention_mask: (B, T), nonzero = real token.
-    u_b = Σ_t m_bt h_bt / max(Σ_t m_bt, 1e-9), returned as u_b / max(‖u_b‖, 1e-12) (the model
-    card's pooling + ``torch.nn.functional.normalize``) when ``normalize``. Returns (B, E).
+    hidden: (B, N, d_model); attention_mask A: (B, N), nonzero = real token.
+    u_b = Σ_j A_bj h_bj / max(Σ_j A_bj, 1e-9), returned as u_b / max(‖u_b‖, 1e-12) (the model
+    card's pooling + ``torch.nn.functional.normalize``) when ``normalize``. Returns (B, d_model).
     """
     xp = array_namespace(hidden)
     m = xp.astype(xp.asarray(attention_mask) != 0, hidden.dtype)[..., None]

@@ -1,6 +1,6 @@
 """Stage 01: a toy translator, human-readable dates -> ISO dates, with Bahdanau attention.
 
-"Saturday, 27 November 2026", "27/11/26", "nov 27 2026", "2026 November 27th", ... all become
+"Friday, 27 November 2026", "27/11/26", "nov 27 2026", "2026 November 27th", ... all become
 "2026-11-27". The model is the RNNsearch of Bahdanau, Cho and Bengio 2014 (arXiv:1409.0473,
 appendix A), shrunk to a few tens of thousands of parameters:
 
@@ -9,7 +9,7 @@ appendix A), shrunk to a few tens of thousands of parameters:
 * initial decoder state s_0 = tanh(W_s ←h_1 + b_s);
 * at output step i, additive attention with the previous state as the query
   (e_ij = v_aᵀ tanh(W_a s_{i-1} + U_a h_j), α_i = softmax(e_i), c_i = Σ_j α_ij h_j);
-* decoder GRU s_i = GRU(s_{i-1}, [E y_{i-1}; c_i]) (eq. 4 / A.2.2);
+* decoder GRU s_i = GRU(s_{i-1}, [Emb y_{i-1}; c_i]) (eq. 4 / A.2.2; Emb: the target embedding);
 * output p(y_i | ...) = softmax(s_i W_os + c_i W_oc + b_o) (a linear "deep output", no maxout).
 
 Everything is NumPy: the forward pass keeps what the backward pass needs, the backward pass is
@@ -96,9 +96,9 @@ def _parts(d: _dt.date) -> dict[str, str]:
 
 DATE_FORMATS: dict[str, str] = {
     # day before month
-    "weekday_day_month_year": "{Weekday}, {D} {Month} {YYYY}",  # Saturday, 27 November 2026
+    "weekday_day_month_year": "{Weekday}, {D} {Month} {YYYY}",  # Friday, 27 November 2026
     "day_month_year": "{D} {Month} {YYYY}",  # 27 November 2026
-    "wkd_day_mon_year": "{Wkd} {D} {Mon} {YYYY}",  # Sat 27 Nov 2026
+    "wkd_day_mon_year": "{Wkd} {D} {Mon} {YYYY}",  # Fri 27 Nov 2026
     "ordinal_of_month_year": "{Dth} of {Month} {YYYY}",  # 27th of November 2026
     "dd/mm/yy": "{DD}/{MM}/{YY}",  # 27/11/26
     "dd/mm/yyyy": "{DD}/{MM}/{YYYY}",  # 27/11/2026
@@ -109,8 +109,8 @@ DATE_FORMATS: dict[str, str] = {
     "mon_day_year": "{Mon} {D} {YYYY}",  # Nov 27 2026
     "month_day_comma_year": "{Month} {D}, {YYYY}",  # November 27, 2026
     "mon_dot_day_comma_year": "{Mon}. {D}, {YYYY}",  # Nov. 27, 2026
-    "weekday_month_ordinal_year": "{Weekday}, {Month} {Dth}, {YYYY}",  # Saturday, November 27th, 2026
-    "wkd_mon_day_year": "{Wkd}, {Mon} {D}, {YYYY}",  # Sat, Nov 27, 2026
+    "weekday_month_ordinal_year": "{Weekday}, {Month} {Dth}, {YYYY}",  # Friday, November 27th, 2026
+    "wkd_mon_day_year": "{Wkd}, {Mon} {D}, {YYYY}",  # Fri, Nov 27, 2026
     # year first
     "year_month_ordinal": "{YYYY} {Month} {Dth}",  # 2026 November 27th
     "year_mon_day": "{YYYY} {Mon} {D}",  # 2026 Nov 27
@@ -145,7 +145,7 @@ def _random_dates(rng: np.random.Generator, n: int) -> list[_dt.date]:
 
 
 def make_date_dataset(n: int, seed: int | Sequence[int] = 0) -> list[tuple[str, str]]:
-    """``n`` (input, target) pairs, e.g. ("Sat 27 Nov 2026", "2026-11-27").
+    """``n`` (input, target) pairs, e.g. ("Fri 27 Nov 2026", "2026-11-27").
 
     Dates are uniform over 1950-01-01 .. 2049-12-31, the format uniform over
     :data:`DATE_FORMATS`, the case "as is" / lower / upper with probabilities 0.5 / 0.3 / 0.2.
@@ -203,7 +203,8 @@ class DateTranslator:
 
     @property
     def sizes(self) -> dict[str, int]:
-        """Embedding m, encoder n (per direction), decoder d, attention a, target embedding mt."""
+        """The layer sizes: embed, encoder (per direction), decoder, attention (the alignment size
+        Da of stage 01) and target_embed."""
         p = self.params
         return {
             "embed": p["src_embed"].shape[1],
@@ -231,7 +232,7 @@ def init_date_translator(
     output_length: int = OUTPUT_LENGTH,
     dtype: type = np.float32,
 ) -> DateTranslator:
-    """A freshly initialised translator: weights ~ N(0, 1/fan_in), biases 0, embeddings N(0, 1/m)...
+    """A freshly initialised translator: weights ~ N(0, 1/fan_in), biases 0, embeddings N(0, 1/embed)...
     scaled so that activations start in the linear range of tanh/sigmoid."""
     m, n, d, a, mt = embed, encoder, decoder, attention, target_embed
     vs, vt = len(source_chars) + 1, len(target_chars) + 1
@@ -277,8 +278,8 @@ def _as_text_list(texts: str | Sequence[str], name: str = "texts") -> list[str]:
 
 
 def encode_sources(model: DateTranslator, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Character ids of the inputs, right-padded with 0: ``(ids (B, T) int64, mask (B, T) bool)``
-    with T the longest input and mask True on real characters.
+    """Character ids of the inputs, right-padded with 0: ``(ids (B, S) int64, mask (B, S) bool)``
+    with S the longest input (the keys of attention) and mask True on real characters.
 
     Raises ValueError naming any character outside the source vocabulary.
     """
@@ -463,7 +464,7 @@ def _check_batch(model: DateTranslator, src: np.ndarray, mask: np.ndarray, tgt: 
 def translator_loss(
     model: DateTranslator, src: np.ndarray, mask: np.ndarray, tgt: np.ndarray
 ) -> float:
-    """Mean per-character cross-entropy (teacher forcing) of a batch: src/mask (B, T), tgt (B, L)."""
+    """Mean per-character cross-entropy (teacher forcing) of a batch: src/mask (B, S), tgt (B, L)."""
     _check_batch(model, src, mask, tgt)
     logits, _, _ = _forward(model, src, mask, tgt)
     return _cross_entropy(logits, tgt)[0]
@@ -480,8 +481,7 @@ def translator_loss_and_gradients(
     logits, alphas, cache = _forward(model, src, mask, tgt)
     loss, dlogits = _cross_entropy(logits, tgt)
     g = {k: np.zeros_like(v) for k, v in p.items()}
-    enc, S, C = cache["enc"], cache["S"], cache["C"]
-    H, keys = enc["H"], enc["keys"]
+    S, C, H = cache["S"], cache["C"], cache["enc"]["H"]
     B, L, Vt = dlogits.shape
     d, n2 = S.shape[-1], H.shape[-1]
 
@@ -489,14 +489,28 @@ def translator_loss_and_gradients(
     g["out_W_s"] = S.reshape(-1, d).T @ dlogits.reshape(-1, Vt)
     g["out_W_c"] = C.reshape(-1, n2).T @ dlogits.reshape(-1, Vt)
     g["out_b"] = dlogits.sum(axis=(0, 1))
-    dS = dlogits @ p["out_W_s"].T
-    dC = dlogits @ p["out_W_c"].T
+    dH, dkeys, dxw_all, ds = _decoder_backward(p, g, cache, alphas, dlogits @ p["out_W_s"].T,
+                                               dlogits @ p["out_W_c"].T)
 
-    # decoder, backwards in time
+    # decoder inputs: y_{i-1} embeddings
+    y_in = cache["y_in"]
+    ye = p["tgt_embed"][y_in]
+    g["dec_W_y"] = ye.reshape(-1, ye.shape[-1]).T @ dxw_all.reshape(-1, dxw_all.shape[-1])
+    g["dec_b"] = dxw_all.sum(axis=(0, 1))
+    np.add.at(g["tgt_embed"], y_in, dxw_all @ p["dec_W_y"].T)
+    _encoder_backward(p, g, cache["enc"], src, mask, dH, dkeys, ds)
+    return loss, g
+
+
+def _decoder_backward(p: dict, g: dict, cache: dict, alphas: np.ndarray, dS: np.ndarray, dC: np.ndarray) -> tuple:
+    """The decoder, backwards in time: accumulates into ``g`` and returns dH, d(U_a h), the GRU
+    input gradients of every step and d s_0."""
+    S, C, H, keys = cache["S"], cache["C"], cache["enc"]["H"], cache["enc"]["keys"]
+    B, L = dS.shape[:2]
     dH = np.zeros_like(H)
     dkeys = np.zeros_like(keys)
     dxw_all = np.empty((B, L, p["dec_U"].shape[1]), dtype=S.dtype)
-    ds = np.zeros_like(enc["s0"])
+    ds = np.zeros_like(cache["enc"]["s0"])
     for i in reversed(range(L)):
         hidden, gru_cache = cache["dec"][i]
         dxw, ds_prev = _gru_step_backward(ds + dS[:, i], gru_cache, p["dec_U"], g["dec_U"])
@@ -515,14 +529,13 @@ def translator_loss_and_gradients(
         dq = dpre.sum(axis=1)  # d(W_a s_{i-1})
         g["att_W"] += cache["prev"][i].T @ dq
         ds = ds_prev + dq @ p["att_W"].T
+    return dH, dkeys, dxw_all, ds
 
-    # decoder inputs: y_{i-1} embeddings
-    y_in = cache["y_in"]
-    ye = p["tgt_embed"][y_in]
-    g["dec_W_y"] = ye.reshape(-1, ye.shape[-1]).T @ dxw_all.reshape(-1, dxw_all.shape[-1])
-    g["dec_b"] = dxw_all.sum(axis=(0, 1))
-    np.add.at(g["tgt_embed"], y_in, dxw_all @ p["dec_W_y"].T)
 
+def _encoder_backward(p: dict, g: dict, enc: dict, src: np.ndarray, mask: np.ndarray, dH: np.ndarray,
+                      dkeys: np.ndarray, ds: np.ndarray) -> None:
+    """s_0, the keys U_a h, the encoder GRUs and the source embeddings, backwards: into ``g``."""
+    H, n2 = enc["H"], enc["H"].shape[-1]
     # s_0 = tanh(←h_1 W_s + b_s)
     da0 = ds * (1.0 - enc["s0"] ** 2)
     g["init_W"] = enc["hb0"].T @ da0
@@ -530,7 +543,7 @@ def translator_loss_and_gradients(
 
     # keys = H U_a
     g["att_U"] = H.reshape(-1, n2).T @ dkeys.reshape(-1, dkeys.shape[-1])
-    dH += dkeys @ p["att_U"].T
+    dH = dH + dkeys @ p["att_U"].T
     n = n2 // 2
     dHf, dHb = dH[..., :n], dH[..., n:].copy()
     dHb[:, 0] += da0 @ p["init_W"].T
@@ -549,7 +562,6 @@ def translator_loss_and_gradients(
         g[f"enc_{name}_b"] = dxw.sum(axis=(0, 1))
         dx += dxw @ p[f"enc_{name}_W"].T
     np.add.at(g["src_embed"], src, dx)
-    return loss, g
 
 
 def clip_gradients(grads: dict[str, np.ndarray], max_norm: float) -> float:
@@ -577,7 +589,7 @@ class Adam:
     def step(
         self, params: dict[str, np.ndarray], grads: dict[str, np.ndarray], lr: float | None = None
     ) -> None:
-        """θ ← θ - lr · m̂ / (√v̂ + ε) with bias-corrected moments m̂, v̂."""
+        """w ← w − lr · m̂ / (√v̂ + ε) for every parameter w, with bias-corrected moments m̂, v̂."""
         lr = self.lr if lr is None else lr
         self.t += 1
         c1, c2 = 1.0 - self.beta1**self.t, 1.0 - self.beta2**self.t
@@ -600,8 +612,8 @@ def greedy_decode(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Greedy decoding: at every step feed back the most likely character.
 
-    src, mask: (B, T) from :func:`encode_sources`. Returns (ids (B, L) into ``[start] +
-    target_chars``, alignments (B, L, T)) with L = ``model.output_length``.
+    src, mask: (B, S) from :func:`encode_sources`. Returns (ids (B, L) into ``[start] +
+    target_chars``, alignments (B, L, S)) with L = ``model.output_length``.
     """
     p = model.params
     B = src.shape[0]

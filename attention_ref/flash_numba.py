@@ -8,15 +8,20 @@ scale ``1/sqrt(E)``, causal masks aligned top-left (``tril(ones(L, S))``) or bot
 entry, grouped-query attention (query head ``n`` uses KV head ``n // (Hq / H)``) and **rows with
 every key masked give 0** (``lse = -inf``, zero gradients).
 
-Every mask this module supports is a *band*: query row ``i`` (at aligned position ``p = i``, or
-``i + S - L`` bottom-right) sees exactly the keys ``lo(i) <= j < hi(i)`` with::
+Every mask this module supports is a *band* (``attention_ref.masks.band``): query row ``i`` (at
+aligned position ``p = i``, or ``i + S - L`` bottom-right) sees exactly the keys ``lo(i) <= j < hi(i)``
+of ``masks.key_range``, compiled here as ``_key_range``::
 
-    lo(i) = max(0, p - left)                       (left = None -> 0)
-    hi(i) = min(S, length[b], p + 1 if causal, p + right + 1)
+    lo(i) = max(0, p - left)                       (left unbounded: L + S)
+    hi(i) = min(S, length[b], p + right + 1)       (causal: right = 0)
 
 Both bounds grow with ``i``, so a block of query rows sees one contiguous range of key blocks and
 the kernels skip every tile outside it (Dao 2023, §3.1.1: causal tiles above the diagonal are never
 computed); only tiles that straddle a bound are masked element by element.
+
+The kernels come first; the last section of this file is the glue that checks the inputs (through
+``attention_ref.contract``, like every function of the package), packs them, and serves
+``flash_attention(..., backend="numba")`` with the NumPy backend's answers.
 
 Two tiers, selected by ``kernel=``:
 
@@ -68,6 +73,10 @@ from numba import prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from .contract import check_attention, check_choice, check_gradients, check_real
+from .dot_product import attention_arrays, default_scale, sum_kv_heads
+from .masks import checked_band, key_range
+
 __all__ = [
     "numba_flash_forward", "numba_flash_backward", "tile_sizes", "tune_tile_sizes",
     "reset_tile_sizes", "cpu_info",
@@ -87,19 +96,16 @@ _LOG2E = 1.4426950408889634
 # ---------------------------------------------------------------------------------------------
 # shared helper: the band of keys a query row sees
 # ---------------------------------------------------------------------------------------------
+# masks.key_range compiled: the one definition of the band. (Numba's disk cache notices edits to
+# this file only: after editing masks.key_range, clear NUMBA_CACHE_DIR / __pycache__.)
+_band_key_range = nb.njit(cache=True, inline="always")(key_range)
+
+
 @nb.njit(cache=True, inline="always")
 def _key_range(i, L, S, offset, causal, left, right, length):
-    """Keys ``lo <= j < hi`` visible to query row ``i`` (``left``/``right`` < 0 mean unbounded)."""
-    p = i + offset  # aligned position: offset = 0 (top-left) or S - L (bottom-right)
-    lo = 0
-    if left >= 0:
-        lo = max(lo, p - left)
-    hi = min(S, length)
-    if causal:
-        hi = min(hi, p + 1)
-    if right >= 0:
-        hi = min(hi, p + right + 1)
-    return lo, max(hi, lo)
+    """Keys ``lo <= j < hi`` visible to query row ``i``: the band (offset, left, right) of
+    ``masks.band`` (the glue folds causal into right; ``causal`` is honoured too), cut at ``length``."""
+    return _band_key_range(i, offset, left, min(right, 0) if causal else right, min(S, length))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -896,11 +902,18 @@ def _call_tiles(dtype: np.dtype, direction: str, heads: int, L: int, S: int) -> 
     return bq, bk
 
 
-# ---------------------------------------------------------------------------------------------
-# public API: validation, packing, dispatch
-# ---------------------------------------------------------------------------------------------
+# =============================================================================================
+# Glue between attention_ref and the kernels above (plain Python; nothing below is compiled).
+#
+# flash_attention(..., backend="numba") and flash_attention_backward(..., backend="numba") check
+# their inputs (attention_ref.contract) and land in flash_attention_numba /
+# flash_attention_backward_numba; numba_flash_forward / numba_flash_backward check the same way
+# and reach both tiers. All four end in _forward / _backward, which pack (..., H, L, E) into
+# (B, H, L, E), run float16 in float32, give empty inputs (L, S, E or the batch = 0: no tile to
+# run) to the NumPy cores of attention_ref.flash, and make a row with a NaN logit NaN, so that
+# this backend answers exactly what the NumPy backend answers.
+# =============================================================================================
 _KERNELS = ("fast", "readable")
-_ALIGNMENTS = ("top_left", "bottom_right")
 
 
 _BLAS_CONTROLLER: Any = None
@@ -931,97 +944,11 @@ def _single_threaded_blas():
     return _BLAS_CONTROLLER.limit(limits=1, user_api="blas")
 
 
-def _check_array(name: str, x: Any) -> np.ndarray:
-    if not isinstance(x, np.ndarray):
-        raise TypeError(f"{name} must be a NumPy array (the Numba kernels are CPU-only), got {type(x).__name__}")
-    if x.dtype not in (np.float32, np.float64):
-        raise TypeError(f"{name} must be float32 or float64, got dtype {x.dtype}")
-    if x.ndim < 2:
-        raise ValueError(f"{name} must have shape (..., L, E) with at least 2 dimensions, got shape {x.shape}")
-    return x
-
-
 def _as_4d(x: np.ndarray) -> np.ndarray:
-    """(..., H, L, E) -> contiguous (B, H, L, E); 2-D (L, E) -> (1, 1, L, E)."""
-    if x.ndim == 2:
-        x = x[None, None]
-    elif x.ndim == 3:
-        x = x[None]
-    return np.ascontiguousarray(x.reshape((-1,) + x.shape[-3:]))
-
-
-def _prepare(query, key, value, scale, is_causal, causal_alignment, window, key_lengths,
-             enable_gqa, kernel):
-    """Validate the common arguments; return a dict of normalised inputs."""
-    q = _check_array("query", query)
-    k = _check_array("key", key)
-    v = _check_array("value", value)
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"query, key and value must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.ndim == k.ndim == v.ndim):
-        raise ValueError(
-            f"query, key and value must have the same number of dimensions, got shapes "
-            f"{q.shape}, {k.shape}, {v.shape}")
-    if kernel not in _KERNELS:
-        raise ValueError(f"kernel must be one of {_KERNELS}, got {kernel!r}")
-    if causal_alignment not in _ALIGNMENTS:
-        raise ValueError(f"causal_alignment must be one of {_ALIGNMENTS}, got {causal_alignment!r}")
-    L, E = q.shape[-2:]
-    S = k.shape[-2]
-    if k.shape[-1] != E:
-        raise ValueError(f"query and key must share the feature size E, got shapes {q.shape} and {k.shape}")
-    if v.shape[-2] != S:
-        raise ValueError(f"key and value must have the same length S, got shapes {k.shape} and {v.shape}")
-    if q.shape[:-3] != k.shape[:-3] or k.shape[:-2] != v.shape[:-2]:
-        raise ValueError(
-            f"batch dimensions of query, key, value must match, got shapes {q.shape}, {k.shape}, {v.shape}")
-    Hq = q.shape[-3] if q.ndim >= 3 else 1
-    H = k.shape[-3] if k.ndim >= 3 else 1
-    if Hq != H and not (enable_gqa and H > 0 and Hq % H == 0):
-        hint = " (pass enable_gqa=True for grouped-query attention)" if not enable_gqa else ""
-        raise ValueError(
-            f"query has {Hq} heads and key/value {H}: they must be equal, or Hq a multiple of H with "
-            f"enable_gqa=True{hint}; shapes {q.shape}, {k.shape}")
-    if scale is None:
-        scale = 1.0 / math.sqrt(E)
-    scale = float(scale)
-    batch_shape = q.shape[:-3]
-    nbatch = int(np.prod(batch_shape, dtype=np.int64))
-    if key_lengths is None:
-        lengths = np.full(nbatch, S, dtype=np.int64)
-    else:
-        kl = np.asarray(key_lengths)
-        if not np.issubdtype(kl.dtype, np.integer):
-            raise TypeError(f"key_lengths must be integers, got dtype {kl.dtype}")
-        try:
-            kl = np.broadcast_to(kl, batch_shape)
-        except ValueError:
-            raise ValueError(
-                f"key_lengths of shape {kl.shape} does not broadcast to the batch shape "
-                f"{batch_shape} of query {q.shape}") from None
-        if np.any(kl < 0):
-            raise ValueError(f"key_lengths must be >= 0, got {kl}")
-        lengths = np.ascontiguousarray(np.minimum(kl, S).reshape(-1).astype(np.int64))
-    left = right = -1
-    if window is not None:
-        if not (isinstance(window, (tuple, list)) and len(window) == 2):
-            raise ValueError(f"window must be a pair (left, right) with None for unbounded, got {window!r}")
-        bounds = []
-        for side, w in zip(("left", "right"), window, strict=True):
-            if w is None:
-                bounds.append(-1)
-            elif isinstance(w, (int, np.integer)) and w >= 0:
-                bounds.append(int(w))
-            else:
-                raise ValueError(f"window {side} must be None or an int >= 0, got {w!r}")
-        left, right = bounds
-    offset = 0 if causal_alignment == "top_left" else S - L
-    return {
-        "q": _as_4d(q), "k": _as_4d(k), "v": _as_4d(v), "scale": scale, "lengths": lengths,
-        "offset": offset, "causal": bool(is_causal), "left": left, "right": right,
-        "L": L, "S": S, "E": E, "Ev": v.shape[-1], "out_shape": q.shape[:-1] + (v.shape[-1],),
-        "lse_shape": q.shape[:-1], "dtype": q.dtype,
-    }
+    """(..., H, L, E) -> contiguous (B, H, L, E); 3-D (H, L, E) -> (1, H, L, E); 2-D -> (1, 1, L, E).
+    B is computed, not inferred, so that zero sizes reshape too."""
+    shape = (1,) * max(0, 4 - x.ndim) + tuple(x.shape)
+    return np.ascontiguousarray(x.reshape((math.prod(shape[:-3]),) + shape[-3:]))
 
 
 def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
@@ -1033,139 +960,249 @@ def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
     return out
 
 
+def _run_forward(q, k, v, scale, lengths, band, kernel):
+    """The kernels on packed float32/float64 arrays q (B, H, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev)
+    with L, S, E, B > 0 -> out (B, H, L, Ev), lse (B, H, L)."""
+    B, Hq, L, E = q.shape
+    S, Ev, dtype = k.shape[2], v.shape[3], q.dtype
+    offset, left, right = band  # causal is folded into right: the kernels' causal flag stays False
+    args = (lengths, offset, False, left, right)
+    out = np.empty((B, Hq, L, Ev), dtype=dtype)
+    lse = np.empty((B, Hq, L), dtype=dtype)
+    if kernel == "readable":
+        _fwd_readable(q, k, v, scale, *args, out, lse)
+        return out, lse
+    block_q, block_k = _call_tiles(dtype, "forward", B * Hq, L, S)
+    nkb = -(-S // block_k)
+    # The kernel's online softmax keeps the raw logits q.k and applies tau inside e^(tau (Z - m)):
+    # the difference Z - m is exact near the maximum, so large logits lose no precision to the
+    # scale (folding tau log2(e) into Q cost up to 5x NumPy's gradient error with amplified
+    # logits). A negative scale flips the sign of Q; a zero scale makes every logit 0.
+    sign = 1.0 if scale > 0 else (-1.0 if scale < 0 else 0.0)
+    qe = q if sign == 1.0 else np.ascontiguousarray(q * dtype.type(sign))
+    tau = abs(scale) if sign != 0.0 else 1.0
+    kp = _pad_rows(k, nkb * block_k).reshape(B, -1, nkb, block_k, E)
+    vp = _pad_rows(v, nkb * block_k).reshape(B, -1, nkb, block_k, Ev)
+    with _single_threaded_blas():
+        _fwd_fast(qe, kp, vp, dtype.type(tau), *args, L, S, block_q, out, lse)
+    return out, lse
+
+
+def _run_backward(q, k, v, o, lse, do, scale, lengths, band, kernel):
+    """The backward kernels on packed arrays (as _run_forward, plus o, do (B, H, L, Ev) and
+    lse (B, H, L)) -> dq (B, H, L, E), dk (B, Hkv, S, E), dv (B, Hkv, S, Ev)."""
+    B, Hq, L, E = q.shape
+    H, S, Ev, dtype = k.shape[1], k.shape[2], v.shape[3], q.dtype
+    offset, left, right = band
+    args = (lengths, offset, False, left, right)
+    # FA-2 pre-pass: D_i = rowsum(dO_i * O_i)
+    delta = np.ascontiguousarray(np.einsum("bhle,bhle->bhl", do, o))
+    if kernel == "readable":
+        dq = np.zeros((B, Hq, L, E), dtype=dtype)
+        dk, dv = np.zeros((B, H, S, E), dtype=dtype), np.zeros((B, H, S, Ev), dtype=dtype)
+        _bwd_readable(q, k, v, do, lse, delta, scale, *args, dq, dk, dv)
+        return dq, dk, dv
+    block_q, block_k = _call_tiles(dtype, "backward", B * Hq, L, S)
+    nkb = -(-S // block_k)
+    kp = _pad_rows(k, nkb * block_k).reshape(B, H, nkb, block_k, E)
+    vp = _pad_rows(v, nkb * block_k).reshape(B, H, nkb, block_k, Ev)
+    dq_part = np.zeros((BWD_CHUNKS, B, Hq, L, E), dtype=dtype)
+    dk = np.zeros((B, H, nkb, block_k, E), dtype=dtype)
+    dv = np.zeros((B, H, nkb, block_k, Ev), dtype=dtype)
+    with _single_threaded_blas():
+        _bwd_fast(q, kp, vp, do, lse, delta, dtype.type(scale), *args, L, S, block_q, dq_part, dk, dv)
+    # dQ = tau sum_t dQ_t (fixed order); dK = tau dZ^T Q
+    dq = dq_part.sum(axis=0) * dtype.type(scale)
+    return dq, dk.reshape(B, H, -1, E)[:, :, :S] * dtype.type(scale), dv.reshape(B, H, -1, Ev)[:, :, :S]
+
+
+def _numpy_cores_inputs(q, k, v, lengths):
+    """For the NumPy cores: key/value heads repeated for GQA, the key lengths as a mask (B, Hq, L, S)."""
+    return attention_arrays(q, k, v, np.arange(k.shape[2]) < lengths[:, None, None, None])[1:]
+
+
+def _nan_rows(q, k, out, lse, band, lengths):
+    """Make a row with a NaN logit NaN, as the NumPy path does (the kernels drop a NaN logit or give
+    its row 0): the rows whose query, or a key they see, holds a NaN. Looked for only when q or k
+    holds a NaN at all, which costs one pass over them."""
+    q_nan, k_nan = np.isnan(q).any(axis=-1), np.isnan(k).any(axis=-1)  # (B, Hq, L), (B, H, S)
+    if not (q_nan.any() or k_nan.any()):
+        return out, lse
+    group = q.shape[1] // k.shape[1]
+    nan_keys_before = np.concatenate([np.zeros(k_nan.shape[:-1] + (1,), int), np.cumsum(k_nan, axis=-1)], axis=-1)
+    for b, h, i in np.ndindex(*lse.shape):
+        lo, hi = key_range(i, *band, int(lengths[b]))
+        seen = nan_keys_before[b, h // group]
+        if lo < hi and (q_nan[b, h, i] or seen[hi] > seen[lo]):
+            out[b, h, i], lse[b, h, i] = np.nan, np.nan
+    return out, lse
+
+
+def _check_numpy(**arrays: Any) -> None:
+    for name, x in arrays.items():
+        if not isinstance(x, np.ndarray):
+            raise TypeError(f"{name} must be a NumPy array for the numba backend (its kernels run on the CPU), "
+                            f"got {type(x).__module__}.{type(x).__name__}")
+
+
+def _work(*arrays: np.ndarray) -> list[np.ndarray]:
+    """Packed (B, H, L, E) copies in the compute dtype: float16 runs in float32."""
+    work = np.float32 if arrays[0].dtype == np.float16 else arrays[0].dtype
+    return [_as_4d(x.astype(work, copy=False)) for x in arrays]
+
+
+def _forward(query, key, value, scale, band, lengths, kernel):
+    """Checked inputs -> (out (..., Hq, L, Ev) in query's dtype, lse (..., Hq, L))."""
+    _check_numpy(query=query, key=key, value=value)
+    q, k, v = _work(query, key, value)
+    if min(q.shape + k.shape + v.shape) == 0:
+        from .flash import forward_fa2
+
+        k, v, mask = _numpy_cores_inputs(q, k, v, lengths)
+        out, lse = forward_fa2(q, k, v, mask, scale, band, 64, 64)
+    else:
+        out, lse = _nan_rows(q, k, *_run_forward(q, k, v, scale, lengths, band, kernel), band, lengths)
+    return out.astype(query.dtype, copy=False).reshape(*query.shape[:-1], value.shape[-1]), lse.reshape(query.shape[:-1])
+
+
+def _backward(query, key, value, out, lse, grad_out, scale, band, lengths, kernel):
+    """Checked inputs -> (dq, dk, dv) shaped like query, key, value, in their dtype."""
+    _check_numpy(query=query, key=key, value=value, out=out, lse=lse, grad_out=grad_out)
+    q, k, v, o, do = _work(query, key, value, out, grad_out)
+    lse4 = np.ascontiguousarray(lse.astype(q.dtype, copy=False).reshape(q.shape[:-1]))
+    if min(q.shape + k.shape + v.shape) == 0:
+        from .flash import backward_fa2
+
+        k_rep, v_rep, mask = _numpy_cores_inputs(q, k, v, lengths)
+        dq, dk, dv = backward_fa2(q, k_rep, v_rep, o, lse4, do, mask, scale, band, 64, 64)
+        dk, dv = sum_kv_heads(dk, k), sum_kv_heads(dv, v)
+    else:
+        dq, dk, dv = _run_backward(q, k, v, o, lse4, do, scale, lengths, band, kernel)
+    return tuple(np.ascontiguousarray(g).astype(x.dtype, copy=False).reshape(x.shape)
+                 for g, x in ((dq, query), (dk, key), (dv, value)))
+
+
+def _key_lengths(key_lengths: Any, batch_shape: tuple[int, ...], S: int) -> np.ndarray:
+    """key_lengths (ints broadcastable to the batch shape, or None: all S keys) -> int64 (B,)."""
+    if key_lengths is None:
+        return np.full(math.prod(batch_shape), S, dtype=np.int64)
+    kl = np.asarray(key_lengths)
+    if not np.issubdtype(kl.dtype, np.integer):
+        raise TypeError(f"key_lengths must be integers, got dtype {kl.dtype}")
+    try:
+        kl = np.broadcast_to(kl, batch_shape)
+    except ValueError:
+        raise ValueError(f"key_lengths of shape {kl.shape} does not broadcast to the batch shape {batch_shape} "
+                         f"of query") from None
+    if np.any(kl < 0):
+        raise ValueError(f"key_lengths must be >= 0, got {kl}")
+    return np.ascontiguousarray(np.minimum(kl, S).reshape(-1).astype(np.int64))
+
+
+def _key_lengths_from_padding_mask(attn_mask: Any, query_shape: tuple[int, ...], S: int) -> np.ndarray:
+    """A boolean key-padding mask (..., 1, 1, S) -> the int key lengths (B,) of the kernels.
+
+    The kernels take the number of valid keys per batch element instead of a mask; this only works
+    when the mask is True on a prefix of the keys and the same for every head and query. Any other
+    mask raises ValueError.
+    """
+    batch = tuple(query_shape[:-3])
+    if attn_mask is None:
+        return _key_lengths(None, batch, S)
+    m = np.asarray(attn_mask)
+    if m.dtype != np.bool_:
+        raise ValueError(f"the numba backend accepts only a boolean key-padding attn_mask, got dtype {m.dtype}")
+    nd = len(batch) + 3
+    if m.ndim > nd or m.shape[-1] not in (1, S):
+        raise ValueError(f"the numba backend needs a key-padding attn_mask of shape (..., 1, 1, S={S}), got {m.shape}")
+    m = m.reshape((1,) * (nd - m.ndim) + m.shape)
+    if m.shape[-3] != 1 or m.shape[-2] != 1:
+        raise ValueError(f"the numba backend only supports a key-padding attn_mask of shape (..., 1, 1, S); got "
+                         f"{attn_mask.shape} (masks that vary over heads or queries need backend='numpy')")
+    m = np.broadcast_to(m[..., 0, 0, :], batch + (S,))
+    lengths = m.sum(axis=-1).astype(np.int64)
+    if not np.array_equal(m, np.arange(S) < lengths[..., None]):
+        raise ValueError("the numba backend only supports key-padding masks whose True entries form a prefix of "
+                         "the keys in every batch element; use backend='numpy' for this attn_mask")
+    return lengths.reshape(-1)
+
+
+def _not_supported(**options: Any) -> None:
+    for name, value in options.items():
+        if value is not None and value is not False:
+            raise ValueError(f"{name} is not supported by the numba backend; use backend='numpy'")
+
+
+def flash_attention_numba(query, key, value, attn_mask, scale, band, block_mask, return_lse, return_stats):
+    """``flash_attention(..., backend="numba")``, its inputs already checked (τ = ``scale`` and the
+    ``band`` computed): the fast kernel; a boolean attn_mask only as a key-padding mask."""
+    _not_supported(block_mask=block_mask, return_stats=return_stats)
+    lengths = _key_lengths_from_padding_mask(attn_mask, query.shape, key.shape[-2])
+    out, lse = _forward(query, key, value, scale, band, lengths, "fast")
+    return (out, lse) if return_lse else out
+
+
+def flash_attention_backward_numba(query, key, value, out, lse, grad_out, attn_mask, scale, band, block_mask):
+    """``flash_attention_backward(..., backend="numba")``, its inputs already checked."""
+    _not_supported(block_mask=block_mask)
+    lengths = _key_lengths_from_padding_mask(attn_mask, query.shape, key.shape[-2])
+    return _backward(query, key, value, out, lse, grad_out, scale, band, lengths, "fast")
+
+
 def numba_flash_forward(
-    query: np.ndarray,
-    key: np.ndarray,
-    value: np.ndarray,
-    *,
-    scale: float | None = None,
-    is_causal: bool = False,
-    causal_alignment: str = "top_left",
-    window: tuple[int | None, int | None] | None = None,
-    key_lengths: Any = None,
-    enable_gqa: bool = False,
-    kernel: str = "fast",
+    query: np.ndarray, key: np.ndarray, value: np.ndarray, *, scale: float | None = None, is_causal: bool = False,
+    causal_alignment: str = "top_left", window: tuple[int | None, int | None] | None = None,
+    key_lengths: Any = None, enable_gqa: bool = False, kernel: str = "fast",
 ) -> tuple[np.ndarray, np.ndarray]:
     """FlashAttention-2 forward pass (Dao 2023, Algorithm 1) as a Numba kernel.
 
-    Shapes: ``query (..., Hq, L, E)``, ``key (..., H, S, E)``, ``value (..., H, S, Ev)``
-    (also 2-D ``(L, E)``); float32 or float64 NumPy arrays.
+    Shapes: ``query (..., H, L, E)``, ``key (..., Hkv, S, E)``, ``value (..., Hkv, S, Ev)``
+    (also 2-D ``(L, E)``); NumPy arrays of one floating dtype (float16 runs in float32).
 
-    Computes ``O = softmax(tau Q K^T + mask) V`` one query block at a time with the online
-    softmax: for each visible key block ``m_new = max(m, rowmax S)``, ``P = exp(S - m_new)``,
-    ``l = exp(m - m_new) l + rowsum P``, ``O = diag(exp(m - m_new)) O + P V_j``; at the end
-    ``O = diag(l)^-1 O`` and ``lse = m + log l``.
+    Computes O = softmax(τ Q Kᵀ + Δ) V one query block at a time with the online softmax: for
+    each visible key block m_new = max(m, rowmax Z), P̃ = e^{Z − m_new}, ℓ = e^{m − m_new} ℓ +
+    rowsum P̃, O = diag(e^{m − m_new}) O + P̃ V_j; at the end O = diag(ℓ)⁻¹ O and λ = m + log ℓ.
 
     ``is_causal`` / ``window = (left, right)`` (``None`` = unbounded) are aligned by
     ``causal_alignment`` (``"top_left"`` or ``"bottom_right"``); ``key_lengths`` (ints, shape
     ``query.shape[:-3]`` or broadcastable) masks keys ``j >= key_lengths[b]``; ``enable_gqa`` lets
-    ``Hq`` be a multiple of ``H``. ``kernel="readable"`` runs the loop-for-loop tier.
+    H be a multiple of Hkv. ``kernel="readable"`` runs the loop-for-loop tier.
 
-    Returns ``(out (..., Hq, L, Ev), lse (..., Hq, L))``; rows whose keys are all masked give
-    ``out = 0`` and ``lse = -inf``.
+    Returns ``(out, lse)``: O (..., H, L, Ev) and λ (..., H, L); rows whose keys are all masked
+    give O = 0 and λ = −∞, rows with a NaN logit NaN.
     """
-    a = _prepare(query, key, value, scale, is_causal, causal_alignment, window, key_lengths,
-                 enable_gqa, kernel)
-    q, k, v, dtype = a["q"], a["k"], a["v"], a["dtype"]
-    B, Hq, L, _ = q.shape
-    S, Ev = a["S"], a["Ev"]
-    args = (a["lengths"], a["offset"], a["causal"], a["left"], a["right"])
-    if kernel == "readable":
-        out = np.empty((B, Hq, L, Ev), dtype=dtype)
-        lse = np.empty((B, Hq, L), dtype=dtype)
-        if L > 0:
-            _fwd_readable(q, k, v, a["scale"], *args, out, lse)
-    else:
-        block_q, block_k = _call_tiles(dtype, "forward", B * Hq, L, S)
-        nkb = max(1, -(-S // block_k))
-        # The kernel's online softmax keeps the raw logits q.k and applies tau inside
-        # e^(tau (S - m)): the difference S - m is exact near the maximum, so large logits lose
-        # no precision to the scale (folding tau log2(e) into Q cost up to 5x NumPy's gradient
-        # error with amplified logits). A negative scale flips the sign of Q; a zero scale makes
-        # every logit 0 (uniform weights).
-        sign = 1.0 if a["scale"] > 0 else (-1.0 if a["scale"] < 0 else 0.0)
-        qe = q if sign == 1.0 else np.ascontiguousarray(q * dtype.type(sign))
-        tau = abs(a["scale"]) if sign != 0.0 else 1.0  # scale 0: logits 0 * anything = 0
-        kp = _pad_rows(k, nkb * block_k).reshape(B, -1, nkb, block_k, a["E"])
-        vp = _pad_rows(v, nkb * block_k).reshape(B, -1, nkb, block_k, Ev)
-        out = np.empty((B, Hq, L, Ev), dtype=dtype)
-        lse = np.empty((B, Hq, L), dtype=dtype)
-        if L > 0:
-            with _single_threaded_blas():
-                _fwd_fast(qe, kp, vp, dtype.type(tau), *args, L, S, block_q, out, lse)
-    return (np.ascontiguousarray(out).reshape(a["out_shape"]), lse.reshape(a["lse_shape"]))
+    check_attention(query, key, value, None, enable_gqa)
+    check_choice("kernel", kernel, _KERNELS)
+    _check_numpy(query=query, key=key, value=value)
+    L, S = query.shape[-2], key.shape[-2]
+    band = checked_band(L, S, is_causal, window, causal_alignment)
+    scale = default_scale(query.shape[-1]) if scale is None else check_real("scale", scale)
+    return _forward(query, key, value, scale, band, _key_lengths(key_lengths, tuple(query.shape[:-3]), S), kernel)
 
 
 def numba_flash_backward(
-    query: np.ndarray,
-    key: np.ndarray,
-    value: np.ndarray,
-    out: np.ndarray,
-    lse: np.ndarray,
-    grad_out: np.ndarray,
-    *,
-    scale: float | None = None,
-    is_causal: bool = False,
-    causal_alignment: str = "top_left",
-    window: tuple[int | None, int | None] | None = None,
-    key_lengths: Any = None,
-    enable_gqa: bool = False,
-    kernel: str = "fast",
+    query: np.ndarray, key: np.ndarray, value: np.ndarray, out: np.ndarray, lse: np.ndarray,
+    grad_out: np.ndarray, *, scale: float | None = None, is_causal: bool = False,
+    causal_alignment: str = "top_left", window: tuple[int | None, int | None] | None = None,
+    key_lengths: Any = None, enable_gqa: bool = False, kernel: str = "fast",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """FlashAttention backward pass by recomputation (Dao 2022, Algorithm 4; FA-2's D pre-pass).
 
-    Shapes as :func:`numba_flash_forward`, plus ``out (..., Hq, L, Ev)`` and ``lse (..., Hq, L)``
-    from the forward pass and ``grad_out = dL/dO (..., Hq, L, Ev)``.
+    Shapes as :func:`numba_flash_forward`, plus ``out`` = O (..., H, L, Ev) and ``lse`` = λ
+    (..., H, L) from the forward pass and ``grad_out`` = dO (..., H, L, Ev).
 
-    ``D = rowsum(dO * O)``; for every visible tile ``P = exp(tau Q_i K_j^T - lse_i)``,
-    ``dV_j += P^T dO_i``, ``dS = P * (dO_i V_j^T - D_i)``, ``dQ_i += tau dS K_j``,
-    ``dK_j += tau dS^T Q_i``. With GQA the gradients of the query heads sharing a KV head are summed.
+    D = rowsum(dO ∘ O); for every visible tile P = e^{τ Q_i K_jᵀ − λ_i}, dV_j += Pᵀ dO_i,
+    dZ = P ∘ (dO_i V_jᵀ − D_i), dQ_i += τ dZ K_j, dK_j += τ dZᵀ Q_i. With GQA the gradients of the
+    query heads sharing a key/value head are summed.
 
-    Returns ``(dq (..., Hq, L, E), dk (..., H, S, E), dv (..., H, S, Ev))``; fully masked rows
+    Returns ``(dq (..., H, L, E), dk (..., Hkv, S, E), dv (..., Hkv, S, Ev))``; fully masked rows
     contribute nothing (their ``dq`` is 0).
     """
-    a = _prepare(query, key, value, scale, is_causal, causal_alignment, window, key_lengths,
-                 enable_gqa, kernel)
-    dtype = a["dtype"]
-    o_arr = _check_array("out", out)
-    g_arr = _check_array("grad_out", grad_out)
-    if o_arr.shape != a["out_shape"] or g_arr.shape != a["out_shape"]:
-        raise ValueError(
-            f"out and grad_out must have shape {a['out_shape']}, got {o_arr.shape} and {g_arr.shape}")
-    lse_arr = np.asarray(lse)
-    if lse_arr.shape != a["lse_shape"]:
-        raise ValueError(f"lse must have shape {a['lse_shape']}, got {lse_arr.shape}")
-    if o_arr.dtype != dtype or g_arr.dtype != dtype:
-        raise TypeError(f"out and grad_out must have dtype {dtype}, got {o_arr.dtype}, {g_arr.dtype}")
-    q, k, v = a["q"], a["k"], a["v"]
-    B, Hq, L, E = q.shape
-    H, S, Ev = k.shape[1], a["S"], a["Ev"]
-    do = _as_4d(g_arr)
-    lse4 = np.ascontiguousarray(lse_arr.astype(dtype, copy=False).reshape(B, Hq, L))
-    # FA-2 pre-pass: D_i = rowsum(dO_i * O_i)
-    delta = np.ascontiguousarray(np.einsum("bhle,bhle->bhl", do, _as_4d(o_arr)))
-    args = (a["lengths"], a["offset"], a["causal"], a["left"], a["right"])
-    if kernel == "readable":
-        dq = np.zeros((B, Hq, L, E), dtype=dtype)
-        dk = np.zeros((B, H, S, E), dtype=dtype)
-        dv = np.zeros((B, H, S, Ev), dtype=dtype)
-        if L > 0 and S > 0:
-            _bwd_readable(q, k, v, do, lse4, delta, a["scale"], *args, dq, dk, dv)
-    else:
-        block_q, block_k = _call_tiles(dtype, "backward", B * Hq, L, S)
-        nkb = max(1, -(-S // block_k))
-        kp = _pad_rows(k, nkb * block_k).reshape(B, H, nkb, block_k, E)
-        vp = _pad_rows(v, nkb * block_k).reshape(B, H, nkb, block_k, Ev)
-        dq_part = np.zeros((BWD_CHUNKS, B, Hq, L, E), dtype=dtype)
-        dk = np.zeros((B, H, nkb, block_k, E), dtype=dtype)
-        dv = np.zeros((B, H, nkb, block_k, Ev), dtype=dtype)
-        if L > 0 and S > 0:
-            with _single_threaded_blas():
-                _bwd_fast(q, kp, vp, do, lse4, delta, dtype.type(a["scale"]), *args, L, S,
-                          block_q, dq_part, dk, dv)
-        # dQ = tau sum_t dQ_t (fixed order); dK = tau dZ^T Q
-        dq = dq_part.sum(axis=0) * dtype.type(a["scale"])
-        dk = dk.reshape(B, H, -1, E)[:, :, :S] * dtype.type(a["scale"])
-        dv = dv.reshape(B, H, -1, Ev)[:, :, :S]
-    return (np.ascontiguousarray(dq).reshape(query.shape), np.ascontiguousarray(dk).reshape(key.shape),
-            np.ascontiguousarray(dv).reshape(value.shape))
+    check_attention(query, key, value, None, enable_gqa)
+    check_gradients(query, value, out, lse, grad_out)
+    check_choice("kernel", kernel, _KERNELS)
+    L, S = query.shape[-2], key.shape[-2]
+    band = checked_band(L, S, is_causal, window, causal_alignment)
+    scale = default_scale(query.shape[-1]) if scale is None else check_real("scale", scale)
+    lengths = _key_lengths(key_lengths, tuple(query.shape[:-3]), S)
+    return _backward(query, key, value, out, lse, grad_out, scale, band, lengths, kernel)

@@ -7,51 +7,80 @@ Causal alignment when the number of queries L differs from the number of keys S:
 * ``"bottom_right"`` (flash-attn ≥ 2.1, KV-cache decoding): the last query lines up with the last
   key, so query i sees keys j ≤ i + (S − L) — ``tril(ones(L, S), S − L)``.
 
+The band
+--------
+Causal masks and sliding windows are one shape, a *band*: query row i sits at key position
+p = i + offset (offset 0 top-left, S − L bottom-right) and sees the keys p − left ≤ j ≤ p + right.
+:func:`band` turns the options into the three ints (offset, left, right) — causal is right = 0, an
+unbounded side is L + S, further than any key — and three helpers read it; they are the only place
+in the package that knows what causal and windowed mean:
+
+``band_mask``   the band as a boolean array (these masks, SDPA's ``is_causal``, FlashAttention's
+                partially masked tiles)
+``key_range``   the keys lo ≤ j < hi of one query row (the Numba kernels, compiled)
+``tile_state``  "full", "partial" or "skip" for a tile of rows × keys (FlashAttention's tile skipping)
+
 Masks are created with NumPy unless ``xp`` names another array module (for example ``cupy``).
 """
 
 from __future__ import annotations
 
-import operator
 from types import ModuleType
 from typing import Any
+
+import numpy as np
+from array_api_compat import array_namespace
+
+from .contract import check_bool, check_choice, check_int, check_window
 
 Array = Any
 
 ALIGNMENTS = ("top_left", "bottom_right")
 
 
-def _standard(xp: ModuleType | None) -> ModuleType:
-    """The array-API view of an array module (NumPy by default): ``cupy`` or ``numpy`` passed in
-    as ``xp`` become their array_api_compat wrappers, which have ``bool`` and ``isdtype``."""
-    from array_api_compat import array_namespace
-
-    if xp is None:
-        import numpy as xp
-    return array_namespace(xp.asarray(0))
+def band(L: int, S: int, is_causal: bool = False, window: tuple[int | None, int | None] | None = None,
+         alignment: str = "top_left") -> tuple[int, int, int]:
+    """(offset, left, right): query row i, at p = i + offset, sees keys p − left ≤ j ≤ p + right."""
+    left, right = (L + S if w is None else w for w in window or (None, None))  # L + S: unbounded
+    return (0 if alignment == "top_left" else S - L), left, (min(right, 0) if is_causal else right)
 
 
-def _query_positions(L: int, S: int, alignment: str, xp: ModuleType) -> Array:
-    """Position of each query on the key axis: i (top-left) or i + S − L (bottom-right), as (L, 1)."""
-    if alignment not in ALIGNMENTS:
-        raise ValueError(f"alignment must be one of {ALIGNMENTS}, got {alignment!r}")
-    offset = 0 if alignment == "top_left" else S - L
-    return xp.reshape(xp.arange(L) + offset, (L, 1))
+def checked_band(L: int, S: int, is_causal: Any, window: Any, causal_alignment: Any) -> tuple[int, int, int]:
+    """:func:`band` of FlashAttention's and the Numba kernels' options, checked first."""
+    check_bool(is_causal=is_causal)
+    check_choice("causal_alignment", causal_alignment, ALIGNMENTS)
+    return band(L, S, is_causal, check_window(window), causal_alignment)
 
 
-def _as_count(name: str, value: Any, allow_none: bool = False) -> int | None:
-    """An int-like (Python or NumPy integer, not bool) that is >= 0, else ValueError."""
-    if value is None and allow_none:
-        return None
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        count = operator.index(value)
-    except TypeError:
-        count = -1
-    if count < 0:
-        raise ValueError(f"{name} must be a non-negative int{' or None' if allow_none else ''}, got {value!r}")
-    return count
+def band_mask(xp: Any, i0: int, i1: int, j0: int, j1: int, offset: int, left: int, right: int,
+              device: Any = None) -> Array:
+    """The band on rows i0 ≤ i < i1 and keys j0 ≤ j < j1 as a boolean array, True = attend."""
+    p = xp.reshape(xp.arange(i0, i1, device=device), (i1 - i0, 1)) + offset
+    j = xp.reshape(xp.arange(j0, j1, device=device), (1, j1 - j0))
+    return xp.logical_and(j >= p - left, j <= p + right)
+
+
+def key_range(i: int, offset: int, left: int, right: int, S: int) -> tuple[int, int]:
+    """The keys lo ≤ j < hi that query row i sees among the first S keys (lo = hi: none)."""
+    p = i + offset
+    lo = max(p - left, 0)
+    return lo, max(min(p + right + 1, S), lo)
+
+
+def tile_state(i0: int, i1: int, j0: int, j1: int, offset: int, left: int, right: int) -> str:
+    """"skip", "full" or "partial": how much of the tile i0 ≤ i < i1, j0 ≤ j < j1 the band hides."""
+    # both ends of a row's key range grow with i, so the first and the last row decide
+    lo_first, hi_first = key_range(i0, offset, left, right, j1)
+    lo_last, hi_last = key_range(i1 - 1, offset, left, right, j1)
+    if hi_last <= j0 or lo_first >= j1:
+        return "skip"
+    return "full" if lo_last <= j0 and hi_first >= j1 else "partial"
+
+
+def _namespace(xp: ModuleType | None) -> Any:
+    """The array-API namespace of an array module (NumPy by default): ``cupy`` or ``numpy`` become
+    their array_api_compat wrappers, which have ``bool`` and ``isdtype``."""
+    return array_namespace((np if xp is None else xp).asarray(0))
 
 
 def causal_mask(L: int, S: int, alignment: str = "top_left", *, xp: ModuleType | None = None) -> Array:
@@ -59,13 +88,12 @@ def causal_mask(L: int, S: int, alignment: str = "top_left", *, xp: ModuleType |
     its future.
 
     Returns a boolean (L, S) array, True = attend. ``alignment`` is ``"top_left"`` (j ≤ i) or
-    ``"bottom_right"`` (j ≤ i + S − L); see the module docstring.
+    ``"bottom_right"`` (j ≤ i + S − L), as the docstring of ``attention_ref.masks`` explains.
+    Export with ``python -m attention_ref.export causal_mask``.
     """
-    xp = _standard(xp)
-    L, S = _as_count("L", L), _as_count("S", S)
-    query_pos = _query_positions(L, S, alignment, xp)
-    key_pos = xp.reshape(xp.arange(S), (1, S))
-    return key_pos <= query_pos
+    L, S = check_int("L", L), check_int("S", S)
+    check_choice("alignment", alignment, ALIGNMENTS)
+    return band_mask(_namespace(xp), 0, L, 0, S, *band(L, S, True, None, alignment))
 
 
 def sliding_window_mask(
@@ -83,34 +111,27 @@ def sliding_window_mask(
     ``left``/``right`` of None mean unbounded on that side, so ``left=None, right=0`` is the
     causal mask and ``left=w, right=0`` is causal attention over the last w + 1 keys. p is i
     (``"top_left"``) or i + S − L (``"bottom_right"``). Returns a boolean (L, S) array.
+    Export with ``python -m attention_ref.export sliding_window_mask``.
     """
-    xp = _standard(xp)
-    L, S = _as_count("L", L), _as_count("S", S)
-    left, right = _as_count("left", left, allow_none=True), _as_count("right", right, allow_none=True)
-    query_pos = _query_positions(L, S, alignment, xp)
-    key_pos = xp.reshape(xp.arange(S), (1, S))
-    mask = xp.ones((L, S), dtype=xp.bool)
-    if left is not None:
-        mask = xp.logical_and(mask, key_pos >= query_pos - left)
-    if right is not None:
-        mask = xp.logical_and(mask, key_pos <= query_pos + right)
-    return mask
+    L, S = check_int("L", L), check_int("S", S)
+    window = tuple(None if w is None else check_int(name, w) for name, w in (("left", left), ("right", right)))
+    check_choice("alignment", alignment, ALIGNMENTS)
+    return band_mask(_namespace(xp), 0, L, 0, S, *band(L, S, False, window, alignment))
 
 
 def padding_mask(lengths: Array, S: int, *, xp: ModuleType | None = None) -> Array:
     """Key-padding mask: in batch element b only the first ``lengths[b]`` keys are real.
 
-    lengths: (B,) integers in [0, S] (an array's own namespace is used unless ``xp`` is given). Returns a boolean (B, 1, 1, S) array (True for j <
-    lengths[b]) that broadcasts against attention logits (B, H, L, S). For a single-head call
-    with logits (B, L, S) use ``padding_mask(lengths, S)[:, 0]``.
+    lengths: (B,) integers in [0, S] (an array keeps its own namespace unless ``xp`` is given).
+    Returns a boolean (B, 1, 1, S) array (True for j < lengths[b]) that broadcasts against attention
+    logits (B, H, L, S). For a single-head call with logits (B, L, S) use ``padding_mask(lengths, S)[:, 0]``.
+    Export with ``python -m attention_ref.export padding_mask``.
     """
-    if xp is None and (hasattr(lengths, "__array_namespace__") or type(lengths).__module__.startswith("numpy")):
-        from array_api_compat import array_namespace
-
+    S = check_int("S", S)
+    if xp is None and hasattr(lengths, "dtype"):
         xp = array_namespace(lengths)  # follow the namespace of ``lengths`` when it is an array
     else:
-        xp = _standard(xp)
-    S = _as_count("S", S)
+        xp = _namespace(xp)
     lengths = xp.asarray(lengths)
     if lengths.ndim != 1:
         raise ValueError(f"lengths must be 1-D (B,), got shape {tuple(lengths.shape)}")
@@ -120,3 +141,4 @@ def padding_mask(lengths: Array, S: int, *, xp: ModuleType | None = None) -> Arr
         raise ValueError(f"lengths must lie in [0, S={S}], got {lengths}")
     key_pos = xp.reshape(xp.arange(S), (1, 1, 1, S))
     return key_pos < xp.reshape(lengths, (lengths.shape[0], 1, 1, 1))
+

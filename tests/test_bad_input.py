@@ -43,7 +43,7 @@ CASES = [
     ("mha integer input", lambda: multi_head_attention(np.ones((3, 8), int), np.ones((3, 8), int), np.ones((3, 8), int), PARAMS, 2), TypeError, "query.*floating.*int"),
     ("mha mixed dtypes", lambda: multi_head_attention(Q[0, 0].astype(np.float32), Q[0, 0], Q[0, 0], PARAMS, 2), TypeError, "one dtype"),
     ("self-attention integer input", lambda: self_attention(np.ones((4, 5), int), init_attention_params(rng, 5)), TypeError, "x.*floating"),
-    ("split_heads rank 1", lambda: split_heads(np.ones(6), 2), ValueError, r"\(\.\.\., L, H·D\).*\(6,\)"),
+    ("split_heads rank 1", lambda: split_heads(np.ones(6), 2), ValueError, r"\(\.\.\., L, H·E\).*\(6,\)"),
     ("self-attention wrong features", lambda: self_attention(np.ones((4, 3)), init_attention_params(rng, 5)), ValueError, r"W_q.*3 features.*\(4, 3\)"),
 ]
 

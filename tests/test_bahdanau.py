@@ -210,7 +210,7 @@ def test_bad_shapes_name_the_argument(rng):
         luong_concat_score(s, H, np.ones((8, 3)), np.ones(3))
     with pytest.raises(ValueError, match="method"):
         luong_score(s, H, "cosine")
-    with pytest.raises(ValueError, match="W_a"):
+    with pytest.raises(TypeError, match="W_a"):
         luong_score(s, H, "general")
     with pytest.raises(ValueError, match="W_c"):
         luong_attentional_state(H[:, 0], s, np.ones((8, 3)))

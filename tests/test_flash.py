@@ -14,7 +14,6 @@ from attention_ref import (
 )
 from attention_ref.flash import (
     TileStats,
-    _key_lengths_from_padding_mask,
     attention_backward,
     attention_weights_from_lse,
     expand_block_mask,
@@ -469,13 +468,16 @@ def test_bad_inputs_raise(rng):
 
 
 def test_key_lengths_from_padding_mask():
+    pytest.importorskip("numba")
+    from attention_ref.flash_numba import _key_lengths_from_padding_mask
+
     lengths = np.array([5, 0, 3])
     mask = padding_mask(lengths, 7)  # (3, 1, 1, 7)
     np.testing.assert_array_equal(_key_lengths_from_padding_mask(mask, (3, 2, 4, 8), 7), lengths)
     np.testing.assert_array_equal(  # broadcast over the batch
         _key_lengths_from_padding_mask(mask[:1], (3, 2, 4, 8), 7), [5, 5, 5]
     )
-    assert _key_lengths_from_padding_mask(None, (3, 2, 4, 8), 7) is None
+    np.testing.assert_array_equal(_key_lengths_from_padding_mask(None, (3, 2, 4, 8), 7), [7, 7, 7])
     holes = mask.copy()
     holes[0, 0, 0, 1] = False
     with pytest.raises(ValueError, match="prefix"):

@@ -240,7 +240,7 @@ def test_bad_inputs_raise_naming_the_argument(rng):
         decode_step(q, k, v, (k, v))
     with pytest.raises(ValueError, match=r"keys and values.*\(1, 2, 3, 8\).*\(1, 2, 4, 6\)"):
         KVCache(rng.standard_normal((1, 2, 3, 8)), rng.standard_normal((1, 2, 4, 6)))
-    with pytest.raises(TypeError, match="dtype"):
+    with pytest.raises(TypeError, match="cache keys must be a floating-point array, got int64"):
         KVCache(np.zeros((1, 2, 3, 8), dtype=np.int64), np.zeros((1, 2, 3, 8), dtype=np.int64))
     with pytest.raises(ValueError, match="num_kv_heads"):
         empty_kv_cache((1,), 0, 8, dtype=np.float64)
@@ -248,18 +248,32 @@ def test_bad_inputs_raise_naming_the_argument(rng):
         truncate_kv(cache, -1)
 
 
-@pytest.mark.parametrize("bad", [0, -1, 2.0, True, 6])
-def test_split_kv_rejects_bad_num_splits(rng, bad):
+@pytest.mark.parametrize("bad, error", [(0, ValueError), (-1, ValueError), (2.0, TypeError), (True, TypeError),
+                                        (6, ValueError)])
+def test_split_kv_rejects_bad_num_splits(rng, bad, error):
     q, k, v = rng.standard_normal((2, 1, 8)), rng.standard_normal((2, 5, 8)), rng.standard_normal((2, 5, 8))
-    with pytest.raises(ValueError, match="num_splits"):
+    with pytest.raises(error, match="num_splits"):
         split_kv_attention(q, k, v, bad)
 
 
 def test_split_kv_checks_shapes_and_dtypes_like_sdpa(rng):
     q, k, v = rng.standard_normal((2, 1, 8)), rng.standard_normal((2, 5, 8)), rng.standard_normal((2, 5, 8))
-    with pytest.raises(ValueError, match=r"query.*key.*\(2, 5, 7\)"):
+    with pytest.raises(ValueError, match=r"query and key.*\(2, 5, 7\)"):
         split_kv_attention(q, rng.standard_normal((2, 5, 7)), v, 2)
     with pytest.raises(TypeError, match="dtype"):
         split_kv_attention(q.astype(np.float32), k, v, 2)
     with pytest.raises(ValueError, match=r"attn_mask.*\(1, 7\)"):
         split_kv_attention(q, k, v, 2, attn_mask=np.ones((1, 7), dtype=bool))
+
+
+def test_a_cache_survives_copy_deepcopy_and_pickle():
+    import copy
+    import pickle
+
+    from attention_ref import KVCache
+
+    cache = KVCache(np.ones((1, 2, 3, 4)), np.zeros((1, 2, 3, 5)))
+    for clone in (copy.copy(cache), copy.deepcopy(cache), pickle.loads(pickle.dumps(cache))):
+        assert isinstance(clone, KVCache)
+        np.testing.assert_array_equal(clone.keys, cache.keys)
+        np.testing.assert_array_equal(clone.values, cache.values)

@@ -63,5 +63,5 @@ def test_mask_bad_input(call, exc, match):
 
 def test_numpy_integers_accepted_and_bools_rejected():
     np.testing.assert_array_equal(causal_mask(np.int64(3), np.int32(4)), causal_mask(3, 4))
-    with pytest.raises(ValueError, match="left"):
+    with pytest.raises(TypeError, match="left"):
         sliding_window_mask(3, 4, True, 0)

@@ -174,3 +174,24 @@ def test_weights_follow_input_dtype_even_with_float64_params(rng):
     _, w = multi_head_attention(x, x, x, params, 2, return_weights=True)
     _, w1 = self_attention(x, init_attention_params(rng, 8), return_weights=True)
     assert w.dtype == np.float32 and w1.dtype == np.float32
+
+
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (4, 2), (4, 1)])
+def test_multi_head_with_flash_is_a_loop_of_single_head_attentions(rng, num_heads, num_kv_heads):
+    """Step 3 through flash_attention: still H single-head attentions, each with its own
+    projections (head h uses the columns h·D:(h+1)·D of W_q and those of its key/value head)."""
+    d_model, L, S, D = 16, 9, 11, 4
+    params = _random_biases(rng, init_multi_head_params(rng, d_model, num_heads, num_kv_heads=num_kv_heads,
+                                                         head_dim=D))
+    x, c = rng.standard_normal((2, L, d_model)), rng.standard_normal((2, S, d_model))
+    out = multi_head_attention(x, c, c, params, num_heads, num_kv_heads=num_kv_heads, attention="flash")
+    group = num_heads // num_kv_heads
+    heads = []
+    for h in range(num_heads):
+        single = AttentionParams(params.W_q[:, h * D:(h + 1) * D], params.W_k[:, h // group * D:(h // group + 1) * D],
+                                 params.W_v[:, h // group * D:(h // group + 1) * D], np.eye(D),
+                                 params.b_q[h * D:(h + 1) * D], params.b_k[h // group * D:(h // group + 1) * D],
+                                 params.b_v[h // group * D:(h // group + 1) * D], None)
+        heads.append(cross_attention(x, c, single))
+    expected = np.concatenate(heads, axis=-1) @ params.W_o + params.b_o
+    np.testing.assert_allclose(out, expected, rtol=1e-12, atol=1e-12)
