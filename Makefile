@@ -45,7 +45,7 @@ course: $(VENV)/.course-installed
 	$(PY) scripts/run_course.py
 
 test: $(VENV)/.test-installed
-	$(PY) -m ruff check attention_ref tests benchmarks scripts
+	$(PY) -m ruff check --no-cache attention_ref tests benchmarks scripts
 	$(PY) -c "import matplotlib.pyplot"  # build the font cache before nbval compares outputs
 	ATTENTION_REF_SAVE_FIGURES=0 $(PY) -m pytest -ra tests notebooks --nbval --nbval-current-env \
 		--nbval-sanitize-with tests/nbval_sanitize.cfg
@@ -74,7 +74,7 @@ explorer-figure: $(VENV)/.test-installed  # needs Debian's chromium and chromium
 	$(PY) scripts/explorer_screenshot.py
 
 lint: $(VENV)/.test-installed
-	$(PY) -m ruff check attention_ref tests benchmarks scripts
+	$(PY) -m ruff check --no-cache attention_ref tests benchmarks scripts
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

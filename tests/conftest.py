@@ -51,18 +51,6 @@ def xp(request):
     return cupy
 
 
-def to_numpy(x):
-    """Bring an array of any tested backend back to NumPy for comparison."""
-    from attention_ref.backends import to_numpy as _to_numpy
-
-    return _to_numpy(x)
-
-
-def namespace_name(x) -> str:
-    """'numpy', 'array_api_strict' or 'cupy': which library an array belongs to."""
-    return type(x).__module__.split(".")[0]
-
-
 @pytest.fixture
 def rng(request):
     """A fresh generator per test, seeded from the test's name so failures reproduce."""

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import namespace_name, to_numpy
+from arrays import namespace_name, to_numpy
 
 from attention_ref import bert
 from attention_ref.bert import (

@@ -4,7 +4,7 @@ import math
 
 import numpy as np
 import pytest
-from conftest import namespace_name, to_numpy
+from arrays import namespace_name, to_numpy
 
 from attention_ref import (
     causal_mask,

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import namespace_name, to_numpy
+from arrays import namespace_name, to_numpy
 
 from attention_ref import llama
 from attention_ref.llama import (

@@ -1,6 +1,6 @@
 import numpy as np
 import pytest
-from conftest import namespace_name, to_numpy
+from arrays import namespace_name, to_numpy
 
 from attention_ref import causal_mask, padding_mask, sliding_window_mask
 

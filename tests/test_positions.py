@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 import pytest
-from conftest import namespace_name, to_numpy
+from arrays import namespace_name, to_numpy
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

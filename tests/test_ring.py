@@ -11,7 +11,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import namespace_name, to_numpy
+from arrays import namespace_name, to_numpy
 
 from attention_ref import (
     attention_backward,

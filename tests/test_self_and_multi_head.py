@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from conftest import namespace_name, to_numpy
+from arrays import namespace_name, to_numpy
 from reference import reference_attention
 
 from attention_ref import (
