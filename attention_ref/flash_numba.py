@@ -286,8 +286,8 @@ def _gemm(a, b, c, trans_a, trans_b, alpha_beta):
 # Optimisation (vectorised exp): llvmlite has no vector exp, so `math.exp` stays one scalar libm
 # call per logit. Written out -- e^t = 2^n e^r with n = round(t log2 e), r = t - n ln 2 (ln 2 in
 # two parts, so that r is nearly exact: no error grows with |t|), a polynomial for e^r and 2^n as
-# IEEE-754 exponent bits -- it vectorises. Measured on the loop kernel: 54 -> 79 GFLOP/s (+46%,
-# ablation step 1 -> 2). Clamping t where n reaches the smallest exponent makes n + bias = 0, so
+# IEEE-754 exponent bits -- it vectorises. Measured on the loop kernel (ablation step 1 -> 2): 54 -> 79
+# GFLOP/s on a Zen 5 VM, 28 -> 43 on a Sapphire Rapids VM (benchmarks/results). Clamping t where n reaches the smallest exponent makes n + bias = 0, so
 # 2^n = +0.0 exactly: masked logits (-inf) and anything below e^-87.7 give exactly 0 without a
 # compare-and-select.
 @nb.njit(cache=True, inline="always", fastmath=_FASTMATH)
@@ -923,7 +923,7 @@ def _single_threaded_blas():
     """Context in which BLAS runs on one thread: the fast tier calls gemm from every Numba
     thread, and a multi-threaded BLAS inside them spins on the same cores.
     Optimisation (single-threaded BLAS inside the kernels): measured 83 -> 127 GFLOP/s of CPU
-    time (float32 forward, N = 4096, one Numba thread, OpenBLAS with 2 vs 1 threads).
+    time on a Zen 5 VM (float32 forward, N = 4096, one Numba thread, OpenBLAS with 2 vs 1 threads).
     Uses threadpoolctl when installed; otherwise a no-op."""
     global _BLAS_CONTROLLER
     if _BLAS_CONTROLLER is None:
@@ -935,7 +935,7 @@ def _single_threaded_blas():
             # np.dot inside the kernels calls SciPy's BLAS (scipy.linalg.cython_blas), which Numba
             # loads on the first call into a kernel, i.e. after this controller would otherwise
             # be built: load it first, or the limit never reaches the library the kernels use
-            # (N = 2048, E = 128: 78-120 ms per first-process call instead of 28-33 ms).
+            # (Zen 3 VM, N = 2048, E = 128: 78-120 ms per first-process call instead of 28-33 ms).
             import scipy.linalg.cython_blas  # noqa: F401
 
             _BLAS_CONTROLLER = ThreadpoolController()
