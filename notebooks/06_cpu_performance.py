@@ -757,11 +757,11 @@ print(inspect.getsource(flash_numba._exp_f32.py_func))
 
 # %% [markdown]
 # Did it vectorise? `benchmarks/inspect_codegen.py` compiles the kernels and reads the machine code
-# of the exponential's loop; its stored results for the two targets:
+# of the exponential's loop; its stored results for the two CPUs it was asked to compile for:
 
 # %%
-for target in ("native", "avx2"):
-    path = results_dir / f"codegen_{target}.json"
+for config in ("native", "avx2"):
+    path = results_dir / f"codegen_{config}.json"
     if path.exists():
         codegen = json.loads(path.read_text())
         print(f"compiled for {codegen['llvm_cpu']} ({codegen['isa']}):")
@@ -772,7 +772,7 @@ for target in ("native", "avx2"):
 
 # %% [markdown]
 # The loop runs on 256-bit vectors (8 float32 or 4 float64 at a time) with no call to a library
-# exponential, for both targets — on the AVX-512 machine too: for these Intel server cores LLVM
+# exponential, for both CPUs — on the AVX-512 machine too: for these Intel server cores LLVM
 # prefers 256-bit vectors by default.
 #
 # The second piece: the tile products call BLAS's `?gemm` directly, $C \leftarrow \alpha\,
@@ -799,7 +799,7 @@ print("\n".join(source[start:stop]))
 
 # %%
 # NBVAL_IGNORE_OUTPUT
-steps = res["ablation"]
+steps = {s: dict(r, what=r["what"].replace("d = 64", "E = 64")) for s, r in res["ablation"].items()}
 n_ablation = steps["0"]["N"]
 for s, r in steps.items():
     gain = "" if s == "0" else f"  ({r['gflops'] / steps[str(int(s) - 1)]['gflops']:.2f}x the step before)"
