@@ -458,8 +458,8 @@ display(Image("../figures/06_time_vs_n.png"))
 # %% [markdown]
 # Every curve runs parallel to the $N^2$ slope guide: tiles do not change the amount of work, only
 # where the bytes live and how much overhead each tile pays. The NumPy versions and the readable
-# kernel are several times slower than the fast kernel and torch (3–9× at $N = 4096$, float32,
-# no mask); those two are close, and which
+# kernel are several times slower than the fast kernel and torch (6–14× the fast kernel's time at
+# $N = 4096$, float32, no mask); those two are close, and which
 # one is ahead changes with $N$, dtype and mask (the next table compares them properly).
 
 # %%
@@ -561,16 +561,16 @@ plt.show()
 # %% [markdown]
 # What the table says, machine by machine:
 #
-# * **Native Xeon (AVX-512):** without a mask the fast forward pass takes about 1.2× torch's time
-#   (float32 and float64) — torch is faster. With a causal mask the fast kernel is faster (about
-#   0.85× in float32, 0.75× in float64): it skips and trims tiles (section 4), while torch's causal
+# * **Native Xeon (AVX-512):** without a mask the fast forward pass takes about 1.25× torch's time
+#   in float32 and 1.1× in float64 — torch is faster. With a causal mask the fast kernel is faster
+#   (about 0.8× in float32, 0.75× in float64): it skips and trims tiles (section 4), while torch's causal
 #   forward takes well over half of its no-mask time on this machine (exercise 3 prints the
 #   ratios). Forward + backward in float32
 #   takes about 0.9× torch's time.
 # * **AVX2, emulated:** with both sides held to 256-bit vectors and the Haswell BLAS kernel, the
-#   picture is the same and the gaps are a little smaller: about 1.15× torch's time without a mask,
+#   picture is the same, a little better for the fast kernel: about 1.15× torch's time without a mask,
 #   about 0.75× with a causal mask (both dtypes), forward + backward about 0.95×. Everything is
-#   slower than natively (the BLAS square-matmul rate drops from 311 to 206 GFLOP/s), torch more
+#   slower than natively (the BLAS square-matmul rate drops from 318 to 206 GFLOP/s), torch more
 #   than the fast kernel.
 # * **Zen 5 (earlier run, earlier kernel):** the fast kernel was faster than torch in every case
 #   (0.44–0.75×). That was a different CPU, a different BLAS rate and an older kernel: it shows how
@@ -646,16 +646,12 @@ for name, run in runs.items():
         print(f"  with the torch-pair time: {rate:.0f} GFLOP/s = {rate / ceil['float32']:.0%} of the square-matmul rate")
 
 # %% [markdown]
-# With AVX2 the fast kernel reaches about two thirds of the square-matmul rate for $N \ge 4096$; in
-# the Zen 5 run it reached about half. The native shares need care — look at the last lines. In the
-# native run, the kernel at $N = 4096$ took about 24 ms in the pairs with torch but about 47 ms in
-# the pairs with the matmul and in separate processes, and torch too ran twice as fast in the pairs
-# (about 20 ms against 39 ms). The ratios agree whichever way they were measured (about 1.2×
-# torch's time); the absolute times do not, and the cause has not been established. In the AVX2
-# run all three ways agree. So the native shares in the matmul pairs (a fifth at $N = 2048$ to two
-# thirds at $N = 16384$) are probably too low; with the time from the torch pairs the share at
-# $N = 4096$ is the figure printed last. This is why the notebook compares ratios taken within a
-# pair, and why absolute times from a shared virtual machine deserve suspicion.
+# On the native Xeon the fast kernel reaches a little over half of the square-matmul rate (54% at
+# $N = 2048$, about 60% from $N = 4096$ on), with AVX2 about two thirds for $N \ge 4096$ (the
+# AVX2 BLAS is slower, so the same loops weigh less), and in the Zen 5 run about half. The kernel's
+# time at $N = 4096$ agrees whichever way it was measured (in the pairs with torch, with the matmul,
+# or in separate processes) to within the VM's drift — one reason to quote such shares with the
+# quartiles of the pairs, and always with the machine.
 #
 # ### What limits the fast kernel
 #
@@ -841,7 +837,8 @@ plt.show()
 # accumulators in registers (step 3) helped little here — it had helped much more in the Zen 5 run,
 # where the loop kernel was the fast path for longer. Handing the tile products to **BLAS** (step
 # 4) more than doubled the rate, and from then on the per-logit loops were the limit: the
-# vectorised row maximum (step 5) helped, merging passes (step 6) did not measurably here, and the
+# vectorised row maximum (step 5) helped, merging passes (step 6) did not help here (it measured a
+# little slower, within what this VM's drift can explain), and the
 # library's kernel with the machine's own tiles — 256 query rows instead of 64, the gemm with
 # $\beta$ — gave the last jump (step 7). Each step is measured on one machine in one run; the order and the
 # size of the gains differ on other CPUs.
