@@ -286,9 +286,10 @@ def _gemm(a, b, c, trans_a, trans_b, alpha_beta):
 # Optimisation (vectorised exp): llvmlite has no vector exp, so `math.exp` stays one scalar libm
 # call per logit. Written out -- e^t = 2^n e^r with n = round(t log2 e), r = t - n ln 2 (ln 2 in
 # two parts, so that r is nearly exact: no error grows with |t|), a polynomial for e^r and 2^n as
-# IEEE-754 exponent bits -- it vectorises. Measured on the loop kernel (ablation step 1 -> 2): 54 -> 79
-# GFLOP/s on a Zen 5 VM, 28 -> 43 on a Sapphire Rapids VM (benchmarks/results). Clamping t where n reaches the smallest exponent makes n + bias = 0, so
-# 2^n = +0.0 exactly: masked logits (-inf) and anything below e^-87.7 give exactly 0 without a
+# IEEE-754 exponent bits -- it vectorises. Measured on the loop kernel (ablation step 1 -> 2):
+# 54 -> 79 GFLOP/s on a Zen 5 VM, 31 -> 48 on a Sapphire Rapids VM (benchmarks/results). Clamping
+# t where n reaches the smallest exponent makes n + bias = 0, so 2^n = +0.0 exactly: masked logits
+# (-inf) and anything below e^-87.7 give exactly 0 without a
 # compare-and-select.
 @nb.njit(cache=True, inline="always", fastmath=_FASTMATH)
 def _exp_f32(t):

@@ -411,8 +411,9 @@ plt.show()
 # record of the machine — in `benchmarks/results/`; this notebook only reads those files
 # (re-measuring takes a quiet machine and several minutes: `make bench`). Three machine kinds:
 #
-# * **native**: a 2-core Intel Xeon virtual machine of the Sapphire Rapids generation (AVX-512 and
-#   AMX; it reports itself as "Intel(R) Xeon(R) Processor", which LLVM names `rocketlake`), with
+# * **native**: a 2-core Intel Xeon virtual machine of the Sapphire Rapids generation or later
+#   (AVX-512 with FP16, and AMX; it reports itself as "Intel(R) Xeon(R) Processor", model 167,
+#   which LLVM names `rocketlake`), with
 #   what it offers: AVX-512 code, OpenBLAS's SkylakeX kernel, torch with AVX-512 and MKL.
 # * **AVX2, emulated**: the same VM with everything held to AVX2 (Numba compiles for `haswell`,
 #   OpenBLAS runs its Haswell kernel, torch and MKL are held to AVX2) — what an AVX2-only CPU's
