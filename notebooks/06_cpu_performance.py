@@ -723,11 +723,19 @@ print(f"-> {1 - products_ms / kernel_ms:.0%} of the kernel's time is outside the
 # square-matmul rate: a $B_q \times 64$ by $64 \times B_k$ product does only $E = 64$ multiply-adds
 # per output number), is why the kernel's share of the matmul rate stays well below one. Each logit
 # costs $2E = 128$ FLOPs to produce and is then read and written again by loops that run at the
-# speed of the vector units and the cache, not of the FMAs. torch's CPU flash kernel is built the
-# same way (BLAS tiles, an exponential fused with the row sum), so the gap between the two most
-# likely lies in these loops and in how each calls BLAS. Fewer passes over each tile row and a
-# cheaper exponential are where more speed would come from; section 6 shows how far the steps so
-# far went.
+# speed of the vector units and the cache, not of the FMAs.
+#
+# Three experiments on the native Xeon (N = 4096, float32, no mask; not run in this notebook)
+# narrow down the gap to torch. One thread against one thread, the fast kernel took 1.23× torch's
+# time (45.8 against 37.2 ms), about the same ratio as with two threads, so it is not a matter of
+# threading. Compiling the loops for 512-bit instead of 256-bit vectors (`NUMBA_CPU_NAME=znver4`,
+# a CPU name for which LLVM does not prefer 256-bit vectors) left the time unchanged (44.4 against
+# 44.8 ms): the exponential is not the bottleneck. And tiles of 512 × 512 or 256 × 1024 were within
+# about 5% of the rule's 256 × 512. At one thread the tile products alone, done by OpenBLAS, take
+# about three quarters of the kernel's time — nearly as long as torch's whole call, whose tile
+# products go through its own BLAS (Intel's MKL in this build). So on this machine most of the remaining
+# gap is the BLAS library's rate on attention's narrow tiles, and the rest is the softmax loops;
+# on another CPU, with another BLAS, the balance is different (section 5).
 #
 # ## 6 · From a plain loop to the fast kernel
 #
