@@ -69,6 +69,7 @@ from typing import Any
 
 import numba as nb
 import numpy as np
+from llvmlite import ir
 from numba import prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
@@ -250,12 +251,35 @@ BWD_CHUNKS = 4
 
 
 # Optimisation (gemm with beta): np.dot always overwrites its output, so P V_j went to a scratch
-# tile and a loop added it to O (and dK, dV, dQ likewise in the backward pass). Numba's own BLAS
-# entry point, numba_xxgemm (what np.dot calls: SciPy's cython_blas ?gemm), takes beta: the
-# products accumulate in place, C = alpha op(A) op(B) + beta C, and the extra passes are gone.
-_xxgemm = types.ExternalFunction("numba_xxgemm", types.intc(
-    types.char, types.char, types.char, types.intp, types.intp, types.intp, types.voidptr,
-    types.voidptr, types.intp, types.voidptr, types.intp, types.voidptr, types.voidptr, types.intp))
+# tile and a loop added it to O (and dK, dV, dQ likewise in the backward pass). BLAS's ?gemm takes
+# beta: the products accumulate in place, C = alpha op(A) op(B) + beta C, and the extra passes are
+# gone.
+# Optimisation (BLAS chosen at run time): the kernels call the Fortran ?gemm whose address they
+# are given (``_blas()`` below: Intel MKL when the ``mkl`` package is installed, else SciPy's
+# OpenBLAS), so one compiled kernel serves both and the choice needs no recompilation.
+@intrinsic
+def _call_gemm(typingctx, address, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
+    """Call the Fortran BLAS ?gemm at ``address`` (an integer): characters and sizes are passed
+    by reference, as Fortran expects (32-bit integers: the LP64 interface)."""
+    sig = types.void(address, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
+
+    def codegen(context, builder, sig, args):
+        i8, i32 = ir.IntType(8), ir.IntType(32)
+
+        def by_reference(value, ty):
+            slot = cgutils.alloca_once(builder, ty)
+            builder.store(builder.trunc(value, ty) if value.type != ty else value, slot)
+            return builder.bitcast(slot, cgutils.voidptr_t)
+
+        address, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc = args
+        fnty = ir.FunctionType(ir.VoidType(), [cgutils.voidptr_t] * 13)
+        fn = builder.inttoptr(address, fnty.as_pointer())
+        builder.call(fn, [by_reference(ta, i8), by_reference(tb, i8), by_reference(m, i32),
+                          by_reference(n, i32), by_reference(k, i32), alpha, a,
+                          by_reference(lda, i32), b, by_reference(ldb, i32), beta, c,
+                          by_reference(ldc, i32)])
+        return context.get_dummy_value()
+    return sig, codegen
 
 
 @intrinsic
@@ -268,19 +292,19 @@ def _address(typingctx, arr):
 
 
 @nb.njit(cache=True, inline="always")
-def _gemm(a, b, c, trans_a, trans_b, alpha_beta):
-    """c = alpha op(a) @ op(b) + beta c, op = transpose where trans_*; a, b, c are 2-D arrays with
-    unit column stride (rows may be strided: slices of bigger tiles); alpha_beta = [alpha, beta].
-    BLAS is column-major: a row-major C = op(A) op(B) is the column-major C^T = op(B)^T op(A)^T."""
+def _gemm(gemm, a, b, c, trans_a, trans_b, alpha_beta):
+    """c = alpha op(a) @ op(b) + beta c with the ?gemm at address ``gemm``, op = transpose where
+    trans_*; a, b, c are 2-D arrays with unit column stride (rows may be strided: slices of
+    bigger tiles); alpha_beta = [alpha, beta]. BLAS is column-major: a row-major
+    C = op(A) op(B) is the column-major C^T = op(B)^T op(A)^T."""
     M, N = c.shape
     K = a.shape[0] if trans_a else a.shape[1]
     it = c.itemsize
-    kind = np.int8(ord("s")) if it == 4 else np.int8(ord("d"))
-    ta = np.int8(ord("t")) if trans_a else np.int8(ord("n"))
-    tb = np.int8(ord("t")) if trans_b else np.int8(ord("n"))
-    _xxgemm(kind, tb, ta, N, M, K, _address(alpha_beta), _address(b), b.strides[0] // it,
-            _address(a), a.strides[0] // it, _address(alpha_beta[1:]), _address(c),
-            c.strides[0] // it)
+    ta = np.int8(ord("T")) if trans_a else np.int8(ord("N"))
+    tb = np.int8(ord("T")) if trans_b else np.int8(ord("N"))
+    _call_gemm(gemm, tb, ta, N, M, K, _address(alpha_beta), _address(b), b.strides[0] // it,
+               _address(a), a.strides[0] // it, _address(alpha_beta[1:]), _address(c),
+               c.strides[0] // it)
 
 
 # Optimisation (vectorised exp): llvmlite has no vector exp, so `math.exp` stays one scalar libm
@@ -433,7 +457,7 @@ def _mask_row(x, j0, lo, hi, value):
 
 
 @nb.njit(parallel=True, cache=True, fastmath=_FASTMATH)
-def _fwd_fast(q, kp, vp, tau, lengths, offset, causal, left, right, L, S, block_q, out, lse):
+def _fwd_fast(gemm, q, kp, vp, tau, lengths, offset, causal, left, right, L, S, block_q, out, lse):
     """q (B, Hq, L, E) with the sign of the scale folded in; kp (B, H, nkb, B_k, E) and
     vp (B, H, nkb, B_k, Ev): K and V cut into zero-padded key blocks; tau = |scale|
     -> out (B, Hq, L, Ev), lse (B, Hq, L)."""
@@ -484,7 +508,7 @@ def _fwd_fast(q, kp, vp, tau, lengths, offset, causal, left, right, L, S, block_
             # Optimisation (BLAS tiles): Q_i K_j^T and P V_j go to the BLAS gemm (SciPy's
             # OpenBLAS), as in PyTorch's CPU flash kernel; the loops keep the masks and the
             # online softmax. It works for every head dimension.
-            _gemm(Qb, Kj, st, False, True, overwrite)
+            _gemm(gemm, Qb, Kj, st, False, True, overwrite)
             inside = j0 >= lo[nr - 1] and j0 + width <= hi[0]  # no row needs masking
             for r in range(nr):
                 x = st[r]
@@ -514,7 +538,7 @@ def _fwd_fast(q, kp, vp, tau, lengths, offset, causal, left, right, L, S, block_
                     orow = o[r]
                     for e in range(Ev):
                         orow[e] *= a
-            _gemm(st, vp[b, hk, jb, :width], o[:nr], False, False, accumulate)
+            _gemm(gemm, st, vp[b, hk, jb, :width], o[:nr], False, False, accumulate)
         # O_i = diag(ell)^-1 O_i ; lse = tau m + log(ell) ; fully masked rows -> 0 and -inf
         for r in range(nr):
             orow = out[b, h, i0 + r]
@@ -530,7 +554,7 @@ def _fwd_fast(q, kp, vp, tau, lengths, offset, causal, left, right, L, S, block_
 
 
 @nb.njit(parallel=True, cache=True, fastmath=_FASTMATH)
-def _bwd_fast(q, kp, vp, do, lse, delta, tau, lengths, offset, causal, left, right, L, S,
+def _bwd_fast(gemm, q, kp, vp, do, lse, delta, tau, lengths, offset, causal, left, right, L, S,
               block_q, dq_part, dk, dv):
     """FA-2 backward, one pass: a work item (b, KV head, chunk t) owns the key blocks
     t, t + BWD_CHUNKS, ... and, for each, every query block that sees it: P = exp(Z - lse),
@@ -579,8 +603,8 @@ def _bwd_fast(q, kp, vp, do, lse, delta, tau, lengths, offset, causal, left, rig
                     width = _tile_width(hi_last - j0, block_k)
                     st = s[:nr, :width]
                     dpt = dp[:nr, :width]
-                    _gemm(Qb, kb[:width], st, False, True, overwrite)  # Q_i K_j^T (Z / tau)
-                    _gemm(DOb, vb[:width], dpt, False, True, overwrite)  # dP = dO_i V_j^T
+                    _gemm(gemm, Qb, kb[:width], st, False, True, overwrite)  # Q_i K_j^T (Z / tau)
+                    _gemm(gemm, DOb, vb[:width], dpt, False, True, overwrite)  # dP = dO_i V_j^T
                     for r in range(nr):
                         lo, hi = _key_range(i0 + r, L, S, offset, causal, left, right, length)
                         x = st[r]
@@ -595,10 +619,10 @@ def _bwd_fast(q, kp, vp, do, lse, delta, tau, lengths, offset, causal, left, rig
                         if j0 < lo or j0 + width > hi:
                             _mask_row(x, j0, lo, hi, 0.0)
                             _mask_row(y, j0, lo, hi, 0.0)
-                    _gemm(st, DOb, dvb[:width], True, False, accumulate)  # dV_j += P^T dO_i
-                    _gemm(dpt, Qb, dkb[:width], True, False, accumulate)  # dK_j += dZ^T Q_i
+                    _gemm(gemm, st, DOb, dvb[:width], True, False, accumulate)  # dV_j += P^T dO_i
+                    _gemm(gemm, dpt, Qb, dkb[:width], True, False, accumulate)  # dK_j += dZ^T Q_i
                     # dQ_i += dZ K_j
-                    _gemm(dpt, kb[:width], dq_part[t, b, h, i0 : i0 + nr], False, False,
+                    _gemm(gemm, dpt, kb[:width], dq_part[t, b, h, i0 : i0 + nr], False, False,
                           accumulate)
 
 
@@ -663,17 +687,91 @@ _AVX512_CPUS = {"skylake-avx512", "cascadelake", "cooperlake", "icelake-client",
                 "graniterapids", "znver4", "znver5"}
 
 
-def _blas_kernel() -> str:
-    """The OpenBLAS kernel (threadpoolctl's "architecture") of the BLAS the kernels call."""
+_BLAS_CHOICES = ("auto", "mkl", "openblas")
+_BLAS: dict | None = None
+
+
+def _mkl() -> dict | None:
+    """Intel MKL from the ``mkl`` PyPI package (``pip install attention_ref[mkl]``), set to its
+    sequential layer (the kernels call it from every Numba thread); None when not installed."""
+    import ctypes
+    from importlib import metadata
+
     try:
-        import scipy.linalg.cython_blas  # noqa: F401
+        files = metadata.distribution("mkl").files or []
+    except metadata.PackageNotFoundError:
+        return None
+    paths = [f for f in files if f.name.startswith("libmkl_rt.so")]
+    if not paths:
+        return None
+    lib = ctypes.CDLL(str(paths[0].locate()))
+    # sequential before any other MKL call: no OpenMP runtime, one thread per calling thread
+    lib.MKL_Set_Threading_Layer(1)
+
+    class Version(ctypes.Structure):
+        _fields_ = [("major", ctypes.c_int), ("minor", ctypes.c_int), ("update", ctypes.c_int),
+                    ("patch", ctypes.c_int), ("status", ctypes.c_char_p),
+                    ("build", ctypes.c_char_p), ("processor", ctypes.c_char_p),
+                    ("platform", ctypes.c_char_p)]
+
+    version = Version()
+    lib.MKL_Get_Version(ctypes.byref(version))
+    processor = version.processor.decode()
+    path = next((name for key, name in (("AVX-512", "AVX-512"), ("AVX2", "AVX2"), ("AVX", "AVX"))
+                 if key in processor), "SSE")
+    return {"name": f"mkl-{version.major}.{version.update}:{path}", "library": lib,
+            "float32": ctypes.cast(lib.sgemm_, ctypes.c_void_p).value,
+            "float64": ctypes.cast(lib.dgemm_, ctypes.c_void_p).value}
+
+
+def _openblas() -> dict:
+    """SciPy's OpenBLAS (scipy.linalg.cython_blas), named by its kernel (threadpoolctl's
+    "architecture", e.g. ``openblas:SkylakeX``)."""
+    import scipy.linalg.cython_blas  # noqa: F401  (loads the library threadpoolctl then names)
+    from numba.extending import get_cython_function_address
+
+    name = "openblas:unknown"
+    try:
         from threadpoolctl import threadpool_info
     except ImportError:
+        pass
+    else:
+        for lib in threadpool_info():
+            if lib.get("user_api") == "blas" and "scipy" in str(lib.get("filepath", "")):
+                name = f"{lib.get('internal_api')}:{lib.get('architecture')}"
+    return {"name": name,
+            "float32": get_cython_function_address("scipy.linalg.cython_blas", "sgemm"),
+            "float64": get_cython_function_address("scipy.linalg.cython_blas", "dgemm")}
+
+
+def _blas() -> dict:
+    """The BLAS whose ?gemm the fast kernels call: ``ATTENTION_REF_BLAS`` = ``mkl``, ``openblas``
+    or ``auto`` (the default: MKL when the ``mkl`` package is installed, else SciPy's OpenBLAS).
+    Measured on a Sapphire Rapids VM (one thread, float32, the forward's 256 x 512 x 64 tiles):
+    MKL 143-160 GFLOP/s, OpenBLAS 126-136 (benchmarks/results)."""
+    global _BLAS
+    import os
+
+    choice = os.environ.get("ATTENTION_REF_BLAS", "auto").strip().lower() or "auto"
+    if choice not in _BLAS_CHOICES:
+        raise ValueError(f"ATTENTION_REF_BLAS must be one of {', '.join(_BLAS_CHOICES)}; "
+                         f"got {choice!r}")
+    if _BLAS is None or _BLAS["choice"] != choice:
+        found = _mkl() if choice in ("auto", "mkl") else None
+        if found is None and choice == "mkl":
+            raise ValueError("ATTENTION_REF_BLAS=mkl but the mkl package is not installed "
+                             "(pip install mkl)")
+        _BLAS = dict(found or _openblas(), choice=choice)
+    return _BLAS
+
+
+def _blas_kernel() -> str:
+    """The BLAS the fast kernels call and its code path, e.g. ``openblas:SkylakeX`` or
+    ``mkl-2026.2:AVX-512``."""
+    try:
+        return _blas()["name"]
+    except ImportError:
         return "unknown"
-    for lib in threadpool_info():
-        if lib.get("user_api") == "blas" and "scipy" in str(lib.get("filepath", "")):
-            return f"{lib.get('internal_api')}:{lib.get('architecture')}"
-    return "unknown"
 
 
 def _cpu_model() -> str:
@@ -796,7 +894,7 @@ def tile_sizes(dtype: Any = np.float32, direction: str = "forward") -> dict:
     if direction not in _DIRECTIONS:
         raise ValueError(f"direction must be one of {_DIRECTIONS}, got {direction!r}")
     env = os.environ.get(_TILE_ENV, "").strip()
-    memo_key = (dt.name, direction)
+    memo_key = (dt.name, direction, os.environ.get("ATTENTION_REF_BLAS", ""))  # per BLAS too
     if memo_key in _TILE_MEMO and _TILE_MEMO[memo_key]["env"] == env:
         return dict(_TILE_MEMO[memo_key]["choice"])
     machine = _machine_key(dt)
@@ -985,7 +1083,7 @@ def _run_forward(q, k, v, scale, lengths, band, kernel):
     kp = _pad_rows(k, nkb * block_k).reshape(B, -1, nkb, block_k, E)
     vp = _pad_rows(v, nkb * block_k).reshape(B, -1, nkb, block_k, Ev)
     with _single_threaded_blas():
-        _fwd_fast(qe, kp, vp, dtype.type(tau), *args, L, S, block_q, out, lse)
+        _fwd_fast(_blas()[dtype.name], qe, kp, vp, dtype.type(tau), *args, L, S, block_q, out, lse)
     return out, lse
 
 
@@ -1011,7 +1109,8 @@ def _run_backward(q, k, v, o, lse, do, scale, lengths, band, kernel):
     dk = np.zeros((B, H, nkb, block_k, E), dtype=dtype)
     dv = np.zeros((B, H, nkb, block_k, Ev), dtype=dtype)
     with _single_threaded_blas():
-        _bwd_fast(q, kp, vp, do, lse, delta, dtype.type(scale), *args, L, S, block_q, dq_part, dk, dv)
+        _bwd_fast(_blas()[dtype.name], q, kp, vp, do, lse, delta, dtype.type(scale), *args, L, S,
+                  block_q, dq_part, dk, dv)
     # dQ = tau sum_t dQ_t (fixed order); dK = tau dZ^T Q
     dq = dq_part.sum(axis=0) * dtype.type(scale)
     return dq, dk.reshape(B, H, -1, E)[:, :, :S] * dtype.type(scale), dv.reshape(B, H, -1, Ev)[:, :, :S]

@@ -30,8 +30,11 @@ The slow ones are capped at N <= 4096 (materialised NumPy, tiled NumPy, readable
 
 FLOPs: 4 N^2 d per head forward (half when causal); the backward pass counts 2.5x that, so
 forward + backward is 3.5x. "share of the BLAS rate" divides by the float32/float64 square matmul
-rate (2048^3, NumPy's BLAS, 2 threads) measured in the same run and configuration (the best of
-one measurement per round).
+rate (2048^3, 2 threads, the faster of NumPy's BLAS and torch's MKL) measured in the same run and
+configuration (the best of one measurement per round).
+
+BLAS: the fast kernels call MKL when the ``mkl`` package is installed, else SciPy's OpenBLAS
+(``ATTENTION_REF_BLAS``); ``--blas openblas`` runs the workers with the latter.
 
 Shared machines: other work can slow everything down several times over for minutes. Every
 measurement process also times a tiny one-thread matmul (the "probe"); before each process the
@@ -221,19 +224,41 @@ def worker(impl: str, dtype: str, causal: bool, mode: str, Ns: list[int], reps: 
               flush=True)
 
 
+def _square_matmul(dtype: str):
+    """The square 2048^3 product on THREADS threads with the faster of the BLAS libraries at
+    hand: NumPy's (OpenBLAS) and, when torch is installed, torch's (MKL). The kernels may call
+    either (ATTENTION_REF_BLAS), so the ceiling is the better one."""
+    import numpy as np
+
+    a, b = (np.random.default_rng(i).standard_normal((2048, 2048)).astype(dtype) for i in range(2))
+    c = np.empty_like(a)
+    calls = {"numpy": lambda: np.matmul(a, b, out=c)}
+    try:
+        import torch
+    except ImportError:
+        pass
+    else:
+        torch.set_num_threads(THREADS)
+        ta, tb, tc = (torch.from_numpy(x) for x in (a, b, c))
+        calls["torch"] = lambda: torch.matmul(ta, tb, out=tc)
+    best = {}
+    for name, call in calls.items():
+        call()
+        times = []
+        for _ in range(3):
+            t = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - t)
+        best[name] = min(times)
+    return calls[min(best, key=best.get)]
+
+
 def serve(impl: str, dtype: str, causal: bool, mode: str, N: int) -> None:
     """A persistent worker for paired timing: after two warm-up calls it prints "ready", then
     per "go" line on stdin runs one untimed and one timed call and prints the latter's seconds. ``impl="matmul"`` is the
     square 2048^3 BLAS product (the machine's ceiling)."""
     if impl == "matmul":
-        import numpy as np
-
-        a, b = (np.random.default_rng(i).standard_normal((2048, 2048)).astype(dtype)
-                for i in range(2))
-        c = np.empty_like(a)
-
-        def call():
-            return np.matmul(a, b, out=c)
+        call = _square_matmul(dtype)
     else:
         call = _make_call(impl, dtype, causal, mode, N)
     call()
@@ -339,30 +364,48 @@ def machine_info(config: str | None = None) -> dict:
 
 def _ceiling(config: str, rounds: int) -> dict:
     """BLAS matmul rates (GFLOP/s): the square 2048^3 product on all threads (the machine's
-    ceiling), the attention-shaped N x E @ E x N product (N = 2048: an N x N result written for
+    ceiling: the faster of NumPy's BLAS and torch's MKL, both recorded), the attention-shaped
+    N x E @ E x N product (N = 2048: an N x N result written for
     only E = 64 multiply-adds per entry), and the fast kernel's own tile products Q_i K_j^T and
-    P V_j at this machine's tiles, one thread each (as inside the kernel), times THREADS."""
+    P V_j at this machine's tiles through the kernels' own gemm (the BLAS they call), one thread
+    each (as inside the kernel), times THREADS."""
     code = (
-        "import json, time, numpy as np\n"
-        "from threadpoolctl import threadpool_limits\n"
-        "from attention_ref.flash_numba import tile_sizes\n"
-        "def rate(a, b, reps):\n"
-        "    c = np.empty((a.shape[0], b.shape[1]), a.dtype); np.matmul(a, b, out=c); best = 1e9\n"
+        "import json, time, numpy as np, numba as nb\n"
+        "from attention_ref import flash_numba as fn\n"
+        "def rate(a, b, reps, call=None):\n"
+        "    c = np.empty((a.shape[0], b.shape[1]), a.dtype)\n"
+        "    call = call or (lambda: np.matmul(a, b, out=c)); call(); best = 1e9\n"
         "    for _ in range(reps):\n"
-        "        t = time.perf_counter(); np.matmul(a, b, out=c); best = min(best, time.perf_counter() - t)\n"
+        "        t = time.perf_counter(); call(); best = min(best, time.perf_counter() - t)\n"
         "    return 2 * a.shape[0] * a.shape[1] * b.shape[1] / best / 1e9\n"
-        "out = {}\n"
+        "@nb.njit\n"
+        "def tile(gemm, a, b, c, trans_b, ab, reps):\n"
+        "    for _ in range(reps):\n"
+        "        fn._gemm(gemm, a, b, c, False, trans_b, ab)\n"
+        "def tile_rate(a, b, trans_b, reps=200):\n"
+        "    c = np.empty((a.shape[0], b.shape[0] if trans_b else b.shape[1]), a.dtype)\n"
+        "    ab = np.array([1, 0], a.dtype); g = fn._blas()[a.dtype.name]\n"
+        "    return rate(a, b.T if trans_b else b, 3, lambda: tile(g, a, b, c, trans_b, ab, reps)) * reps\n"
+        "out = {'kernel_blas': fn._blas()['name']}\n"
         "rng = np.random.default_rng(0)\n"
+        "try:\n"
+        "    import torch; torch.set_num_threads(" + str(THREADS) + ")\n"
+        "except ImportError:\n"
+        "    torch = None\n"
         "for dt in ('float32', 'float64'):\n"
         "    a, b = (rng.standard_normal((2048, 2048)).astype(dt) for _ in range(2))\n"
-        "    out[dt] = rate(a, b, 5)\n"
+        "    out[dt + '_numpy'] = rate(a, b, 5)\n"
+        "    if torch is not None:\n"
+        "        ta, tb = torch.from_numpy(a), torch.from_numpy(b); tc = torch.empty_like(ta)\n"
+        "        out[dt + '_torch'] = rate(a, b, 5, lambda: torch.matmul(ta, tb, out=tc))\n"
+        "    out[dt] = max(out[dt + '_numpy'], out.get(dt + '_torch', 0.0))\n"
         f"    q, k = (rng.standard_normal((2048, {D})).astype(dt) for _ in range(2))\n"
         "    out[dt + '_Nx64'] = rate(q, np.ascontiguousarray(k.T), 10)\n"
-        "    bq, bk = (tile_sizes(dt)[x] for x in ('block_q', 'block_k'))\n"
-        f"    qi, kj, p = q[:bq].copy(), k[:bk].copy(), rng.standard_normal((bq, bk)).astype(dt)\n"
-        "    with threadpool_limits(1, 'blas'):\n"
-        f"        out[dt + '_tile_QK'] = {THREADS} * rate(qi, kj.T, 200)\n"
-        f"        out[dt + '_tile_PV'] = {THREADS} * rate(p, kj, 200)\n"
+        "    bq, bk = (fn.tile_sizes(dt)[x] for x in ('block_q', 'block_k'))\n"
+        "    qi, kj, p = q[:bq].copy(), k[:bk].copy(), rng.standard_normal((bq, bk)).astype(dt)\n"
+        "    with fn._single_threaded_blas():\n"
+        f"        out[dt + '_tile_QK'] = {THREADS} * tile_rate(qi, kj, True)\n"
+        f"        out[dt + '_tile_PV'] = {THREADS} * tile_rate(p, kj, False)\n"
         "    out[dt + '_tiles'] = f'{bq}x{bk}'\n"
         "print(json.dumps(out))\n"
     )
@@ -955,7 +998,12 @@ def main() -> None:
                     help="before each measurement, wait up to this long for the machine probe "
                     "to recover (other work on the machine slows everything down)")
     ap.add_argument("--output", type=Path)
+    ap.add_argument("--blas", choices=("mkl", "openblas"),
+                    help="the BLAS the kernels call (ATTENTION_REF_BLAS; default: MKL when "
+                         "installed); with openblas the results go to *_openblas.json")
     args = ap.parse_args()
+    if args.blas:
+        os.environ["ATTENTION_REF_BLAS"] = args.blas  # the workers inherit it (_env)
     if args.worker:
         impl, dt, causal, mode, ns, reps = args.worker
         worker(impl, dt, causal == "1", mode, [int(n) for n in ns.split(",")], int(reps),
@@ -981,6 +1029,8 @@ def main() -> None:
         print("this CPU has no AVX2: the avx2 configuration is skipped")
         return
     output = args.output or RESULTS / CONFIGS[args.config]["output"]
+    if args.blas == "openblas" and not args.output:
+        output = output.with_name(output.stem + "_openblas.json")
     if args.figures_only:
         res = json.loads(output.read_text())
     elif args.paired_only:
@@ -998,7 +1048,7 @@ def main() -> None:
         res["report"] = report(res)
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps(res, indent=1))
-    if res.get("config", "native") == "native":
+    if res.get("config", "native") == "native" and output.name == CONFIGS["native"]["output"]:
         figures(res)
     print(report(res))
 

@@ -1,8 +1,8 @@
 """BLAS threads inside the Numba kernels (stage 06).
 
-The fast kernels call BLAS (SciPy's OpenBLAS, through ``np.dot``) from every Numba thread, so BLAS
-must run on one thread inside them -- from the very first call of a fresh process, when Numba has
-not loaded SciPy's BLAS yet. Each test runs in a fresh interpreter for that reason.
+The fast kernels call BLAS's ?gemm (SciPy's OpenBLAS, or MKL when installed) from every Numba
+thread, so BLAS must run on one thread inside them -- from the very first call of a fresh process,
+when SciPy's BLAS may not be loaded yet. Each test runs in a fresh interpreter for that reason.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def _run(code: str, **env: str) -> subprocess.CompletedProcess:
 
 
 def test_blas_limited_to_one_thread_from_the_first_call():
-    res = _run(_SPY, OPENBLAS_NUM_THREADS="2", NUMBA_NUM_THREADS="2")
+    res = _run(_SPY, OPENBLAS_NUM_THREADS="2", NUMBA_NUM_THREADS="2", ATTENTION_REF_BLAS="openblas")
     assert res.returncode == 0, res.stderr[-2000:]
     state = json.loads(res.stdout.strip().splitlines()[-1])
     for name in ("_fwd_fast", "_bwd_fast"):
@@ -80,7 +80,24 @@ def test_no_openmp_loop_warnings_with_torch_imported():
         "numba_flash_backward(q, k, v, out, lse, out)\n"
         "print('done')\n"
     )
-    res = _run(code, OPENBLAS_NUM_THREADS="2", NUMBA_NUM_THREADS="2", OMP_NUM_THREADS="2")
+    res = _run(code, OPENBLAS_NUM_THREADS="2", NUMBA_NUM_THREADS="2", OMP_NUM_THREADS="2",
+               ATTENTION_REF_BLAS="openblas")
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.strip().endswith("done")
     assert res.stderr.count("Detect OpenMP Loop") == 0, res.stderr[-2000:]
+
+
+def test_mkl_runs_sequential_inside_the_kernels():
+    """MKL is loaded with its sequential layer (one thread per calling thread, no OpenMP runtime
+    of its own) before its first call, whatever MKL_NUM_THREADS says."""
+    from attention_ref.flash_numba import _mkl
+
+    if _mkl() is None:
+        pytest.skip("the mkl package is not installed (pip install attention_ref[mkl])")
+    res = _run(_SPY.replace('d["num_threads"] for d', '(d["num_threads"], d.get("threading_layer")) for d'),
+               MKL_NUM_THREADS="2", NUMBA_NUM_THREADS="2", ATTENTION_REF_BLAS="mkl")
+    assert res.returncode == 0, res.stderr[-2000:]
+    state = json.loads(res.stdout.strip().splitlines()[-1])
+    for name in ("_fwd_fast", "_bwd_fast"):
+        mkl = {p: v for p, v in state["during"][name].items() if "mkl" in p}
+        assert mkl and all(v == [1, "sequential"] for v in mkl.values()), (name, state["during"])

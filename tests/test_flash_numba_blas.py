@@ -1,0 +1,69 @@
+"""The BLAS behind the fast kernels' tile products (stage 06): MKL when the ``mkl`` package is
+installed, else SciPy's OpenBLAS, or what ``ATTENTION_REF_BLAS`` names. Every choice gives the
+float64 reference's answer, forward and backward."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("numba")
+pytest.importorskip("scipy")
+
+from attention_ref import flash_numba as fn  # noqa: E402
+from attention_ref.dot_product import scaled_dot_product_attention  # noqa: E402
+from attention_ref.flash import attention_backward  # noqa: E402
+
+HAVE_MKL = fn._mkl() is not None
+BLAS = ["openblas", pytest.param("mkl", marks=pytest.mark.skipif(
+    not HAVE_MKL, reason="the mkl package is not installed (pip install attention_ref[mkl])"))]
+
+
+@pytest.fixture
+def blas(request, monkeypatch):
+    monkeypatch.setenv("ATTENTION_REF_BLAS", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("blas", BLAS, indirect=True)
+def test_cpu_info_names_the_blas_in_use(blas):
+    assert fn.cpu_info()["blas"].startswith(blas)
+    assert blas in fn.tile_sizes(np.float32)["machine"]
+
+
+@pytest.mark.parametrize("blas", BLAS, indirect=True)
+@pytest.mark.parametrize("dtype, tol", [(np.float32, 2e-5), (np.float64, 1e-12)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_forward_and_backward_match_the_float64_reference(blas, dtype, tol, causal):
+    rng = np.random.default_rng(7)
+    # sizes that divide no tile; GQA (4 query heads on 2 KV heads); E != Ev
+    q = rng.standard_normal((2, 4, 300, 24)).astype(dtype)
+    k = rng.standard_normal((2, 2, 333, 24)).astype(dtype)
+    v = rng.standard_normal((2, 2, 333, 40)).astype(dtype)
+    do = rng.standard_normal((2, 4, 300, 40)).astype(dtype)
+    out, lse = fn.numba_flash_forward(q, k, v, is_causal=causal, enable_gqa=True)
+    grads = fn.numba_flash_backward(q, k, v, out, lse, do, is_causal=causal, enable_gqa=True)
+    q64, k64, v64, do64 = (x.astype(np.float64) for x in (q, k, v, do))
+    ref_out = scaled_dot_product_attention(q64, k64, v64, is_causal=causal, enable_gqa=True)
+    ref_grads = attention_backward(q64, k64, v64, do64, is_causal=causal, enable_gqa=True)
+    assert out.dtype == dtype and all(g.dtype == dtype for g in grads)
+    np.testing.assert_allclose(out, ref_out, rtol=tol, atol=tol)
+    for got, want in zip(grads, ref_grads, strict=True):
+        np.testing.assert_allclose(got, want, rtol=tol, atol=tol * 10)
+
+
+def test_unknown_choice_is_refused_by_name(monkeypatch):
+    monkeypatch.setenv("ATTENTION_REF_BLAS", "atlas")
+    with pytest.raises(ValueError, match="ATTENTION_REF_BLAS.*'atlas'"):
+        fn.numba_flash_forward(*(np.ones((1, 8, 4), np.float32),) * 3)
+
+
+def test_mkl_asked_for_but_missing(monkeypatch):
+    monkeypatch.setattr(fn, "_mkl", lambda: None)
+    monkeypatch.setattr(fn, "_BLAS", None)
+    monkeypatch.setenv("ATTENTION_REF_BLAS", "mkl")
+    with pytest.raises(ValueError, match="pip install mkl"):
+        fn.cpu_info()
+    monkeypatch.setenv("ATTENTION_REF_BLAS", "auto")
+    assert fn.cpu_info()["blas"].startswith("openblas")
+    monkeypatch.setattr(fn, "_BLAS", None)  # forget the choice made without MKL
