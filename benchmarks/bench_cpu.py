@@ -1016,8 +1016,12 @@ def main() -> None:
         impl, dt, causal, mode, n = args.serve
         serve(impl, dt, causal == "1", mode, int(n))
         return
-    stored = {name: json.loads((RESULTS / cfg["output"]).read_text())
-              for name, cfg in CONFIGS.items() if (RESULTS / cfg["output"]).exists()}
+    stored = {}  # each configuration, then the same with OpenBLAS behind the kernels
+    for suffix in ("", "_openblas"):
+        for name, cfg in CONFIGS.items():
+            path = RESULTS / cfg["output"].replace(".json", f"{suffix}.json")
+            if path.exists():
+                stored[name + suffix] = json.loads(path.read_text())
     if args.table:
         for res in stored.values():
             print(ratio_table(res), "\n")
