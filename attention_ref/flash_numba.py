@@ -33,8 +33,10 @@ Two tiers, selected by ``kernel=``:
 
 ``"fast"``
     The same FA-2 loops reorganised for the CPU, in the way PyTorch's CPU flash kernel is built:
-    the two tile products ``Z = Q_i K_j^T`` and ``P V_j`` go to BLAS (SciPy's OpenBLAS ``?gemm``,
-    called from inside the kernel; ``P V_j`` accumulates into ``O`` in place), the loops keep the
+    the two tile products ``Z = Q_i K_j^T`` and ``P V_j`` go to BLAS's ``?gemm``, called from
+    inside the kernel (``P V_j`` accumulates into ``O`` in place): Intel MKL when the ``mkl``
+    package is installed (``pip install attention_ref[mkl]``), else SciPy's OpenBLAS, or what
+    ``ATTENTION_REF_BLAS=mkl|openblas`` asks for; ``cpu_info()["blas"]`` says which. The loops keep the
     masks, the online softmax (on the raw logits, with a vectorised ``exp``) and the rescaling;
     the backward pass is one KV-stationary sweep that also accumulates dQ in a fixed number of
     private partial sums. Each optimisation is named in a comment where it is applied, with its
@@ -45,9 +47,9 @@ Two tiers, selected by ``kernel=``:
     autotune stored on disk: ``tune_tile_sizes()``, ``reset_tile_sizes()``,
     ``ATTENTION_REF_TILES``).
 
-Threads: the kernels run in Numba's thread pool (``NUMBA_NUM_THREADS``) and BLAS is limited to
-one thread inside them, from the first call of a process on (through threadpoolctl when it is
-installed). Results are bit-identical from run to run on one machine: every output element is
+Threads: the kernels run in Numba's thread pool (``NUMBA_NUM_THREADS``) and BLAS runs on one
+thread inside them, from the first call of a process on (OpenBLAS through threadpoolctl when it is
+installed; MKL is loaded with its sequential layer). Results are bit-identical from run to run on one machine: every output element is
 written by one work item in a fixed order, and the dQ partial sums are added in a fixed order
 whatever the thread count (the tiles, chosen per machine, change the rounding slightly).
 
@@ -505,9 +507,9 @@ def _fwd_fast(gemm, q, kp, vp, tau, lengths, offset, causal, left, right, L, S, 
             width = _tile_width(hi[nr - 1] - j0, block_k)
             Kj = kp[b, hk, jb, :width]
             st = s[:nr, :width]
-            # Optimisation (BLAS tiles): Q_i K_j^T and P V_j go to the BLAS gemm (SciPy's
-            # OpenBLAS), as in PyTorch's CPU flash kernel; the loops keep the masks and the
-            # online softmax. It works for every head dimension.
+            # Optimisation (BLAS tiles): Q_i K_j^T and P V_j go to the BLAS gemm (MKL or
+            # OpenBLAS: _blas), as in PyTorch's CPU flash kernel; the loops keep the masks and
+            # the online softmax. It works for every head dimension.
             _gemm(gemm, Qb, Kj, st, False, True, overwrite)
             inside = j0 >= lo[nr - 1] and j0 + width <= hi[0]  # no row needs masking
             for r in range(nr):
@@ -695,16 +697,19 @@ def _mkl() -> dict | None:
     """Intel MKL from the ``mkl`` PyPI package (``pip install attention_ref[mkl]``), set to its
     sequential layer (the kernels call it from every Numba thread); None when not installed."""
     import ctypes
+    import glob
+    import sys
     from importlib import metadata
 
-    try:
-        files = metadata.distribution("mkl").files or []
+    try:  # the PyPI wheel lists its libraries; conda's mkl puts them in the environment's lib/
+        files = [str(f.locate()) for f in metadata.distribution("mkl").files or []]
     except metadata.PackageNotFoundError:
-        return None
-    paths = [f for f in files if f.name.startswith("libmkl_rt.so")]
+        files = []
+    paths = sorted(f for f in files if f.rsplit("/", 1)[-1].startswith("libmkl_rt.so"))
+    paths += sorted(glob.glob(f"{sys.prefix}/lib/libmkl_rt.so*"))
     if not paths:
         return None
-    lib = ctypes.CDLL(str(paths[0].locate()))
+    lib = ctypes.CDLL(paths[0])
     # sequential before any other MKL call: no OpenMP runtime, one thread per calling thread
     lib.MKL_Set_Threading_Layer(1)
 
@@ -789,8 +794,9 @@ def _cpu_model() -> str:
 
 def cpu_info() -> dict:
     """What the fast kernels run on here: ``cpu`` (model name), ``llvm_cpu`` and ``isa`` (the
-    CPU and widest vector instructions Numba compiles for), ``blas`` (the BLAS library and its
-    kernel, e.g. ``openblas:SkylakeX``), ``l2_kib`` (L2 cache per core) and ``threads`` (Numba's
+    CPU and widest vector instructions Numba compiles for), ``blas`` (the BLAS library the tile
+    products go to and its code path, e.g. ``mkl-2026.2:AVX-512`` or ``openblas:SkylakeX``;
+    ``ATTENTION_REF_BLAS`` chooses), ``l2_kib`` (L2 cache per core) and ``threads`` (Numba's
     thread count). Speed depends on all of them: quote them with any timing."""
     target = _target_isa()
     return {"cpu": _cpu_model(), "llvm_cpu": target["llvm_cpu"], "isa": target["isa"],
@@ -1031,8 +1037,8 @@ def _single_threaded_blas():
         except ImportError:
             _BLAS_CONTROLLER = False
         else:
-            # np.dot inside the kernels calls SciPy's BLAS (scipy.linalg.cython_blas), which Numba
-            # loads on the first call into a kernel, i.e. after this controller would otherwise
+            # Without MKL the kernels call SciPy's BLAS (scipy.linalg.cython_blas), which was
+            # loaded on the first call into a kernel, i.e. after this controller would otherwise
             # be built: load it first, or the limit never reaches the library the kernels use
             # (Zen 3 VM, N = 2048, E = 128: 78-120 ms per first-process call instead of 28-33 ms).
             import scipy.linalg.cython_blas  # noqa: F401

@@ -54,9 +54,9 @@ out = {"llvm_cpu": fn._target_isa()["llvm_cpu"], "isa": fn._target_isa()["isa"],
 for dt in (t.float32, t.float64):
     a4, a5 = dt[:, :, :, ::1], dt[:, :, :, :, ::1]
     i64 = t.int64[::1]
-    fwd = (a4, a5, a5, dt, i64, t.int64, t.boolean, t.int64, t.int64, t.int64, t.int64, t.int64,
+    fwd = (t.int64, a4, a5, a5, dt, i64, t.int64, t.boolean, t.int64, t.int64, t.int64, t.int64, t.int64,
            a4, dt[:, :, ::1])
-    bwd = (a4, a5, a5, a4, dt[:, :, ::1], dt[:, :, ::1], dt, i64, t.int64, t.boolean, t.int64,
+    bwd = (t.int64, a4, a5, a5, a4, dt[:, :, ::1], dt[:, :, ::1], dt, i64, t.int64, t.boolean, t.int64,
            t.int64, t.int64, t.int64, t.int64, dt[:, :, :, :, ::1], a5, a5)
     for name, kernel, sig in (("forward", fn._fwd_fast, fwd), ("backward", fn._bwd_fast, bwd)):
         kernel.compile(sig)

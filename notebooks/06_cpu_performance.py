@@ -235,8 +235,10 @@ cpu_info()
 
 # %% [markdown]
 # `llvm_cpu` and `isa` are what Numba compiles for (LLVM's name for the CPU, and the widest vector
-# instructions it may use), `blas` is the OpenBLAS kernel that does the tile products, `l2_kib` the
-# L2 cache per core.
+# instructions it may use), `blas` is the BLAS library that does the tile products and the code path
+# it picked for this CPU — Intel's MKL when the `mkl` package is installed
+# (`pip install attention_ref[mkl]`), otherwise SciPy's OpenBLAS; `ATTENTION_REF_BLAS=mkl` or
+# `openblas` chooses — and `l2_kib` the L2 cache per core.
 #
 # ### Tile sizes from the L2 cache
 #
@@ -409,15 +411,18 @@ plt.show()
 # `benchmarks/bench_cpu.py` times every implementation in its own process, interleaved over three
 # rounds, and keeps the median (2 threads, one head, $E = 64$). It stores everything — with the
 # record of the machine — in `benchmarks/results/`; this notebook only reads those files
-# (re-measuring takes a quiet machine and several minutes: `make bench`). Three machine kinds:
+# (re-measuring takes a quiet machine and several minutes: `make bench`). The machine kinds:
 #
 # * **native**: a 2-core Intel Xeon virtual machine of the Sapphire Rapids generation or later
 #   (AVX-512 with FP16, and AMX; it reports itself as "Intel(R) Xeon(R) Processor", model 167,
 #   which LLVM names `rocketlake`), with
-#   what it offers: AVX-512 code, OpenBLAS's SkylakeX kernel, torch with AVX-512 and MKL.
+#   what it offers: AVX-512 code, MKL's AVX-512 path for the tile products, torch with AVX-512 and
+#   MKL.
 # * **AVX2, emulated**: the same VM with everything held to AVX2 (Numba compiles for `haswell`,
-#   OpenBLAS runs its Haswell kernel, torch and MKL are held to AVX2) — what an AVX2-only CPU's
-#   code would do, with this machine's caches and clock.
+#   MKL — the kernel's and torch's — and OpenBLAS are held to AVX2, torch's own kernels too) — what
+#   an AVX2-only CPU's code would do, with this machine's caches and clock.
+# * **native, OpenBLAS** and **AVX2, OpenBLAS**: the same two, measured earlier with SciPy's
+#   OpenBLAS (SkylakeX and Haswell kernels) doing the tile products — the same loops, another BLAS.
 # * **Zen 5, earlier run**: a 2-core AMD EPYC (Zen 5) VM, measured once with an earlier version of
 #   the fast kernel (fixed 32-row query blocks, before the run-time tiles); it has no paired
 #   measurements.
@@ -430,6 +435,8 @@ import bench_cpu  # the benchmark's labels and sizes
 results_dir = Path("../benchmarks/results")
 runs = {name: json.loads(path.read_text()) for name, path in
         (("native", results_dir / "cpu.json"), ("AVX2, emulated", results_dir / "cpu_avx2.json"),
+         ("native, OpenBLAS", results_dir / "cpu_openblas.json"),
+         ("AVX2, OpenBLAS", results_dir / "cpu_avx2_openblas.json"),
          ("Zen 5, earlier run", results_dir / "earlier" / "cpu_zen5.json")) if path.exists()}
 res = runs["native"]
 for name, run in runs.items():
@@ -529,7 +536,8 @@ for case, what in cases:
         for run in runs.values()))
 
 # %%
-config_colours = {"native": "C0", "AVX2, emulated": "C1", "Zen 5, earlier run": "C2"}
+config_colours = {"native": "C0", "AVX2, emulated": "C1", "native, OpenBLAS": "C9",
+                  "AVX2, OpenBLAS": "C8", "Zen 5, earlier run": "C2"}
 fig, ax = plt.subplots(figsize=(9, 4.2))
 width = 0.8 / len(runs)
 for k, (name, run) in enumerate(runs.items()):
@@ -673,25 +681,31 @@ print(f"native, N = 4096: the tile products at {ceil['float32_tile_QK']:.0f} and
 
 # %% [markdown]
 # And a direct measurement on the machine running this notebook, one thread: the whole kernel
-# against the same tile products done alone by BLAS (from NumPy, in a Python loop).
+# against the same tile products done alone by the same BLAS (the kernel's own `_gemm`, in a jitted
+# loop), once with each BLAS library at hand (`ATTENTION_REF_BLAS` chooses; MKL only where the
+# `mkl` package is installed).
 
 # %%
 # NBVAL_IGNORE_OUTPUT
 import numba
 from threadpoolctl import threadpool_limits
 
+from attention_ref.flash_numba import _blas, _gemm, _mkl
+
 N_split = 2048
 q1, k1, v1 = (rng.standard_normal((1, N_split, 64)).astype(np.float32) for _ in range(3))
 tiles = tile_sizes("float32", "forward")
 bq, bk = tiles["block_q"], min(tiles["block_k"], N_split)
-z_tile, o_tile = np.empty((bq, bk), np.float32), np.empty((bq, 64), np.float32)
 
 
-def tile_products():
-    for i0 in range(0, N_split, bq):
-        for j0 in range(0, N_split, bk):
-            np.matmul(q1[0, i0:i0 + bq], k1[0, j0:j0 + bk].T, out=z_tile)  # Z_ij = Q_i K_j^T
-            np.matmul(z_tile, v1[0, j0:j0 + bk], out=o_tile)  # P V_j
+@numba.njit
+def tile_products(gemm, q, k, v, bq, bk):
+    z, o = np.empty((bq, bk), np.float32), np.zeros((bq, q.shape[1]), np.float32)
+    overwrite, accumulate = np.array([1.0, 0.0], np.float32), np.ones(2, np.float32)
+    for i0 in range(0, q.shape[0], bq):
+        for j0 in range(0, k.shape[0], bk):
+            _gemm(gemm, q[i0:i0 + bq], k[j0:j0 + bk], z, False, True, overwrite)  # Z_ij = Q_i K_j^T
+            _gemm(gemm, z, v[j0:j0 + bk], o, False, False, accumulate)  # O_i += P V_j
 
 
 def best_ms(f, repeats=5):
@@ -706,16 +720,19 @@ def best_ms(f, repeats=5):
 
 threads = numba.get_num_threads()
 numba.set_num_threads(1)
-with threadpool_limits(1, "blas"):
-    kernel_ms = best_ms(lambda: numba_flash_forward(q1, k1, v1))
-    products_ms = best_ms(tile_products)
-numba.set_num_threads(threads)
 flops = 4 * N_split**2 * 64
-print(f"N = {N_split}, float32, {bq} x {bk} tiles, one thread: whole kernel {kernel_ms:.1f} ms "
-      f"({flops / kernel_ms / 1e6:.0f} GFLOP/s); the tile products alone {products_ms:.1f} ms "
-      f"({flops / products_ms / 1e6:.0f} GFLOP/s)")
-print(f"-> {1 - products_ms / kernel_ms:.0%} of the kernel's time is outside the tile products "
-      f"(max, exp, sum, masks, rescaling, packing)")
+print(f"N = {N_split}, float32, {bq} x {bk} tiles, one thread:")
+for choice in ["openblas"] + (["mkl"] if _mkl() is not None else []):
+    os.environ["ATTENTION_REF_BLAS"] = choice
+    gemm = _blas()["float32"]
+    with threadpool_limits(1, "blas"):
+        kernel_ms = best_ms(lambda: numba_flash_forward(q1, k1, v1))
+        products_ms = best_ms(lambda: tile_products(gemm, q1[0], k1[0], v1[0], bq, bk))
+    print(f"  {_blas()['name']:20s} whole kernel {kernel_ms:5.1f} ms ({flops / kernel_ms / 1e6:3.0f} GFLOP/s); "
+          f"tile products alone {products_ms:5.1f} ms ({flops / products_ms / 1e6:3.0f} GFLOP/s) -> "
+          f"{1 - products_ms / kernel_ms:.0%} of the time outside them")
+os.environ.pop("ATTENTION_REF_BLAS")
+numba.set_num_threads(threads)
 
 # %% [markdown]
 # Both estimates put a good part of the time outside the products (in the stored native run, over
