@@ -18,7 +18,7 @@ Configurations (``--config``):
     with that CPU's own features (``NUMBA_CPU_FEATURES=""``: AVX2 + FMA, no AVX-512), OpenBLAS
     runs its Haswell kernel (``OPENBLAS_CORETYPE=Haswell``), and torch is held to AVX2 as well
     (``ATEN_CPU_CAPABILITY=avx2`` for its own kernels, ``MKL_ENABLE_INSTRUCTIONS=AVX2`` for MKL's
-    gemm, ``ONEDNN_MAX_CPU_ISA=AVX2``). Caches, clock and memory stay those of the host, so this
+    gemm -- torch's and the kernels' --, ``ONEDNN_MAX_CPU_ISA=AVX2``). Caches, clock and memory stay those of the host, so this
     checks code generation and the BLAS kernel, not a real AVX2 CPU's caches.
 
 Implementations: ``materialised`` (attention_ref.dot_product + attention_ref.flash.
