@@ -570,27 +570,32 @@ plt.show()
 # %% [markdown]
 # What the table says, machine by machine:
 #
-# * **Native Xeon (AVX-512):** without a mask the fast forward pass takes about 1.25× torch's time
-#   in float32 and 1.1× in float64 — torch is faster. With a causal mask the fast kernel is faster
-#   (about 0.8× in float32, 0.75× in float64): it skips and trims tiles (section 4), while torch's causal
-#   forward takes well over half of its no-mask time on this machine (exercise 3 prints the
-#   ratios). Forward + backward in float32
-#   takes about 0.9× torch's time.
-# * **AVX2, emulated:** with both sides held to 256-bit vectors and the Haswell BLAS kernel, the
-#   picture is the same, a little better for the fast kernel: about 1.15× torch's time without a mask,
-#   about 0.75× with a causal mask (both dtypes), forward + backward about 0.95×. Everything is
-#   slower than natively (the BLAS square-matmul rate drops from 318 to 206 GFLOP/s), torch more
-#   than the fast kernel.
+# * **Native Xeon (AVX-512), MKL behind the tiles:** without a mask the fast forward pass takes
+#   about the same time as torch's in float32 (1.02×) and less in float64 (about 0.9×). With a
+#   causal mask it is clearly faster (about 0.7× in float32, 0.6× in float64): it skips and trims
+#   tiles (section 4), while torch's causal forward takes well over half of its no-mask time on
+#   this machine (exercise 3 prints the ratios). Forward + backward in float32 takes about 0.8×
+#   torch's time.
+# * **AVX2, emulated:** with both sides held to 256-bit vectors and MKL's AVX2 path, the picture is
+#   the same: 1.02× torch's time without a mask, about 0.7× with a causal mask, float64 level with
+#   torch, forward + backward about 0.8×. Everything is slower than natively (the BLAS
+#   square-matmul rate drops from about 330 to 220 GFLOP/s).
+# * **The same two with OpenBLAS:** the same loops with SciPy's OpenBLAS doing the tile products
+#   were slower in every row — 1.27× and 1.14× torch's time without a mask. On this machine MKL
+#   does the kernel's 256 × 512 × 64 tile products about a fifth faster than OpenBLAS (timed
+#   side by side in "What limits the fast kernel" below), and those products are most of the
+#   kernel's time.
 # * **Zen 5 (earlier run, earlier kernel):** the fast kernel was faster than torch in every case
 #   (0.44–0.75×). That was a different CPU, a different BLAS rate and an older kernel: it shows how
 #   much the standing depends on the machine, and says nothing general.
 #
 # The same kernel, the same library and the same $N$ can land on either side of torch depending on
-# the CPU. Quote such ratios with the machine, never alone.
+# the CPU and on the BLAS library behind it. Quote such ratios with the machine and the BLAS, never
+# alone.
 
 # %%
 # NBVAL_IGNORE_OUTPUT
-fig, axes = plt.subplots(1, 2, figsize=(10, 4.3), sharey=True)
+fig, axes = plt.subplots(1, 2, figsize=(10, 5.2), sharey=True)
 for ax, causal in zip(axes, ("0", "1")):
     for name, run in runs.items():
         for impl in ("numba_fast", "torch"):
@@ -609,8 +614,8 @@ for ax, causal in zip(axes, ("0", "1")):
 axes[0].set_ylabel("GFLOP/s (median of separate processes)")
 fig.suptitle("Throughput of the fast kernel (solid) and torch (dashed) on each machine kind:\n"
              "the order of the two changes with the machine, N and the mask", fontsize=10)
-fig.tight_layout(rect=(0, 0.1, 1, 1))
-fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=3, fontsize=8, frameon=False)
+fig.tight_layout(rect=(0, 0.17, 1, 1))
+fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=4, fontsize=8, frameon=False)
 save_figure(fig, "../figures/06_machine_kinds.png")
 plt.show()
 
@@ -655,12 +660,12 @@ for name, run in runs.items():
         print(f"  with the torch-pair time: {rate:.0f} GFLOP/s = {rate / ceil['float32']:.0%} of the square-matmul rate")
 
 # %% [markdown]
-# On the native Xeon the fast kernel reaches a little over half of the square-matmul rate (54% at
-# $N = 2048$, about 60% from $N = 4096$ on), with AVX2 about two thirds for $N \ge 4096$ (the
-# AVX2 BLAS is slower, so the same loops weigh less), and in the Zen 5 run about half. The kernel's
-# time at $N = 4096$ agrees whichever way it was measured (in the pairs with torch, with the matmul,
-# or in separate processes) to within the VM's drift — one reason to quote such shares with the
-# quartiles of the pairs, and always with the machine.
+# On the native Xeon the fast kernel reaches 58% of the square-matmul rate at $N = 2048$ and about
+# 70% from $N = 8192$ on (torch about 68% at $N = 4096$); with AVX2 code 70–78% (the AVX2 BLAS is
+# slower, so the same loops weigh less); with OpenBLAS behind the tiles 54–61% natively; in the
+# Zen 5 run about half. The kernel's time at $N = 4096$ agrees whichever way it was measured (in
+# the pairs with torch, with the matmul, or in separate processes) to within the VM's drift — one
+# reason to quote such shares with the quartiles of the pairs, and always with the machine.
 #
 # ### What limits the fast kernel
 #
@@ -735,23 +740,24 @@ os.environ.pop("ATTENTION_REF_BLAS")
 numba.set_num_threads(threads)
 
 # %% [markdown]
-# Both estimates put a good part of the time outside the products (in the stored native run, over
-# a third), in loops that do almost no counted FLOPs. That, and the products' own rate (below the
-# square-matmul rate: a $B_q \times 64$ by $64 \times B_k$ product does only $E = 64$ multiply-adds
-# per output number), is why the kernel's share of the matmul rate stays well below one. Each logit
-# costs $2E = 128$ FLOPs to produce and is then read and written again by loops that run at the
-# speed of the vector units and the cache, not of the FMAs.
+# Both estimates put about a third of the time outside the products (28–38% here), in loops that
+# do almost no counted FLOPs. That, and the products' own rate (below the square-matmul rate: a
+# $B_q \times 64$ by $64 \times B_k$ product does only $E = 64$ multiply-adds per output number), is
+# why the kernel's share of the matmul rate stays below one. Each logit costs $2E = 128$ FLOPs to
+# produce and is then read and written again by loops that run at the speed of the vector units
+# and the cache, not of the FMAs.
 #
-# Three experiments on the native Xeon (N = 4096, float32, no mask; not run in this notebook)
-# narrow down the gap to torch. One thread against one thread, the fast kernel took 1.23× torch's
-# time (45.8 against 37.2 ms), about the same ratio as with two threads, so it is not a matter of
-# threading. Compiling the loops for 512-bit instead of 256-bit vectors (`NUMBA_CPU_NAME=znver4`,
-# a CPU name for which LLVM does not prefer 256-bit vectors) left the time unchanged (44.4 against
-# 44.8 ms): the exponential is not the bottleneck. And tiles of 512 × 512 or 256 × 1024 were within
-# about 5% of the rule's 256 × 512. At one thread the tile products alone, done by OpenBLAS, take
-# about three quarters of the kernel's time — nearly as long as torch's whole call, whose tile
-# products go through its own BLAS (Intel's MKL in this build). So on this machine most of the remaining
-# gap is the BLAS library's rate on attention's narrow tiles, and the rest is the softmax loops;
+# Which library does the products matters as much as the loops. With OpenBLAS the tile products
+# alone take most of the kernel's time, and on the native Xeon nearly as long as torch's whole
+# call, whose products go through Intel's MKL: the same loops calling MKL (the cell above times
+# both on the machine running this notebook) took the plain float32 forward pass from 1.27× to
+# 1.02× torch's time there. Two other experiments on the native Xeon ($N = 4096$, not run in this
+# notebook) changed nothing beyond the machine's noise: compiling the loops for 512-bit instead of
+# 256-bit vectors, and other tiles: an interleaved scan of 16 shapes (`benchmarks/scan_tiles.py`,
+# two heads on one thread each; `benchmarks/results/tiles_*.json`) put the rule's choice first in
+# float64, and in float32 256 × 1024 ahead by 11%, but with the benchmark's one head on two threads
+# that shape was only 3–4% faster without a mask and 3% slower with a causal one. What remains is
+# the tile products, already at the BLAS's own rate for these narrow shapes, and the softmax loops;
 # on another CPU, with another BLAS, the balance is different (section 5).
 #
 # ## 6 · From a plain loop to the fast kernel
@@ -773,7 +779,8 @@ numba.set_num_threads(threads)
 # * **step 6** – the library's softmax helpers: one pass computes $e^{\tau(z - m)}$ and the row sum,
 #   the row maximum by halving, the scale applied in the exponent (raw logits).
 # * **step 7** – the library's kernel, `kernel="fast"`: the tiles chosen for this machine
-#   (`tile_sizes()`: 256 × 512 on the native Xeon), the gemm with $\beta$, no rescaling when a row's
+#   (`tile_sizes()`: 256 × 512 on the native Xeon), the gemm with $\beta$ (MKL's here, where steps
+#   4–6 call NumPy's OpenBLAS through `np.dot`), no rescaling when a row's
 #   maximum did not move (without a mask, trimmed tiles play no part).
 #
 # Two of the key pieces of code, as the library has them. The exponential by **range reduction**:
@@ -810,7 +817,8 @@ for config in ("native", "avx2"):
 # prefers 256-bit vectors by default.
 #
 # The second piece: the tile products call BLAS's `?gemm` directly, $C \leftarrow \alpha\,
-# \operatorname{op}(A)\operatorname{op}(B) + \beta C$. `np.dot` always overwrites its output, so
+# \operatorname{op}(A)\operatorname{op}(B) + \beta C$, at the address the kernel is handed (MKL's
+# or OpenBLAS's: one compiled kernel serves both). `np.dot` always overwrites its output, so
 # $P V_j$ had to go to a scratch tile and a loop added it to $O_i$; with $\beta = 1$ the product
 # accumulates into $O_i$ in place (and $dK_j$, $dV_j$, $dQ_i$ likewise in the backward pass):
 
