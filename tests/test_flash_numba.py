@@ -246,3 +246,30 @@ def test_importing_the_package_does_not_import_numba():
     code = "import sys, attention_ref, attention_ref.flash; print('numba' in sys.modules)"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert res.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("dtype, tol", [(np.float32, 2e-5), (np.float64, 1e-12)])
+@pytest.mark.parametrize("growth", [0.5, 7.9, 8.1, 60.0, -3.0])
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_row_maximum_moving_across_key_tiles(rng, dtype, tol, growth, is_causal, monkeypatch):
+    """The online softmax rescales O and ell whenever a key tile raises a row's maximum: logits
+    that rise (or fall) by ``growth`` / tau per tile of B_k keys, from barely to by far, match
+    the float64 reference."""
+    monkeypatch.setenv("ATTENTION_REF_TILES", "16x64")
+    L, S, E = 50, 64 * 7 + 5, 8
+    scale = 1 / np.sqrt(E)
+    q = rng.standard_normal((1, 1, L, E))
+    k = rng.standard_normal((1, 1, S, E))
+    q[..., 0] = 1.0
+    k[..., 0] = growth / scale / 64 * np.arange(S)  # logit of key j: about growth * j / (64 tau)
+    v = rng.standard_normal((1, 1, S, E))
+    q, k, v = (x.astype(dtype) for x in (q, k, v))
+    out, lse = numba_flash_forward(q, k, v, is_causal=is_causal)
+    ref, ref_lse = _reference(q, k, v, _mask(L, S, 1, is_causal))
+    # logits of several hundred are ill-conditioned in float32 whatever the algorithm: allow twice
+    # the NumPy tiles' error on the same inputs (as tests/test_flash_numba_accuracy.py does)
+    from attention_ref.flash import flash_attention
+
+    out_np, lse_np = flash_attention(q, k, v, is_causal=is_causal, return_lse=True)
+    assert _rel(out, ref) <= max(tol, 2 * _rel(out_np, ref))
+    assert _rel(lse, ref_lse) <= max(tol, 2 * _rel(lse_np, ref_lse))
