@@ -32,12 +32,12 @@ Two tiers, selected by ``kernel=``:
     ``S = tau Q_i K_j^T`` as plain loops, ``-inf`` for masked logits and natural ``exp``.
 
 ``"fast"``
-    The same FA-2 loops reorganised for the CPU, in the way PyTorch's CPU flash kernel is built:
-    the two tile products ``Z = Q_i K_j^T`` and ``P V_j`` go to BLAS's ``?gemm``, called from
-    inside the kernel (``P V_j`` accumulates into ``O`` in place): Intel MKL when the ``mkl``
-    package is installed (``pip install attention_ref[mkl]``), else SciPy's OpenBLAS, or what
-    ``ATTENTION_REF_BLAS=mkl|openblas`` asks for; ``cpu_info()["blas"]`` says which. The loops keep the
-    masks, the online softmax (on the raw logits, with a vectorised ``exp``) and the rescaling;
+    The same FA-2 loops reorganised for the CPU, in the way PyTorch's CPU flash kernel is built: the
+    two tile products ``Z = Q_i K_j^T`` and ``P V_j`` go to BLAS's ``?gemm``, called from inside the
+    kernel (``P V_j`` accumulates into ``O`` in place): Intel MKL when the ``mkl`` package is
+    installed (``pip install attention_ref[mkl]``), else SciPy's OpenBLAS, or what
+    ``ATTENTION_REF_BLAS=mkl|openblas`` asks for; ``cpu_info()["blas"]`` says which. The loops keep
+    the masks, the online softmax (on the raw logits, with a vectorised ``exp``) and the rescaling;
     the backward pass is one KV-stationary sweep that also accumulates dQ in a fixed number of
     private partial sums. Each optimisation is named in a comment where it is applied, with its
     measured gain (``benchmarks/ablation_kernels.py`` steps 0-7, measured by
@@ -47,11 +47,12 @@ Two tiers, selected by ``kernel=``:
     autotune stored on disk: ``tune_tile_sizes()``, ``reset_tile_sizes()``,
     ``ATTENTION_REF_TILES``).
 
-Threads: the kernels run in Numba's thread pool (``NUMBA_NUM_THREADS``) and BLAS runs on one
-thread inside them, from the first call of a process on (OpenBLAS through threadpoolctl when it is
-installed; MKL is loaded with its sequential layer). Results are bit-identical from run to run on one machine: every output element is
-written by one work item in a fixed order, and the dQ partial sums are added in a fixed order
-whatever the thread count (the tiles, chosen per machine, change the rounding slightly).
+Threads: the kernels run in Numba's thread pool (``NUMBA_NUM_THREADS``) and BLAS runs on one thread
+inside them, from the first call of a process on (OpenBLAS through threadpoolctl when it is
+installed; MKL is loaded with its sequential layer). Results are bit-identical from run to run on
+one machine: every output element is written by one work item in a fixed order, and the dQ partial
+sums are added in a fixed order whatever the thread count (the tiles, chosen per machine, change the
+rounding slightly).
 
 Numba is an optional dependency: ``import attention_ref`` never imports this module; the first call
 compiles the kernels (seconds) and ``cache=True`` stores them on disk (``NUMBA_CACHE_DIR``), so a
@@ -752,8 +753,10 @@ def _openblas() -> dict:
 def _blas() -> dict:
     """The BLAS whose ?gemm the fast kernels call: ``ATTENTION_REF_BLAS`` = ``mkl``, ``openblas``
     or ``auto`` (the default: MKL when the ``mkl`` package is installed, else SciPy's OpenBLAS).
-    Measured on a Sapphire Rapids VM (one thread, float32, the forward's 256 x 512 x 64 tiles):
-    MKL 143-160 GFLOP/s, OpenBLAS 126-136 (benchmarks/results)."""
+    Measured on a Sapphire Rapids VM (float32, the forward's 256 x 512 tile products): 6.8 ms with
+    MKL against 8.2 ms with OpenBLAS for those of N = 2048, one thread, in one process (notebook
+    06); 346-375 GFLOP/s on two threads (benchmarks/results/cpu.json) against 273-275 in an
+    earlier run with OpenBLAS (cpu_openblas.json)."""
     global _BLAS
     import os
 
