@@ -1027,13 +1027,17 @@ _KERNELS = ("fast", "readable")
 _BLAS_CONTROLLER: Any = None
 
 
-def _single_threaded_blas():
+def _single_threaded_blas(blas: dict | None = None):
     """Context in which BLAS runs on one thread: the fast tier calls gemm from every Numba
     thread, and a multi-threaded BLAS inside them spins on the same cores.
     Optimisation (single-threaded BLAS inside the kernels): measured 83 -> 127 GFLOP/s of CPU
     time on a Zen 5 VM (float32 forward, N = 4096, one Numba thread, OpenBLAS with 2 vs 1 threads).
-    Uses threadpoolctl when installed; otherwise a no-op."""
+    Uses threadpoolctl when installed; otherwise a no-op. When ``blas`` (the kernels' library,
+    ``_blas()``) is MKL there is nothing to limit: it was loaded with its sequential layer, and
+    skipping threadpoolctl saves 0.1-0.2 ms per call (about 1% of a 4096-token forward pass)."""
     global _BLAS_CONTROLLER
+    if blas is not None and blas["name"].startswith("mkl"):
+        return contextlib.nullcontext()
     if _BLAS_CONTROLLER is None:
         try:
             from threadpoolctl import ThreadpoolController
@@ -1091,8 +1095,9 @@ def _run_forward(q, k, v, scale, lengths, band, kernel):
     tau = abs(scale) if sign != 0.0 else 1.0
     kp = _pad_rows(k, nkb * block_k).reshape(B, -1, nkb, block_k, E)
     vp = _pad_rows(v, nkb * block_k).reshape(B, -1, nkb, block_k, Ev)
-    with _single_threaded_blas():
-        _fwd_fast(_blas()[dtype.name], qe, kp, vp, dtype.type(tau), *args, L, S, block_q, out, lse)
+    blas = _blas()
+    with _single_threaded_blas(blas):
+        _fwd_fast(blas[dtype.name], qe, kp, vp, dtype.type(tau), *args, L, S, block_q, out, lse)
     return out, lse
 
 
@@ -1117,8 +1122,9 @@ def _run_backward(q, k, v, o, lse, do, scale, lengths, band, kernel):
     dq_part = np.zeros((BWD_CHUNKS, B, Hq, L, E), dtype=dtype)
     dk = np.zeros((B, H, nkb, block_k, E), dtype=dtype)
     dv = np.zeros((B, H, nkb, block_k, Ev), dtype=dtype)
-    with _single_threaded_blas():
-        _bwd_fast(_blas()[dtype.name], q, kp, vp, do, lse, delta, dtype.type(scale), *args, L, S,
+    blas = _blas()
+    with _single_threaded_blas(blas):
+        _bwd_fast(blas[dtype.name], q, kp, vp, do, lse, delta, dtype.type(scale), *args, L, S,
                   block_q, dq_part, dk, dv)
     # dQ = tau sum_t dQ_t (fixed order); dK = tau dZ^T Q
     dq = dq_part.sum(axis=0) * dtype.type(scale)
@@ -1133,10 +1139,12 @@ def _numpy_cores_inputs(q, k, v, lengths):
 def _nan_rows(q, k, out, lse, band, lengths):
     """Make a row with a NaN logit NaN, as the NumPy path does (the kernels drop a NaN logit or give
     its row 0): the rows whose query, or a key they see, holds a NaN. Looked for only when q or k
-    holds a NaN at all, which costs one pass over them."""
-    q_nan, k_nan = np.isnan(q).any(axis=-1), np.isnan(k).any(axis=-1)  # (B, Hq, L), (B, H, S)
-    if not (q_nan.any() or k_nan.any()):
+    holds a NaN at all. That test is one pass over them: a NaN anywhere makes the minimum NaN
+    (np.min propagates it), 3x faster than a NaN mask reduced along E (0.09 vs 0.26 ms for
+    (1, 1, 4096, 64) float32 on a Sapphire Rapids VM; the kernel takes ~19 ms)."""
+    if not (np.isnan(q.min()) or np.isnan(k.min())):
         return out, lse
+    q_nan, k_nan = np.isnan(q).any(axis=-1), np.isnan(k).any(axis=-1)  # (B, Hq, L), (B, H, S)
     group = q.shape[1] // k.shape[1]
     nan_keys_before = np.concatenate([np.zeros(k_nan.shape[:-1] + (1,), int), np.cumsum(k_nan, axis=-1)], axis=-1)
     for b, h, i in np.ndindex(*lse.shape):
