@@ -109,15 +109,20 @@ def test_zero_sizes_elsewhere():
     assert ar.logsumexp(np.zeros((3, 0)))[0] == -np.inf and ar.softmax(np.zeros((3, 0))).shape == (3, 0)
 
 
+@pytest.mark.parametrize("where", ["query and key", "key only", "query only"])
 @pytest.mark.parametrize("path", FORWARD_PATHS)
-def test_a_nan_logit_makes_its_row_nan(path):
+def test_a_nan_logit_makes_its_row_nan(path, where):
+    """Also with the NaN in only one of q, k: the numba path tests each for a NaN before it
+    looks for the rows."""
     q, k, v = _qkv((2, 4, 2, 9, 9, 4, 3))
-    k[0, 1, 3, 2] = np.nan  # key 3 of head 1: the causal rows i >= 3 of query heads 2 and 3 see it
-    q[1, 0, 5, 0] = np.nan  # one query row
-    out = FORWARD_PATHS[path](q, k, v, is_causal=True)
     nan_rows = np.zeros((2, 4, 9), bool)
-    nan_rows[0, 2:, 3:] = True
-    nan_rows[1, 0, 5] = True
+    if where != "query only":
+        k[0, 1, 3, 2] = np.nan  # key 3 of head 1: the causal rows i >= 3 of query heads 2 and 3 see it
+        nan_rows[0, 2:, 3:] = True
+    if where != "key only":
+        q[1, 0, 5, 0] = np.nan  # one query row
+        nan_rows[1, 0, 5] = True
+    out = FORWARD_PATHS[path](q, k, v, is_causal=True)
     np.testing.assert_array_equal(np.isnan(out).any(-1), nan_rows)
     np.testing.assert_array_equal(np.isnan(out).all(-1), nan_rows)  # the whole row, not one entry
     reference = ar.scaled_dot_product_attention(np.nan_to_num(q), np.nan_to_num(k), v, is_causal=True, enable_gqa=True)
