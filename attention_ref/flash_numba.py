@@ -725,7 +725,8 @@ def _mkl() -> dict | None:
     processor = version.processor.decode()
     path = next((name for key, name in (("AVX-512", "AVX-512"), ("AVX2", "AVX2"), ("AVX", "AVX"))
                  if key in processor), "SSE")
-    return {"name": f"mkl-{version.major}.{version.update}:{path}", "library": lib,
+    # one_thread: the sequential layer never starts threads, so there is nothing to limit
+    return {"name": f"mkl-{version.major}.{version.update}:{path}", "library": lib, "one_thread": True,
             "float32": ctypes.cast(lib.sgemm_, ctypes.c_void_p).value,
             "float64": ctypes.cast(lib.dgemm_, ctypes.c_void_p).value}
 
@@ -745,7 +746,7 @@ def _openblas() -> dict:
         for lib in threadpool_info():
             if lib.get("user_api") == "blas" and "scipy" in str(lib.get("filepath", "")):
                 name = f"{lib.get('internal_api')}:{lib.get('architecture')}"
-    return {"name": name,
+    return {"name": name, "one_thread": False,  # its thread pool is limited around each call
             "float32": get_cython_function_address("scipy.linalg.cython_blas", "sgemm"),
             "float64": get_cython_function_address("scipy.linalg.cython_blas", "dgemm")}
 
@@ -1033,11 +1034,11 @@ def _single_threaded_blas(blas: dict | None = None):
     Optimisation (single-threaded BLAS inside the kernels): measured 83 -> 127 GFLOP/s of CPU
     time on a Zen 5 VM (float32 forward, N = 4096, one Numba thread, OpenBLAS with 2 vs 1 threads).
     Uses threadpoolctl when installed; otherwise a no-op. When ``blas`` (the kernels' library,
-    ``_blas()``) is MKL there is nothing to limit: it was loaded with its sequential layer, and
-    skipping threadpoolctl saves 0.03-0.15 ms per call (entering and leaving its limit, measured
+    ``_blas()``) already runs on one thread (MKL, loaded with its sequential layer) there is
+    nothing to limit, and skipping threadpoolctl saves 0.03-0.15 ms per call (entering and leaving its limit, measured
     on a Sapphire Rapids VM; about 1% of a 4096-token forward pass)."""
     global _BLAS_CONTROLLER
-    if blas is not None and blas["name"].startswith("mkl"):
+    if blas is not None and blas["one_thread"]:
         return contextlib.nullcontext()
     if _BLAS_CONTROLLER is None:
         try:
