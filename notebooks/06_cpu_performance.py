@@ -752,8 +752,9 @@ numba.set_num_threads(threads)
 # call, whose products go through Intel's MKL: the same loops calling MKL (the cell above times
 # both on the machine running this notebook) took the plain float32 forward pass from 1.27× to
 # 1.02× torch's time there. Two other experiments on the native Xeon ($N = 4096$, not run in this
-# notebook) changed nothing beyond the machine's noise: compiling the loops for 512-bit instead of
-# 256-bit vectors, and other tiles: an interleaved scan of 16 shapes (`benchmarks/scan_tiles.py`,
+# notebook) changed nothing beyond the machine's noise in float32: compiling the loops for 512-bit
+# instead of 256-bit vectors (in float64, whose exponential costs more, the forward pass gained
+# 3–7%), and other tiles: an interleaved scan of 16 shapes (`benchmarks/scan_tiles.py`,
 # two heads on one thread each; `benchmarks/results/tiles_*.json`) put the rule's choice first in
 # float64, and in float32 256 × 1024 ahead by 11%, but with the benchmark's one head on two threads
 # that shape was only 3–4% faster without a mask and 3% slower with a causal one. What remains is
