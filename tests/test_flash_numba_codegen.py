@@ -23,7 +23,8 @@ _CHILD = r"""
 import json, re
 import numba as nb
 import numpy as np
-from attention_ref.flash_numba import _FASTMATH, _exp_sum
+from attention_ref.flash_numba import (_FASTMATH, _exp_sum, _prefer_target_vector_width,
+                                      _vector_bits)
 
 @nb.njit(fastmath=_FASTMATH)
 def rows(x, m, tau):
@@ -32,18 +33,27 @@ def rows(x, m, tau):
         total += _exp_sum(x[r], m, tau)
     return total
 
-out = {}
-for dt in ("float32", "float64"):
-    x = np.zeros((4, 512), dtype=dt)
-    rows(x, x.dtype.type(0), x.dtype.type(0.125))
-    asm = rows.inspect_asm(rows.signatures[-1])
-    kind = "s" if dt == "float32" else "d"  # packed single / packed double
-    rounding = [l for l in asm.splitlines() if re.search(r"\bv(round|rndscale)p" + kind + r"\b", l)]
-    out[dt] = {
-        "rounding": rounding,
-        "packed_fma": len(re.findall(r"\bvfn?madd\w*p[sd]\b", asm)),
-        "exp_calls": len(re.findall(r"call.*\bexpf?\b", asm)),
-    }
+@nb.njit(fastmath=_FASTMATH)
+def rows_as_in_the_kernels(x, m, tau):  # with the kernels' choice of vector width
+    _prefer_target_vector_width()
+    total = x[0, 0] - x[0, 0]
+    for r in range(x.shape[0]):
+        total += _exp_sum(x[r], m, tau)
+    return total
+
+out = {"vector_bits": _vector_bits()}
+for name, f in (("default", rows), ("kernels", rows_as_in_the_kernels)):
+    for dt in ("float32", "float64"):
+        x = np.zeros((4, 512), dtype=dt)
+        f(x, x.dtype.type(0), x.dtype.type(0.125))
+        asm = f.inspect_asm(f.signatures[-1])
+        kind = "s" if dt == "float32" else "d"  # packed single / packed double
+        rounding = [l for l in asm.splitlines() if re.search(r"\bv(round|rndscale)p" + kind + r"\b", l)]
+        out[f"{name}|{dt}"] = {
+            "rounding": rounding,
+            "packed_fma": len(re.findall(r"\bvfn?madd\w*p[sd]\b", asm)),
+            "exp_calls": len(re.findall(r"call.*\bexpf?\b", asm)),
+        }
 print(json.dumps(out))
 """
 
@@ -72,6 +82,7 @@ def _host_has(flag: str) -> bool:
 def test_exp_vectorises_on_avx2(tmp_path):
     """8 float32 (4 float64) per 256-bit ymm instruction, no call to a scalar exp."""
     code = _compile_for("haswell", tmp_path)
+    assert code.pop("vector_bits") == 256
     for dt, c in code.items():
         assert c["rounding"], dt  # the exponential's loop was found
         # its main loop works on 256-bit registers (LLVM adds narrower loops for the remainder;
@@ -82,8 +93,12 @@ def test_exp_vectorises_on_avx2(tmp_path):
 
 @pytest.mark.skipif(not _host_has("avx512f"), reason="the CPU has no AVX-512")
 def test_exp_vectorises_on_the_host(tmp_path):
-    """On an AVX-512 host: packed registers (ymm or zmm: LLVM prefers 256-bit vectors on Intel)."""
+    """On an AVX-512 host: packed registers (ymm or zmm: LLVM prefers 256-bit vectors on Intel);
+    in the kernels 512-bit ones (zmm) unless the CPU is of the Skylake-SP family."""
     code = _compile_for(None, tmp_path)
-    for dt, c in code.items():
-        assert any(re.search(r"[yz]mm", line) for line in c["rounding"]), (dt, c["rounding"])
-        assert c["packed_fma"] >= 8 and c["exp_calls"] == 0, (dt, c)
+    wide = code.pop("vector_bits") == 512
+    for key, c in code.items():
+        assert any(re.search(r"[yz]mm", line) for line in c["rounding"]), (key, c["rounding"])
+        assert c["packed_fma"] >= 8 and c["exp_calls"] == 0, (key, c)
+        if wide and key.startswith("kernels"):
+            assert any("zmm" in line for line in c["rounding"]), (key, c["rounding"])

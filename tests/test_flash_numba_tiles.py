@@ -57,8 +57,9 @@ def test_rule_adapts_to_the_cache_size():
 
 def test_cpu_info_names_the_machine():
     info = cpu_info()
-    assert set(info) == {"cpu", "llvm_cpu", "isa", "blas", "l2_kib", "threads"}
+    assert set(info) == {"cpu", "llvm_cpu", "isa", "blas", "vector_bits", "l2_kib", "threads"}
     assert info["isa"] in ("avx512", "avx2", "sse") and info["l2_kib"] > 0
+    assert info["vector_bits"] == 256 or info["isa"] == "avx512"
 
 
 def test_environment_fixes_the_tiles(monkeypatch):
