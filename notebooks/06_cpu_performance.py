@@ -238,7 +238,9 @@ cpu_info()
 # instructions it may use), `blas` is the BLAS library that does the tile products and the code path
 # it picked for this CPU — Intel's MKL when the `mkl` package is installed
 # (`pip install attention_ref[mkl]`), otherwise SciPy's OpenBLAS; `ATTENTION_REF_BLAS=mkl` or
-# `openblas` chooses — and `l2_kib` the L2 cache per core.
+# `openblas` chooses — `vector_bits` the width of the vectors the kernel's loops are compiled for
+# (512 where the CPU has AVX-512, except the first AVX-512 Xeons — Skylake-SP, Cascade Lake, Cooper
+# Lake — whose clock drops under 512-bit code), and `l2_kib` the L2 cache per core.
 #
 # ### Tile sizes from the L2 cache
 #
@@ -740,7 +742,7 @@ os.environ.pop("ATTENTION_REF_BLAS")
 numba.set_num_threads(threads)
 
 # %% [markdown]
-# Both estimates put about a third of the time outside the products (27–38% here), in loops that
+# Both estimates put about a third of the time outside the products (25–38% here), in loops that
 # do almost no counted FLOPs. That, and the products' own rate (below the square-matmul rate: a
 # $B_q \times 64$ by $64 \times B_k$ product does only $E = 64$ multiply-adds per output number), is
 # why the kernel's share of the matmul rate stays below one. Each logit costs $2E = 128$ FLOPs to
@@ -748,18 +750,17 @@ numba.set_num_threads(threads)
 # and the cache, not of the FMAs.
 #
 # Which library does the products matters as much as the loops. With OpenBLAS the tile products
-# alone take most of the kernel's time, and on the native Xeon nearly as long as torch's whole
-# call, whose products go through Intel's MKL: the same loops calling MKL (the cell above times
-# both on the machine running this notebook) took the plain float32 forward pass from 1.27× to
-# 1.02× torch's time there. Two other experiments on the native Xeon ($N = 4096$, not run in this
-# notebook) changed nothing beyond the machine's noise in float32: compiling the loops for 512-bit
-# instead of 256-bit vectors (in float64, whose exponential costs more, the forward pass gained
-# 3–7%), and other tiles: an interleaved scan of 16 shapes (`benchmarks/scan_tiles.py`,
-# two heads on one thread each; `benchmarks/results/tiles_*.json`) put the rule's choice first in
-# float64, and in float32 256 × 1024 ahead by 11%, but with the benchmark's one head on two threads
-# that shape was only 3–4% faster without a mask and 3% slower with a causal one. What remains is
-# the tile products, already at the BLAS's own rate for these narrow shapes, and the softmax loops;
-# on another CPU, with another BLAS, the balance is different (section 5).
+# alone take most of the kernel's time, and on the native Xeon nearly as long as torch's whole call,
+# whose products go through Intel's MKL: the same loops calling MKL (the cell above times both on
+# the machine running this notebook) took the plain float32 forward pass from 1.27× to 1.02× torch's
+# time there. Another experiment on the native Xeon ($N = 4096$, not run in this notebook) changed
+# nothing beyond the machine's noise, other tiles: an interleaved scan of 16 shapes
+# (`benchmarks/scan_tiles.py`, two heads on one thread each; `benchmarks/results/tiles_*.json`) put
+# the rule's choice first in float64, and in float32 256 × 1024 ahead by 11%, but with the
+# benchmark's one head on two threads that shape was only 3–4% faster without a mask and 3% slower
+# with a causal one. What remains is the tile products, already at the BLAS's own rate for these
+# narrow shapes, and the softmax loops; on another CPU, with another BLAS, the balance is different
+# (section 5).
 #
 # ## 6 · From a plain loop to the fast kernel
 #
@@ -818,9 +819,12 @@ for config in ("native", "avx2"):
                   f"{loop['scalar_fma']} scalar FMAs, {loop['calls']} calls")
 
 # %% [markdown]
-# The loop runs on 256-bit vectors (8 float32 or 4 float64 at a time) with no call to a library
-# exponential, for both CPUs — on the AVX-512 machine too: for these Intel server cores LLVM
-# prefers 256-bit vectors by default.
+# The loop runs on packed vectors with no call to a library exponential, for both CPUs: 256-bit
+# ones with AVX2 (8 float32 or 4 float64 at a time), 512-bit ones on the AVX-512 machine (16 or 8).
+# The 512 bits are the kernel's own request: for Intel's server cores LLVM prefers 256-bit vectors
+# (the first AVX-512 ones slowed their clock under 512-bit code), so the kernel's parallel loops
+# carry the function attribute `prefer-vector-width=512` where `cpu_info()["vector_bits"]` is 512.
+# On the Xeon that made the exponential's loop alone a third faster and whole calls 3–6% faster.
 #
 # The second piece: the tile products call BLAS's `?gemm` directly, $C \leftarrow \alpha\,
 # \operatorname{op}(A)\operatorname{op}(B) + \beta C$, at the address the kernel is handed (MKL's
