@@ -573,17 +573,18 @@ plt.show()
 # What the table says, machine by machine:
 #
 # * **Native Xeon (AVX-512), MKL behind the tiles:** without a mask the fast forward pass takes
-#   about the same time as torch's in float32 (1.02×) and less in float64 (about 0.9×). With a
-#   causal mask it is clearly faster (about 0.7× in float32, 0.6× in float64): it skips and trims
+#   about the same time as torch's in float32 (0.98×) and less in float64 (0.83×). With a
+#   causal mask it is clearly faster (0.65× in float32, 0.56× in float64): it skips and trims
 #   tiles (section 4), while torch's causal forward takes well over half of its no-mask time on
-#   this machine (exercise 3 prints the ratios). Forward + backward in float32 takes about 0.8×
+#   this machine (exercise 3 prints the ratios). Forward + backward in float32 takes about 0.75×
 #   torch's time.
 # * **AVX2, emulated:** with both sides held to 256-bit vectors and MKL's AVX2 path, the picture is
-#   the same: 1.02× torch's time without a mask, about 0.7× with a causal mask, float64 level with
-#   torch, forward + backward about 0.8×. Everything is slower than natively (the BLAS
+#   much the same: 0.99× torch's time without a mask, 0.69× with a causal mask, float64 0.94×
+#   (causal 0.61×), forward + backward 0.80×. Everything is slower than natively (the BLAS
 #   square-matmul rate drops from about 330 to 220 GFLOP/s).
 # * **The same two with OpenBLAS:** the same loops with SciPy's OpenBLAS doing the tile products
-#   were slower in every row — 1.27× and 1.14× torch's time without a mask. On this machine MKL
+#   were slower in every row — 1.27× and 1.14× torch's time without a mask (measured with an
+#   earlier version of the loops, which took 1.02× with MKL). On this machine MKL
 #   does the kernel's 256 × 512 × 64 tile products about a fifth faster than OpenBLAS (timed
 #   side by side in "What limits the fast kernel" below), and those products are most of the
 #   kernel's time.
@@ -662,12 +663,13 @@ for name, run in runs.items():
         print(f"  with the torch-pair time: {rate:.0f} GFLOP/s = {rate / ceil['float32']:.0%} of the square-matmul rate")
 
 # %% [markdown]
-# On the native Xeon the fast kernel reaches 58% of the square-matmul rate at $N = 2048$ and about
-# 70% from $N = 8192$ on (torch about 68% at $N = 4096$); with AVX2 code 70–78% (the AVX2 BLAS is
-# slower, so the same loops weigh less); with OpenBLAS behind the tiles 54–61% natively; in the
-# Zen 5 run about half. The kernel's time at $N = 4096$ agrees whichever way it was measured (in
-# the pairs with torch, with the matmul, or in separate processes) to within the VM's drift — one
-# reason to quote such shares with the quartiles of the pairs, and always with the machine.
+# On the native Xeon the fast kernel reaches 63% of the square-matmul rate at $N = 2048$, 68% at
+# $N = 4096$ and 73–74% from $N = 8192$ on (torch about 68% at $N = 4096$); with AVX2 code 73–80% (the
+# AVX2 BLAS is slower, so the same loops weigh less); with OpenBLAS behind the tiles (earlier loops)
+# 54–61% natively; in the Zen 5 run about half. The kernel's time at $N = 4096$ agrees whichever way
+# it was measured (in the pairs with torch, with the matmul, or in separate processes) to within the
+# VM's drift — one reason to quote such shares with the quartiles of the pairs, and always with the
+# machine.
 #
 # ### What limits the fast kernel
 #
@@ -742,7 +744,7 @@ os.environ.pop("ATTENTION_REF_BLAS")
 numba.set_num_threads(threads)
 
 # %% [markdown]
-# Both estimates put about a third of the time outside the products (25–38% here), in loops that
+# Both estimates put a fifth to a third of the time outside the products (19–33% here), in loops that
 # do almost no counted FLOPs. That, and the products' own rate (below the square-matmul rate: a
 # $B_q \times 64$ by $64 \times B_k$ product does only $E = 64$ multiply-adds per output number), is
 # why the kernel's share of the matmul rate stays below one. Each logit costs $2E = 128$ FLOPs to
@@ -753,14 +755,14 @@ numba.set_num_threads(threads)
 # alone take most of the kernel's time, and on the native Xeon nearly as long as torch's whole call,
 # whose products go through Intel's MKL: the same loops calling MKL (the cell above times both on
 # the machine running this notebook) took the plain float32 forward pass from 1.27× to 1.02× torch's
-# time there. Another experiment on the native Xeon ($N = 4096$, not run in this notebook) changed
-# nothing beyond the machine's noise, other tiles: an interleaved scan of 16 shapes
-# (`benchmarks/scan_tiles.py`, two heads on one thread each; `benchmarks/results/tiles_*.json`) put
-# the rule's choice first in float64, and in float32 256 × 1024 ahead by 11%, but with the
-# benchmark's one head on two threads that shape was only 3–4% faster without a mask and 3% slower
-# with a causal one. What remains is the tile products, already at the BLAS's own rate for these
-# narrow shapes, and the softmax loops; on another CPU, with another BLAS, the balance is different
-# (section 5).
+# time there (with the loops of that time). Another experiment on the native Xeon ($N = 4096$, not
+# run in this notebook) changed nothing beyond the machine's noise, other tiles: an interleaved scan
+# of 16 shapes (`benchmarks/scan_tiles.py`, two heads on one thread each;
+# `benchmarks/results/tiles_*.json`) put the rule's choice first in float64, and in float32 256 ×
+# 1024 ahead by 11%, but with the benchmark's one head on two threads that shape was only 3–4%
+# faster without a mask and 3% slower with a causal one. What remains is the tile products, already
+# at the BLAS's own rate for these narrow shapes, and the softmax loops; on another CPU, with
+# another BLAS, the balance is different (section 5).
 #
 # ## 6 · From a plain loop to the fast kernel
 #
