@@ -12,12 +12,12 @@ step 2  + vectorised 2^x (polynomial + exponent bits) instead of scalar math.exp
 step 3  + scalar accumulators: the reduction over d runs into locals (no store per step)
 step 4  + BLAS tiles: S = Q_i K_j^T and P V_j through np.dot (64 x 128 tiles), scalar row max
 step 5  + vectorised row max (16 running maxima)
-step 6  + one pass for e^x and the row sum, row max by halving (the library's helpers), raw
+step 6  + one pass for e^x and the row sum (the library's helper), row max by halving, raw
         logits with the scale applied in the exponent; still 64 x 128 tiles
 step 7  + the tiles chosen for this machine (``tile_sizes()``) = ``kernel="fast"``
 
-Steps 1-5 carry their own copies of the helpers they used (the library has moved on); step 6
-uses the library's ``_exp_sum`` and ``_row_max``.
+Steps 1-6 carry their own copies of the helpers they used (the library has moved on); step 6
+uses the library's ``_exp_sum``.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from attention_ref.flash_numba import (
     _FASTMATH,
     _LOG2E,
     _exp_sum,
-    _row_max,
     numba_flash_forward,
 )
 
@@ -80,6 +79,26 @@ def _row_max16(x, m16):
     for u in range(1, 16):
         mx = max(mx, m16[u])
     return mx
+
+
+@nb.njit(cache=True, inline="always", fastmath=_FASTMATH)
+def _row_max_halving(x, tmp):
+    """max(x) for a row whose length is a power of two >= 32: the row halved into ``tmp``
+    (element-wise maxima of the two halves, then of the halves of ``tmp``), a few independent
+    vector loops instead of one serial chain of maxima (the library used this until its row
+    maximum became one vectorised reduction, ``_row_max``)."""
+    h = x.shape[0] // 2
+    for j in range(h):
+        tmp[j] = max(x[j], x[j + h])
+    while h > 16:
+        h //= 2
+        for j in range(h):
+            tmp[j] = max(tmp[j], tmp[j + h])
+    for j in range(8):
+        tmp[j] = max(tmp[j], tmp[j + 8])
+    for j in range(4):
+        tmp[j] = max(tmp[j], tmp[j + 4])
+    return max(max(tmp[0], tmp[2]), max(tmp[1], tmp[3]))
 
 
 @nb.njit(cache=True, inline="always", fastmath=_FASTMATH)
@@ -305,7 +324,7 @@ def _step6(q, kb, vb, tau, out):
             np.dot(Qb, kb[jb].T, s)
             for r in range(ROWS):
                 x = s[r]
-                mn = max(m[r], _row_max(x, tmp))
+                mn = max(m[r], _row_max_halving(x, tmp))
                 t = _exp_sum(x, mn, tau)
                 alpha[r] = np.exp(tau * (m[r] - mn))
                 ell[r] = alpha[r] * ell[r] + t

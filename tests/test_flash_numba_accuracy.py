@@ -141,3 +141,24 @@ def test_vectorised_exponential_against_numpy(dtype):
     assert rel.max() <= 4 * info.eps, rel.max()
     special = np.array([0.0, -np.inf, lowest - 2.0, -1e4], dtype=dtype)
     np.testing.assert_array_equal(evaluate(special), [1.0, 0.0, 0.0, 0.0])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_vectorised_row_maximum_against_numpy(dtype):
+    """The kernels' row maximum (one vectorised reduction) equals np.max exactly, for every
+    length (whole vectors or not), with masked (-inf) entries, and is -inf for a fully masked row."""
+    import numba
+
+    from attention_ref.flash_numba import _row_max
+
+    @numba.njit
+    def evaluate(x):
+        return _row_max(x)
+
+    rng = np.random.default_rng(0)
+    for n in [*range(1, 70), 127, 128, 129, 255, 512, 600, 1024]:
+        x = (rng.standard_normal(n) * 10.0 ** rng.integers(-3, 30)).astype(dtype)
+        x[rng.random(n) < 0.3] = -np.inf
+        assert evaluate(x) == x.max(), n
+        assert evaluate(-np.abs(x)) == (-np.abs(x)).max(), n
+    assert evaluate(np.full(37, -np.inf, dtype)) == -np.inf
