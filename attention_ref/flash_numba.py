@@ -248,6 +248,11 @@ def _bwd_readable(q, k, v, do, lse, delta, scale, lengths, offset, causal, left,
 # Tile sizes are run-time arguments (B_q query rows per work item, B_k keys per tile): they are
 # chosen per machine and dtype by ``tile_sizes`` below, not fixed here. B_k is a power of two
 # >= 32, so that a tile row is a whole number of vectors.
+# Query rows per group on a tile the causal diagonal cuts (_fwd_fast): each group computes only
+# the keys its last row sees, about half the diagonal tile's masked logits saved instead of none.
+# Measured on a Sapphire Rapids VM (causal forward, paired with whole-block tiles in one process):
+# N = 4096 2-2.5% faster (float32 and float64, groups of 32, 64 or 128), N = 2048 4-6%.
+_EDGE_ROWS = 64
 # Fixed number of key-block chunks per head in the backward pass: each chunk owns a private dQ
 # partial sum; a fixed count (not the thread count) keeps results bit-identical on any machine.
 BWD_CHUNKS = 4
@@ -556,46 +561,53 @@ def _fwd_fast(gemm, q, kp, vp, tau, lengths, offset, causal, left, right, L, S, 
         jb_stop = (hi[nr - 1] + block_k - 1) // block_k if hi[nr - 1] > lo[0] else jb_start
         for jb in range(jb_start, jb_stop):
             j0 = jb * block_k
-            # Optimisation (trimmed tiles): on a mask's edge (causal diagonal, key padding) the
-            # block's rows see only the first hi - j0 keys of the tile: compute just those
-            # columns, rounded up to a multiple of 32.
-            width = _tile_width(hi[nr - 1] - j0, block_k)
-            Kj = kp[b, hk, jb, :width]
-            st = s[:nr, :width]
-            # Optimisation (BLAS tiles): Q_i K_j^T and P V_j go to the BLAS gemm (MKL or
-            # OpenBLAS: _blas), as in PyTorch's CPU flash kernel; the loops keep the masks and
-            # the online softmax. It works for every head dimension.
-            _gemm(gemm, Qb, Kj, st, False, True, overwrite)
-            inside = j0 >= lo[nr - 1] and j0 + width <= hi[0]  # no row needs masking
-            for r in range(nr):
-                x = st[r]
-                if not inside:
-                    _mask_row(x, j0, lo[r], hi[r], neg_inf)
-                # online softmax on the raw logits X = Q_i K_j^T (Z = tau X): m_new = max(m,
-                # rowmax X); P = e^(tau (X - m_new)); ell = e^(tau (m - m_new)) ell + rowsum P;
-                # O = diag(e^(tau (m - m_new))) O + P V_j
-                m_new = max(m[r], _row_max(x))
-                if m_new == neg_inf:  # every key seen so far is masked: P = 0
-                    for j in range(width):
-                        x[j] = 0.0
-                    alpha[r] = 1.0
+            # Optimisation (trimmed tiles): on a mask's edge (causal diagonal, key padding) a row
+            # sees only the first hi - j0 keys of the tile: compute just the columns the last of
+            # a group of rows can see, rounded up to a multiple of 32. Where the rows see
+            # different numbers (the diagonal), groups of _EDGE_ROWS rows, each with its width.
+            rows = nr
+            if _tile_width(hi[0] - j0, block_k) < _tile_width(hi[nr - 1] - j0, block_k):
+                rows = _EDGE_ROWS
+            for r0 in range(0, nr, rows):
+                r1 = min(nr, r0 + rows)
+                if hi[r1 - 1] <= j0:  # no row of the group sees a key of this tile
                     continue
-                total = _exp_sum(x, m_new, tau)
-                if m_new == m[r]:  # the maximum did not move (the common case): no rescaling
-                    alpha[r] = 1.0
-                    ell[r] += total
-                    continue
-                a = np.exp(tau * (m[r] - m_new))  # m = -inf on the first visible tile: a = 0
-                alpha[r] = a
-                ell[r] = a * ell[r] + total
-                m[r] = m_new
-            for r in range(nr):  # O = diag(alpha) O, then O += P V_j in the gemm
-                a = alpha[r]
-                if a != 1.0:
-                    orow = o[r]
-                    for e in range(Ev):
-                        orow[e] *= a
-            _gemm(gemm, st, vp[b, hk, jb, :width], o[:nr], False, False, accumulate)
+                width = _tile_width(hi[r1 - 1] - j0, block_k)
+                st = s[r0:r1, :width]
+                # Optimisation (BLAS tiles): Q_i K_j^T and P V_j go to the BLAS gemm (MKL or
+                # OpenBLAS: _blas), as in PyTorch's CPU flash kernel; the loops keep the masks
+                # and the online softmax. It works for every head dimension.
+                _gemm(gemm, Qb[r0:r1], kp[b, hk, jb, :width], st, False, True, overwrite)
+                inside = j0 >= lo[r1 - 1] and j0 + width <= hi[r0]  # no row needs masking
+                for r in range(r0, r1):
+                    x = s[r, :width]
+                    if not inside:
+                        _mask_row(x, j0, lo[r], hi[r], neg_inf)
+                    # online softmax on the raw logits X = Q_i K_j^T (Z = tau X): m_new = max(m,
+                    # rowmax X); P = e^(tau (X - m_new)); ell = e^(tau (m - m_new)) ell + rowsum
+                    # P; O = diag(e^(tau (m - m_new))) O + P V_j
+                    m_new = max(m[r], _row_max(x))
+                    if m_new == neg_inf:  # every key seen so far is masked: P = 0
+                        for j in range(width):
+                            x[j] = 0.0
+                        alpha[r] = 1.0
+                        continue
+                    total = _exp_sum(x, m_new, tau)
+                    if m_new == m[r]:  # the maximum did not move (the common case): no rescaling
+                        alpha[r] = 1.0
+                        ell[r] += total
+                        continue
+                    a = np.exp(tau * (m[r] - m_new))  # m = -inf on the first visible tile: a = 0
+                    alpha[r] = a
+                    ell[r] = a * ell[r] + total
+                    m[r] = m_new
+                for r in range(r0, r1):  # O = diag(alpha) O, then O += P V_j in the gemm
+                    a = alpha[r]
+                    if a != 1.0:
+                        orow = o[r]
+                        for e in range(Ev):
+                            orow[e] *= a
+                _gemm(gemm, st, vp[b, hk, jb, :width], o[r0:r1], False, False, accumulate)
         # O_i = diag(ell)^-1 O_i ; lse = tau m + log(ell) ; fully masked rows -> 0 and -inf
         for r in range(nr):
             orow = out[b, h, i0 + r]
