@@ -347,13 +347,15 @@ reset_tile_sizes()  # forget the memo, so that your own stored choice (if any) a
 # A causal mask hides half the logits, but a kernel saves work only for what it does not compute.
 # The fast kernel (like stage 05's loops) skips every tile that lies wholly above the diagonal.
 # On the diagonal it **trims** the tile: the rows of a query block see only the first few keys of
-# the tile, so it computes those columns only (rounded up to a power of two, which its row
-# maximum needs), and masks the rest of what it computed with $-\infty$. The function below follows
+# the tile, so it computes those columns only (rounded up to a multiple of 32, whole vectors),
+# and masks the rest of what it computed with $-\infty$. Where the diagonal cuts a tile, the first
+# rows of the block see far fewer keys than the last, so the kernel takes the rows in groups of 64
+# (`_EDGE_ROWS`), each computing the columns its own last row can see. The function below follows
 # the kernel's plan (it calls the kernel's own `_tile_width`) and labels every logit of a causal
 # $N = 4096$ forward pass, with the float32 tiles of a machine with a 2 MiB L2 (256 × 512):
 
 # %%
-from attention_ref.flash_numba import _tile_width
+from attention_ref.flash_numba import _EDGE_ROWS, _tile_width
 
 
 def causal_plan(N, block_q, block_k, skip=True, trim=True):
@@ -361,14 +363,19 @@ def causal_plan(N, block_q, block_k, skip=True, trim=True):
     computed tile, 2 computed but masked, 3 computed and used."""
     label = np.zeros((N, N), dtype=np.int8)
     for i0 in range(0, N, block_q):
-        rows = np.arange(i0, min(N, i0 + block_q))[:, None]
-        last_key = rows[-1, 0] + 1  # the block's last row sees keys j < last_key
-        stop = -(-last_key // block_k) if skip else -(-N // block_k)
+        i1 = min(N, i0 + block_q)  # query row i sees the keys j < i + 1
+        stop = -(-i1 // block_k) if skip else -(-N // block_k)
         for j0 in range(0, stop * block_k, block_k):
-            width = _tile_width(last_key - j0, block_k) if (skip and trim) else block_k
-            label[rows[:, 0], j0:j0 + block_k] = 1
-            cols = np.arange(j0, min(N, j0 + width))
-            label[rows, cols] = np.where(cols <= rows, 3, 2)
+            label[i0:i1, j0:j0 + block_k] = 1
+            cut = _tile_width(i0 + 1 - j0, block_k) < _tile_width(i1 - j0, block_k)
+            group = _EDGE_ROWS if (skip and trim and cut) else block_q
+            for g0 in range(i0, i1, group):
+                g1 = min(i1, g0 + group)
+                if skip and g1 <= j0:  # no row of the group sees a key of this tile
+                    continue
+                width = _tile_width(g1 - j0, block_k) if (skip and trim) else block_k
+                rows, cols = np.arange(g0, g1)[:, None], np.arange(j0, min(N, j0 + width))
+                label[rows, cols] = np.where(cols <= rows, 3, 2)
     return label
 
 
@@ -404,8 +411,8 @@ plt.show()
 
 # %% [markdown]
 # Without skipping, a causal mask saves nothing: every logit is computed and half are thrown away.
-# Skipping whole tiles brings the work to 56%, trimming the diagonal tiles to 53% — close to the
-# 50% the mask keeps. Smaller tiles waste less on the diagonal but cost elsewhere (section 1: lower
+# Skipping whole tiles brings the work to 56%, trimming the diagonal tiles in groups of 64 rows to
+# 51% — close to the 50% the mask keeps. Smaller tiles waste less on the diagonal but cost elsewhere (section 1: lower
 # intensity, shorter BLAS calls).
 #
 # ## 5 · Measured on real machines
@@ -573,18 +580,18 @@ plt.show()
 # What the table says, machine by machine:
 #
 # * **Native Xeon (AVX-512), MKL behind the tiles:** without a mask the fast forward pass takes
-#   about the same time as torch's in float32 (0.98×) and less in float64 (0.83×). With a
-#   causal mask it is clearly faster (0.65× in float32, 0.56× in float64): it skips and trims
+#   about the same time as torch's in float32 (0.97×) and less in float64 (0.85×). With a
+#   causal mask it is clearly faster (0.66× in float32, 0.54× in float64): it skips and trims
 #   tiles (section 4), while torch's causal forward takes well over half of its no-mask time on
-#   this machine (exercise 3 prints the ratios). Forward + backward in float32 takes about 0.75×
+#   this machine (exercise 3 prints the ratios). Forward + backward in float32 takes about 0.76×
 #   torch's time.
 # * **AVX2, emulated:** with both sides held to 256-bit vectors and MKL's AVX2 path, the picture is
-#   much the same: 0.99× torch's time without a mask, 0.69× with a causal mask, float64 0.94×
-#   (causal 0.61×), forward + backward 0.80×. Everything is slower than natively (the BLAS
-#   square-matmul rate drops from about 330 to 220 GFLOP/s).
+#   much the same: 0.97× torch's time without a mask, 0.66× with a causal mask, float64 0.94×
+#   (causal 0.58×), forward + backward 0.81×. Everything is slower than natively (the BLAS
+#   square-matmul rate drops from about 320 to 210 GFLOP/s).
 # * **The same two with OpenBLAS:** the same loops with SciPy's OpenBLAS doing the tile products
-#   were slower in every row — 1.27× and 1.14× torch's time without a mask (measured with an
-#   earlier version of the loops, which took 1.02× with MKL). On this machine MKL
+#   are slower in every row — 1.14× and 1.11× torch's time without a mask, where they take 0.97×
+#   with MKL. On this machine MKL
 #   does the kernel's 256 × 512 × 64 tile products about a fifth faster than OpenBLAS (timed
 #   side by side in "What limits the fast kernel" below), and those products are most of the
 #   kernel's time.
@@ -663,10 +670,10 @@ for name, run in runs.items():
         print(f"  with the torch-pair time: {rate:.0f} GFLOP/s = {rate / ceil['float32']:.0%} of the square-matmul rate")
 
 # %% [markdown]
-# On the native Xeon the fast kernel reaches 63% of the square-matmul rate at $N = 2048$, 68% at
-# $N = 4096$ and 73–74% from $N = 8192$ on (torch about 68% at $N = 4096$); with AVX2 code 73–80% (the
-# AVX2 BLAS is slower, so the same loops weigh less); with OpenBLAS behind the tiles (earlier loops)
-# 54–61% natively; in the Zen 5 run about half. The kernel's time at $N = 4096$ agrees whichever way
+# On the native Xeon the fast kernel reaches 66% of the square-matmul rate at $N = 2048$, 69% at
+# $N = 4096$ and 70–75% from $N = 8192$ on (torch about 72% at $N = 4096$, in separate processes); with AVX2 code 68–78% (the
+# AVX2 BLAS is slower, so the same loops weigh less); with OpenBLAS behind the tiles 48–59% natively;
+# in the Zen 5 run about half. The kernel's time at $N = 4096$ agrees whichever way
 # it was measured (in the pairs with torch, with the matmul, or in separate processes) to within the
 # VM's drift — one reason to quote such shares with the quartiles of the pairs, and always with the
 # machine.
@@ -744,7 +751,7 @@ os.environ.pop("ATTENTION_REF_BLAS")
 numba.set_num_threads(threads)
 
 # %% [markdown]
-# Both estimates put a fifth to a third of the time outside the products (19–33% here), in loops that
+# Both estimates put a fifth to a third of the time outside the products (21–33% here), in loops that
 # do almost no counted FLOPs. That, and the products' own rate (below the square-matmul rate: a
 # $B_q \times 64$ by $64 \times B_k$ product does only $E = 64$ multiply-adds per output number), is
 # why the kernel's share of the matmul rate stays below one. Each logit costs $2E = 128$ FLOPs to
@@ -754,8 +761,8 @@ numba.set_num_threads(threads)
 # Which library does the products matters as much as the loops. With OpenBLAS the tile products
 # alone take most of the kernel's time, and on the native Xeon nearly as long as torch's whole call,
 # whose products go through Intel's MKL: the same loops calling MKL (the cell above times both on
-# the machine running this notebook) took the plain float32 forward pass from 1.27× to 1.02× torch's
-# time there (with the loops of that time). Another experiment on the native Xeon ($N = 4096$, not
+# the machine running this notebook) take the plain float32 forward pass from 1.14× to 0.97× torch's
+# time there. Another experiment on the native Xeon ($N = 4096$, not
 # run in this notebook) changed nothing beyond the machine's noise, other tiles: an interleaved scan
 # of 16 shapes (`benchmarks/scan_tiles.py`, two heads on one thread each;
 # `benchmarks/results/tiles_*.json`) put the rule's choice first in float64, and in float32 256 ×
@@ -784,8 +791,9 @@ numba.set_num_threads(threads)
 #   the row maximum by halving, the scale applied in the exponent (raw logits).
 # * **step 7** – the library's kernel, `kernel="fast"`: the tiles chosen for this machine
 #   (`tile_sizes()`: 256 × 512 on the native Xeon), the gemm with $\beta$ (MKL's here, where steps
-#   4–6 call NumPy's OpenBLAS through `np.dot`), no rescaling when a row's
-#   maximum did not move (without a mask, trimmed tiles play no part).
+#   4–6 call NumPy's OpenBLAS through `np.dot`), no rescaling when a row's maximum did not move,
+#   the row maximum as one vectorised reduction and the loops on 512-bit vectors (without a mask,
+#   trimmed tiles play no part).
 #
 # Two of the key pieces of code, as the library has them. The exponential by **range reduction**:
 # $e^t = 2^n e^r$ with $n = \operatorname{round}(t \log_2 e)$ and $r = t - n \ln 2 \in
@@ -1037,8 +1045,9 @@ for name, run in runs.items():
 # (b) Skipping the tiles wholly above the diagonal leaves the tiles on or below it; with $T$ tiles
 # per side that is about $\frac{1}{2}(1 + 1/T)$ of $N^2$ for square tiles — 0.508 for $64 \times 64$ —
 # and 0.5625 for $256 \times 512$, whose diagonal tiles are wide. (c) Trimming computes only the
-# columns the block's last row can see (rounded up to a power of two): 0.531 for $256 \times 512$,
-# no change for $64 \times 64$ (its diagonal tiles are already as narrow as the rounding allows).
+# columns each group of 64 rows can see (its last row's keys, rounded up to a multiple of 32): 0.508
+# for $256 \times 512$; no change for $64 \times 64$ (a 64-row block is a single group, and its
+# diagonal tile is already 64 keys wide).
 # The measured time ratios stay above these fractions because not all the time scales with the
 # logits: each query block still pays its fixed costs (packing, the final division by $\ell$),
 # the diagonal tiles need the element-wise masking, the work is less even between the threads
