@@ -1,4 +1,4 @@
-"""The fast kernels' exponential must compile to vector instructions (stage 06).
+"""The fast kernels' exponential and row maximum must compile to vector instructions (stage 06).
 
 ``math.exp`` would be one scalar library call per logit; the kernels write e^x out so that LLVM
 vectorises it. That is a property of the machine code, so the test reads it: a small function
@@ -24,7 +24,7 @@ import json, re
 import numba as nb
 import numpy as np
 from attention_ref.flash_numba import (_FASTMATH, _exp_sum, _prefer_target_vector_width,
-                                      _vector_bits)
+                                      _row_max, _vector_bits)
 
 @nb.njit(fastmath=_FASTMATH)
 def rows(x, m, tau):
@@ -41,7 +41,21 @@ def rows_as_in_the_kernels(x, m, tau):  # with the kernels' choice of vector wid
         total += _exp_sum(x[r], m, tau)
     return total
 
-out = {"vector_bits": _vector_bits()}
+@nb.njit(fastmath=_FASTMATH)
+def row_maxima(x):  # the forward kernel's row maximum, with its vector width
+    _prefer_target_vector_width()
+    total = x[0, 0] - x[0, 0]
+    for r in range(x.shape[0]):
+        total += _row_max(x[r])
+    return total
+
+out = {"vector_bits": _vector_bits(), "row_max": {}}
+for dt in ("float32", "float64"):
+    x = np.zeros((4, 512), dtype=dt)
+    row_maxima(x)
+    asm = row_maxima.inspect_asm(row_maxima.signatures[-1])
+    kind = "s" if dt == "float32" else "d"
+    out["row_max"][dt] = [l.strip() for l in asm.splitlines() if re.search(r"\bvmaxp" + kind + r"\b", l)]
 for name, f in (("default", rows), ("kernels", rows_as_in_the_kernels)):
     for dt in ("float32", "float64"):
         x = np.zeros((4, 512), dtype=dt)
@@ -83,6 +97,8 @@ def test_exp_vectorises_on_avx2(tmp_path):
     """8 float32 (4 float64) per 256-bit ymm instruction, no call to a scalar exp."""
     code = _compile_for("haswell", tmp_path)
     assert code.pop("vector_bits") == 256
+    for dt, lines in code.pop("row_max").items():  # the row maximum: packed maxima on ymm
+        assert any("ymm" in line for line in lines), (dt, lines)
     for dt, c in code.items():
         assert c["rounding"], dt  # the exponential's loop was found
         # its main loop works on 256-bit registers (LLVM adds narrower loops for the remainder;
@@ -97,6 +113,8 @@ def test_exp_vectorises_on_the_host(tmp_path):
     in the kernels 512-bit ones (zmm) unless the CPU is of the Skylake-SP family."""
     code = _compile_for(None, tmp_path)
     wide = code.pop("vector_bits") == 512
+    for dt, lines in code.pop("row_max").items():
+        assert any(("zmm" if wide else "ymm") in line for line in lines), (dt, lines)
     for key, c in code.items():
         assert any(re.search(r"[yz]mm", line) for line in c["rounding"]), (key, c["rounding"])
         assert c["packed_fma"] >= 8 and c["exp_calls"] == 0, (key, c)
