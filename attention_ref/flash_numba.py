@@ -505,8 +505,8 @@ def _row_max(x):
 @nb.njit(cache=True, inline="always")
 def _tile_width(visible, block_k):
     """Columns of a key tile to compute when only the first ``visible`` keys can be seen:
-    ``visible`` rounded up to a multiple of 32 (whole vectors), at most block_k."""
-    return min(-(-visible // 32) * 32, block_k)
+    ``visible`` rounded up to a multiple of 32 (whole vectors), at least 32, at most block_k."""
+    return min(max(-(-visible // 32), 1) * 32, block_k)
 
 
 @nb.njit(cache=True, inline="always", fastmath=_FASTMATH)
@@ -556,9 +556,11 @@ def _fwd_fast(gemm, q, kp, vp, tau, lengths, offset, causal, left, right, L, S, 
         hi = np.empty(block_q, dtype=np.int64)
         for r in range(nr):
             lo[r], hi[r] = _key_range(i0 + r, L, S, offset, causal, left, right, lengths[b])
-        # tile skipping: the block's rows see keys [lo[0], hi[nr-1]) (both bounds grow with i)
+        # tile skipping: the block's rows see keys [lo[0], hi[nr-1]) (both bounds grow with i);
+        # a row that sees no key has lo = hi, which can lie past the last key: cut there
+        last = min(hi[nr - 1], S, lengths[b])
         jb_start = lo[0] // block_k
-        jb_stop = (hi[nr - 1] + block_k - 1) // block_k if hi[nr - 1] > lo[0] else jb_start
+        jb_stop = (last + block_k - 1) // block_k if last > lo[0] else jb_start
         for jb in range(jb_start, jb_stop):
             j0 = jb * block_k
             # Optimisation (trimmed tiles): on a mask's edge (causal diagonal, key padding) a row

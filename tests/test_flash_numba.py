@@ -273,3 +273,26 @@ def test_row_maximum_moving_across_key_tiles(rng, dtype, tol, growth, is_causal,
     out_np, lse_np = flash_attention(q, k, v, is_causal=is_causal, return_lse=True)
     assert _rel(out, ref) <= max(tol, 2 * _rel(out_np, ref))
     assert _rel(lse, ref_lse) <= max(tol, 2 * _rel(lse_np, ref_lse))
+
+
+def test_forward_kernel_reads_no_key_block_past_the_last(rng, tiles):
+    """A query block whose last rows see no key (a sliding window past the last key: lo = hi = their
+    own position, beyond S) must not run a tile past the last key block. K and V are views into
+    arrays whose next block holds NaN: reading it (0 * NaN in P V_j) would make the rows NaN."""
+    from attention_ref.flash_numba import _blas, _fwd_fast, _pad_rows
+
+    if tiles != "small-tiles":
+        pytest.skip("one tile layout is enough")
+    L, S, E, left, block_q, block_k = 64, 27, 4, 30, 16, 32
+    q, k, v = (rng.standard_normal((1, 1, n, E)) for n in (L, S, S))
+    kv_blocks = []
+    for x in (k, v):
+        padded = np.full((1, 1, 2, block_k, E), np.nan)
+        padded[:, :, :1] = _pad_rows(x, block_k).reshape(1, 1, 1, block_k, E)
+        kv_blocks.append(padded[:, :, :1])  # shape (1, 1, 1, B_k, E); NaN right after it
+    out, lse = np.empty((1, 1, L, E)), np.empty((1, 1, L))
+    _fwd_fast(_blas()["float64"], q, *kv_blocks, 0.5, np.array([S]), 0, False, left, 0, L, S, block_q,
+              out, lse)
+    reference = numba_flash_forward(q, k, v, scale=0.5, is_causal=True, window=(left, 0), kernel="readable")
+    np.testing.assert_allclose(out, reference[0], rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(lse, reference[1], rtol=1e-12)
