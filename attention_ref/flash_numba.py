@@ -108,8 +108,12 @@ _band_key_range = nb.njit(cache=True, inline="always")(key_range)
 @nb.njit(cache=True, inline="always")
 def _key_range(i, L, S, offset, causal, left, right, length):
     """Keys ``lo <= j < hi`` visible to query row ``i``: the band (offset, left, right) of
-    ``masks.band`` (the glue folds causal into right; ``causal`` is honoured too), cut at ``length``."""
-    return _band_key_range(i, offset, left, min(right, 0) if causal else right, min(S, length))
+    ``masks.band`` (the glue folds causal into right; ``causal`` is honoured too), cut at ``length``.
+    Both ends are cut at the last key: a row that sees none has lo = hi (key_range puts them at
+    the band's start, which can lie past the keys), and the kernels run tiles up to hi."""
+    end = min(S, length)
+    lo, hi = _band_key_range(i, offset, left, min(right, 0) if causal else right, end)
+    return min(lo, end), min(hi, end)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -556,11 +560,9 @@ def _fwd_fast(gemm, q, kp, vp, tau, lengths, offset, causal, left, right, L, S, 
         hi = np.empty(block_q, dtype=np.int64)
         for r in range(nr):
             lo[r], hi[r] = _key_range(i0 + r, L, S, offset, causal, left, right, lengths[b])
-        # tile skipping: the block's rows see keys [lo[0], hi[nr-1]) (both bounds grow with i);
-        # a row that sees no key has lo = hi, which can lie past the last key: cut there
-        last = min(hi[nr - 1], S, lengths[b])
+        # tile skipping: the block's rows see keys [lo[0], hi[nr-1]) (both bounds grow with i)
         jb_start = lo[0] // block_k
-        jb_stop = (last + block_k - 1) // block_k if last > lo[0] else jb_start
+        jb_stop = (hi[nr - 1] + block_k - 1) // block_k if hi[nr - 1] > lo[0] else jb_start
         for jb in range(jb_start, jb_stop):
             j0 = jb * block_k
             # Optimisation (trimmed tiles): on a mask's edge (causal diagonal, key padding) a row
