@@ -469,8 +469,9 @@ def _probs_and_dlogits(x, y, tau, lse_row, d):
 # 3.5-4% faster (N = 2048, 4096), causal 2%, float64 0.5-2%; with AVX2 code 0-1%.
 # With the flag, a NaN logit makes the loop's result LLVM "poison"; _frozen turns that into a
 # fixed (unspecified) number, so that the branches on the maximum stay defined. A NaN in q or k
-# gives NaN logits, and the wrapper makes those rows NaN afterwards (_nan_rows); the row is
-# unspecified inside the kernel either way (the halving tree kept or dropped a NaN by position).
+# gives NaN logits, and the wrapper gives such heads the NumPy core's answer afterwards
+# (_numpy_where_logits_may_not_be_finite); the row is unspecified inside the kernel either way
+# (the halving tree kept or dropped a NaN by position).
 @intrinsic
 def _max_assuming_no_nan(typingctx, a, b):
     """max(a, b) for a, b not NaN (LLVM's maxnum with the nnan flag)."""
@@ -504,6 +505,25 @@ def _row_max(x):
     for j in range(x.shape[0]):
         m = _max_assuming_no_nan(m, x[j])
     return _frozen(m)
+
+
+@nb.njit(cache=True, fastmath=_FASTMATH)
+def _head_magnitudes(x, rows):
+    """x (B, H, N, E), rows (B,) -> (B, H): the largest |x| among the first rows[b] rows of each
+    head, NaN where those hold a NaN or an infinity. One vectorised pass: x * 0 is 0 for a finite
+    x and NaN for NaN and +-inf (LLVM may not fold it to 0 without the no-NaN flag), so their sum
+    reports any of them."""
+    out = np.empty(x.shape[:2], dtype=x.dtype)
+    for b in range(x.shape[0]):
+        for h in range(x.shape[1]):
+            flat = x[b, h, : rows[b]].reshape(-1)
+            largest = x.dtype.type(0.0)
+            probe = x.dtype.type(0.0)
+            for i in range(flat.shape[0]):
+                largest = _max_assuming_no_nan(largest, abs(flat[i]))
+                probe += flat[i] * x.dtype.type(0.0)
+            out[b, h] = _frozen(largest) + probe
+    return out
 
 
 @nb.njit(cache=True, inline="always")
@@ -1227,22 +1247,26 @@ def _numpy_cores_inputs(q, k, v, lengths):
     return attention_arrays(q, k, v, np.arange(k.shape[2]) < lengths[:, None, None, None])[1:]
 
 
-def _nan_rows(q, k, out, lse, band, lengths):
-    """Make a row with a NaN logit NaN, as the NumPy path does (the kernels drop a NaN logit or give
-    its row 0): the rows whose query, or a key they see, holds a NaN. Looked for only when q or k
-    holds a NaN at all. That test is one pass over them: a NaN anywhere makes the minimum NaN
-    (np.min propagates it), 3x faster than a NaN mask reduced along E (0.09 vs 0.26 ms per
-    (1, 4, 2048, 64) float32 array on a Sapphire Rapids VM, where the forward kernel takes ~20 ms)."""
-    if not (np.isnan(q.min()) or np.isnan(k.min())):
-        return out, lse
-    q_nan, k_nan = np.isnan(q).any(axis=-1), np.isnan(k).any(axis=-1)  # (B, Hq, L), (B, H, S)
-    group = q.shape[1] // k.shape[1]
-    nan_keys_before = np.concatenate([np.zeros(k_nan.shape[:-1] + (1,), int), np.cumsum(k_nan, axis=-1)], axis=-1)
-    for b, h, i in np.ndindex(*lse.shape):
-        lo, hi = key_range(i, *band, int(lengths[b]))
-        seen = nan_keys_before[b, h // group]
-        if lo < hi and (q_nan[b, h, i] or seen[hi] > seen[lo]):
-            out[b, h, i], lse[b, h, i] = np.nan, np.nan
+def _numpy_where_logits_may_not_be_finite(q, k, v, out, lse, scale, band, lengths):
+    """The kernels' online softmax assumes finite logits: it drops a NaN logit, and a +inf one
+    gives +inf - inf. A head whose logits may not be finite -- a NaN or an infinity in its q or in
+    the keys its batch's length lets it see, or |scale q.k| that could come near the dtype's largest number (bounded by
+    E max|q| max|k| max(1, |scale|)) -- gets the NumPy core's answer instead, so that this backend
+    answers exactly what the NumPy one answers (NaN rows included). One pass over q and k finds
+    them (0.04 ms for two (1, 1, 2048, 64) float32 arrays after a forward call, Sapphire Rapids VM)."""
+    B, Hq, L, E = q.shape
+    group = Hq // k.shape[1]
+    largest_q = _head_magnitudes(q, np.full(B, L, dtype=np.int64))
+    # keys past a batch's length are never seen (a KV cache may hold anything there)
+    largest_k = np.repeat(_head_magnitudes(k, lengths), group, axis=1)  # query head h reads KV head h // group
+    bound = E * largest_q * largest_k * max(1.0, abs(scale))
+    from .flash import forward_fa2
+
+    for b, h in zip(*np.nonzero(~(bound < np.finfo(q.dtype).max / 4)), strict=True):  # NaN < x is False
+        heads = (slice(b, b + 1), slice(h // group, h // group + 1))
+        k_one, v_one, mask = _numpy_cores_inputs(q[b:b + 1, h:h + 1], k[heads], v[heads], lengths[b:b + 1])
+        o_one, lse_one = forward_fa2(q[b:b + 1, h:h + 1], k_one, v_one, mask, scale, band, 64, 64)
+        out[b, h], lse[b, h] = o_one[0, 0], lse_one[0, 0]
     return out, lse
 
 
@@ -1269,7 +1293,8 @@ def _forward(query, key, value, scale, band, lengths, kernel):
         k, v, mask = _numpy_cores_inputs(q, k, v, lengths)
         out, lse = forward_fa2(q, k, v, mask, scale, band, 64, 64)
     else:
-        out, lse = _nan_rows(q, k, *_run_forward(q, k, v, scale, lengths, band, kernel), band, lengths)
+        out, lse = _numpy_where_logits_may_not_be_finite(q, k, v, *_run_forward(q, k, v, scale, lengths, band, kernel),
+                                                          scale, band, lengths)
     return out.astype(query.dtype, copy=False).reshape(*query.shape[:-1], value.shape[-1]), lse.reshape(query.shape[:-1])
 
 

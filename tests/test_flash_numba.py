@@ -296,3 +296,45 @@ def test_forward_kernel_reads_no_key_block_past_the_last(rng, tiles):
     reference = numba_flash_forward(q, k, v, scale=0.5, is_causal=True, window=(left, 0), kernel="readable")
     np.testing.assert_allclose(out, reference[0], rtol=1e-12, atol=1e-14)
     np.testing.assert_allclose(lse, reference[1], rtol=1e-12)
+
+
+@pytest.mark.parametrize("kernel", ["fast", "readable"])
+def test_keys_past_the_key_length_are_never_looked_at(rng, kernel, monkeypatch):
+    """A KV cache may hold anything past its length: NaN and inf among those keys reach neither the
+    output nor the finite-logits test (which would hand the heads to the NumPy core). (Values are
+    another matter: 0 * NaN = NaN in P V on every path, as in PyTorch.)"""
+    import attention_ref.flash
+
+    def not_expected(*args, **kwargs):
+        raise AssertionError("a head was handed to the NumPy core")
+
+    q, k, v = rng.standard_normal((2, 4, 7, 8)), rng.standard_normal((2, 2, 11, 8)), rng.standard_normal((2, 2, 11, 8))
+    lengths = np.array([5, 9])
+    k[0, :, 5:], k[1, :, 9:10], k[1, :, 10:] = np.nan, np.inf, -np.inf
+    monkeypatch.setattr(attention_ref.flash, "forward_fa2", not_expected)
+    out, lse = numba_flash_forward(q, k, v, key_lengths=lengths, enable_gqa=True, kernel=kernel)
+    for b, n in enumerate(lengths):
+        expected = scaled_dot_product_attention(q[b], k[b, :, :n], v[b, :, :n], enable_gqa=True)
+        np.testing.assert_allclose(out[b], expected, rtol=1e-12, atol=1e-14)
+
+
+def test_a_head_with_an_infinity_is_handed_to_the_numpy_core(rng, monkeypatch):
+    """...and only that head (query head 3 reads KV head 1 of batch element 0)."""
+    import attention_ref.flash
+
+    handed = []
+    numpy_core = attention_ref.flash.forward_fa2
+
+    def recording(q, *args):
+        handed.append(q.shape)
+        return numpy_core(q, *args)
+
+    q, k, v = rng.standard_normal((2, 4, 7, 8)), rng.standard_normal((2, 2, 11, 8)), rng.standard_normal((2, 2, 11, 8))
+    q[0, 3, 2, 1] = np.inf
+    monkeypatch.setattr(attention_ref.flash, "forward_fa2", recording)
+    with np.errstate(invalid="ignore"):
+        out, _ = numba_flash_forward(q, k, v, enable_gqa=True)
+    assert handed == [(1, 1, 7, 8)]
+    nan_rows = np.zeros((2, 4, 7), bool)
+    nan_rows[0, 3, 2] = True
+    np.testing.assert_array_equal(np.isnan(out).all(-1), nan_rows)

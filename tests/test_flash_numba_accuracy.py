@@ -162,3 +162,26 @@ def test_vectorised_row_maximum_against_numpy(dtype):
         assert evaluate(x) == x.max(), n
         assert evaluate(-np.abs(x)) == (-np.abs(x)).max(), n
     assert evaluate(np.full(37, -np.inf, dtype)) == -np.inf
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_head_magnitudes_against_numpy(dtype):
+    """The finite-logits test's pass over q and k: max |x| over each head's first rows[b] rows
+    exactly, NaN as soon as one of those holds a NaN or an infinity, 0 for no rows."""
+    from attention_ref.flash_numba import _head_magnitudes
+
+    rng = np.random.default_rng(0)
+    for B, H, N, E in [(1, 1, 1, 1), (2, 3, 5, 7), (1, 2, 67, 64), (3, 1, 130, 33)]:
+        x = (rng.standard_normal((B, H, N, E)) * 10.0 ** rng.integers(-3, 30)).astype(dtype)
+        rows = rng.integers(0, N + 1, B)
+        expected = np.array([[np.abs(x[b, h, :rows[b]]).max(initial=0.0) for h in range(H)] for b in range(B)])
+        np.testing.assert_array_equal(_head_magnitudes(x, rows), expected)
+        for bad in (np.nan, np.inf, -np.inf):
+            b, h = rng.integers(B), rng.integers(H)
+            if rows[b] == 0:
+                continue
+            y = x.copy()
+            y[b, h, rng.integers(rows[b]), rng.integers(E)] = bad
+            y[b, h, rows[b]:] = np.nan  # rows past the length are not looked at
+            got = _head_magnitudes(y, rows)
+            assert np.isnan(got[b, h]) and np.isnan(got).sum() == 1, (B, H, N, E, bad)

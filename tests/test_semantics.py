@@ -129,6 +129,43 @@ def test_a_nan_logit_makes_its_row_nan(path, where):
     np.testing.assert_allclose(out[~nan_rows], reference[~nan_rows], rtol=1e-12)
 
 
+def _set(x, index, value):
+    x[index] = value
+
+
+# q (2, 4, 9, 4), k (2, 2, 9, 4): query heads 0 and 1 read KV head 0. `big` * `big` overflows the dtype.
+NON_FINITE_LOGITS = {
+    "+inf in a query": lambda q, k, big: _set(q, (0, 1, 2, 1), np.inf),
+    "-inf in a query": lambda q, k, big: _set(q, (0, 1, 2, 1), -np.inf),
+    "+inf in a key": lambda q, k, big: _set(k, (1, 0, 3, 0), np.inf),
+    "a key of -inf": lambda q, k, big: _set(k, (1, 0, 3), -np.inf),
+    "inf * 0 in a logit": lambda q, k, big: (_set(q, (0, 1, 2, 1), np.inf), _set(k, (0, 0, slice(None), 1), 0.0)),
+    "a logit overflowing to +inf": lambda q, k, big: (_set(q, (0, 0, 3), big), _set(k, (0, 0, 1), big)),
+    "a logit overflowing to -inf": lambda q, k, big: (_set(q, (0, 0, 3), big), _set(k, (0, 0, 1), -big)),
+    "inf - inf inside a logit": lambda q, k, big: (_set(q, (0, 0, 3), [big, big, 0, 0]),
+                                                   _set(k, (0, 0, 1), [big, -big, 0, 0])),
+    "a scale overflowing the logits": lambda q, k, big: {"scale": big},
+}
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("case", NON_FINITE_LOGITS)
+@pytest.mark.parametrize("path", FORWARD_PATHS)
+def test_infinite_inputs_and_overflowing_logits_give_the_numpy_answer(path, case, dtype):
+    """A logit that is NaN or +inf makes its row NaN, a -inf one counts as masked, as the NumPy
+    paths compute it: the numba kernels assume finite logits, and their wrapper hands such heads to
+    the NumPy core."""
+    q, k, v = (x.astype(dtype) for x in _qkv((2, 4, 2, 9, 9, 4, 3)))
+    kw = NON_FINITE_LOGITS[case](q, k, 2 * np.sqrt(np.finfo(dtype).max))
+    kw = kw if isinstance(kw, dict) else {}  # the cases that only set entries return None or a tuple
+    with np.errstate(all="ignore"):
+        out = FORWARD_PATHS[path](q, k, v, is_causal=True, **kw)
+        reference = FORWARD_PATHS["sdpa"](q, k, v, is_causal=True, **kw)
+    tol = {"rtol": 1e-12} if dtype == np.float64 else {"rtol": 1e-5, "atol": 1e-6}
+    np.testing.assert_allclose(out, reference, equal_nan=True, **tol)
+    assert out.dtype == dtype
+
+
 def test_a_nan_logit_makes_its_row_nan_in_softmax_and_luong():
     row = ar.softmax(np.array([[1.0, np.nan, 0.5], [1.0, 2.0, 3.0]]))
     assert np.all(np.isnan(row[0])) and np.all(np.isfinite(row[1]))
