@@ -213,7 +213,7 @@ def worker(impl: str, dtype: str, causal: bool, mode: str, Ns: list[int], reps: 
         first = time.perf_counter() - t0
         before = probe_gflops()
         time.sleep(SETTLE_S)  # the probe's BLAS threads spin on after it; let them sleep
-        call()  # and wake this machine up again (see SETTLE_S)
+        warm_up(call)  # and wake this machine up again (see SETTLE_S)
         times = []
         for _ in range(1 if N >= 8192 else reps):
             t = time.perf_counter()
@@ -255,7 +255,7 @@ def _square_matmul(dtype: str):
 
 def serve(impl: str, dtype: str, causal: bool, mode: str, N: int) -> None:
     """A persistent worker for paired timing: after two warm-up calls it prints "ready", then
-    per "go" line on stdin runs one untimed and one timed call and prints the latter's seconds. ``impl="matmul"`` is the
+    per "go" line on stdin runs untimed calls for WARM_S seconds, then one timed call, and prints its seconds. ``impl="matmul"`` is the
     square 2048^3 BLAS product (the machine's ceiling)."""
     if impl == "matmul":
         call = _square_matmul(dtype)
@@ -267,7 +267,7 @@ def serve(impl: str, dtype: str, causal: bool, mode: str, N: int) -> None:
     for line in sys.stdin:
         if line.strip() != "go":
             break
-        call()  # untimed: the first call after an idle pause is slow (see SETTLE_S)
+        warm_up(call)  # untimed: the calls after an idle pause are slow (see SETTLE_S)
         t = time.perf_counter()
         call()
         print(repr(time.perf_counter() - t), flush=True)
@@ -423,9 +423,21 @@ QUIET_FRACTION = 0.8
 # and sched_yield) and of OpenMP keep their threads busy-waiting for the next call; a call of
 # another library in that window shares the cores with them. Every switch between libraries
 # waits this long first. The pause has its own cost on this kind of (virtual) machine: the first
-# call after 0.3 s idle took 20-29 ms instead of 6.5 ms (fast kernel, N = 2048), so one untimed
-# call follows every pause.
+# call after 0.3 s idle took 20-29 ms instead of 6.5 ms (fast kernel, N = 2048), and the second
+# was still slow: 5.53 ms against 5.05 ms in a steady loop (21 rounds, Sapphire Rapids VM), while
+# after 50 ms of untimed calls it took 5.02 ms. One untimed call warmed a 53 ms matmul but not a
+# 5 ms kernel, and so favoured the longer call; every pause is followed by untimed calls for WARM_S
+# instead, the same time for every implementation.
 SETTLE_S = 0.3
+WARM_S = 0.1
+
+
+def warm_up(call) -> None:
+    """Untimed calls for WARM_S seconds (at least one): the state a timed call starts from."""
+    start = time.perf_counter()
+    call()
+    while time.perf_counter() - start < WARM_S:
+        call()
 
 
 class QuietGate:
