@@ -469,8 +469,8 @@ def _probs_and_dlogits(x, y, tau, lse_row, d):
 # 3.5-4% faster (N = 2048, 4096), causal 2%, float64 0.5-2%; with AVX2 code 0-1%.
 # With the flag, a NaN logit makes the loop's result LLVM "poison"; _frozen turns that into a
 # fixed (unspecified) number, so that the branches on the maximum stay defined. A NaN in q or k
-# gives NaN logits, and the wrapper gives such heads the NumPy core's answer afterwards
-# (_numpy_where_logits_may_not_be_finite); the row is unspecified inside the kernel either way
+# gives NaN logits, and the wrapper gives such heads the NumPy core's answer
+# (_heads_whose_logits_may_not_be_finite); the row is unspecified inside the kernel either way
 # (the halving tree kept or dropped a NaN by position).
 @intrinsic
 def _max_assuming_no_nan(typingctx, a, b):
@@ -524,6 +524,31 @@ def _head_magnitudes(x, rows):
                 probe += flat[i] * x.dtype.type(0.0)
             out[b, h] = _frozen(largest) + probe
     return out
+
+
+@nb.njit(cache=True)
+def _heads_whose_logits_may_not_be_finite(q, k, lengths, scale):
+    """The kernels' online softmax assumes finite logits: it drops a NaN logit, and a +inf one
+    gives +inf - inf. The heads (rows b, h of the result) whose logits may not be finite: a NaN or
+    an infinity in their q or in the keys their batch's length lets them see (a KV cache may hold
+    anything past it), or |scale q.k| that could come near the dtype's largest number (bounded by
+    E max|q| max|k| max(1, |scale|)). Compiled, as one call: composed of NumPy calls in the glue
+    it took 0.12 ms instead of 0.065 ms right after a forward call (N = 2048, float32; Sapphire
+    Rapids VM), most of it in small NumPy calls whose code the kernel had pushed out of the caches."""
+    B, Hq, L, E = q.shape
+    group = Hq // k.shape[1]
+    largest_q = _head_magnitudes(q, np.full(B, L, dtype=np.int64))
+    largest_k = _head_magnitudes(k, lengths)
+    limit = np.finfo(q.dtype).max / 4
+    heads = np.empty((B * Hq, 2), dtype=np.int64)
+    n = 0
+    for b in range(B):
+        for h in range(Hq):  # query head h reads KV head h // group
+            bound = E * largest_q[b, h] * largest_k[b, h // group] * max(1.0, abs(scale))
+            if not bound < limit:  # also when bound is NaN
+                heads[n, 0], heads[n, 1] = b, h
+                n += 1
+    return heads[:n]
 
 
 @nb.njit(cache=True, inline="always")
@@ -1247,24 +1272,15 @@ def _numpy_cores_inputs(q, k, v, lengths):
     return attention_arrays(q, k, v, np.arange(k.shape[2]) < lengths[:, None, None, None])[1:]
 
 
-def _numpy_where_logits_may_not_be_finite(q, k, v, out, lse, scale, band, lengths):
-    """The kernels' online softmax assumes finite logits: it drops a NaN logit, and a +inf one
-    gives +inf - inf. A head whose logits may not be finite -- a NaN or an infinity in its q or in
-    the keys its batch's length lets it see, or |scale q.k| that could come near the dtype's largest number (bounded by
-    E max|q| max|k| max(1, |scale|)) -- gets the NumPy core's answer instead, so that this backend
-    answers exactly what the NumPy one answers (NaN rows included). One pass over q and k finds
-    them (0.04 ms for two (1, 1, 2048, 64) float32 arrays after a forward call, Sapphire Rapids VM)."""
-    B, Hq, L, E = q.shape
-    group = Hq // k.shape[1]
-    largest_q = _head_magnitudes(q, np.full(B, L, dtype=np.int64))
-    # keys past a batch's length are never seen (a KV cache may hold anything there)
-    largest_k = np.repeat(_head_magnitudes(k, lengths), group, axis=1)  # query head h reads KV head h // group
-    bound = E * largest_q * largest_k * max(1.0, abs(scale))
+def _numpy_heads(heads, q, k, v, out, lse, scale, band, lengths):
+    """out[b, h], lse[b, h] for the heads (b, h) from the NumPy core, so that this backend answers
+    exactly what the NumPy one answers (NaN rows included)."""
     from .flash import forward_fa2
 
-    for b, h in zip(*np.nonzero(~(bound < np.finfo(q.dtype).max / 4)), strict=True):  # NaN < x is False
-        heads = (slice(b, b + 1), slice(h // group, h // group + 1))
-        k_one, v_one, mask = _numpy_cores_inputs(q[b:b + 1, h:h + 1], k[heads], v[heads], lengths[b:b + 1])
+    group = q.shape[1] // k.shape[1]
+    for b, h in heads:
+        kv_head = (slice(b, b + 1), slice(h // group, h // group + 1))
+        k_one, v_one, mask = _numpy_cores_inputs(q[b:b + 1, h:h + 1], k[kv_head], v[kv_head], lengths[b:b + 1])
         o_one, lse_one = forward_fa2(q[b:b + 1, h:h + 1], k_one, v_one, mask, scale, band, 64, 64)
         out[b, h], lse[b, h] = o_one[0, 0], lse_one[0, 0]
     return out, lse
@@ -1293,8 +1309,9 @@ def _forward(query, key, value, scale, band, lengths, kernel):
         k, v, mask = _numpy_cores_inputs(q, k, v, lengths)
         out, lse = forward_fa2(q, k, v, mask, scale, band, 64, 64)
     else:
-        out, lse = _numpy_where_logits_may_not_be_finite(q, k, v, *_run_forward(q, k, v, scale, lengths, band, kernel),
-                                                          scale, band, lengths)
+        not_finite = _heads_whose_logits_may_not_be_finite(q, k, lengths, float(scale))
+        out, lse = _numpy_heads(not_finite, q, k, v, *_run_forward(q, k, v, scale, lengths, band, kernel),
+                                scale, band, lengths)
     return out.astype(query.dtype, copy=False).reshape(*query.shape[:-1], value.shape[-1]), lse.reshape(query.shape[:-1])
 
 
