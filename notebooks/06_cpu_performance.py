@@ -580,15 +580,18 @@ plt.show()
 # What the table says, machine by machine:
 #
 # * **Native Xeon (AVX-512), MKL behind the tiles:** without a mask the fast forward pass takes
-#   about the same time as torch's in float32 (0.97×) and less in float64 (0.85×). With a
-#   causal mask it is clearly faster (0.66× in float32, 0.54× in float64): it skips and trims
+#   about the same time as torch's in float32 (0.97×) and less in float64 (0.88×). With a
+#   causal mask it is clearly faster (0.63× in float32, 0.56× in float64): it skips and trims
 #   tiles (section 4), while torch's causal forward takes well over half of its no-mask time on
-#   this machine (exercise 3 prints the ratios). Forward + backward in float32 takes about 0.76×
+#   this machine (exercise 3 prints the ratios). Forward + backward in float32 takes about 0.70×
 #   torch's time.
 # * **AVX2, emulated:** with both sides held to 256-bit vectors and MKL's AVX2 path, the picture is
-#   much the same: 0.97× torch's time without a mask, 0.66× with a causal mask, float64 0.94×
-#   (causal 0.58×), forward + backward 0.81×. Everything is slower than natively (the BLAS
-#   square-matmul rate drops from about 320 to 210 GFLOP/s).
+#   much the same: 0.98× torch's time without a mask, 0.64× with a causal mask, float64 0.91×
+#   (causal 0.60×). Forward + backward took 1.00× in the paired calls but 0.80× in separate
+#   processes: on this machine the backward kernel compiled for AVX2 runs at one of two speeds,
+#   fixed for a process but different between processes (57 or 76–85 ms at $N = 4096$), and
+#   the pairs drew the slow one — a reason to look at spreads, not at one number. Everything is
+#   slower than natively (the BLAS square-matmul rate drops from about 390 to 225 GFLOP/s).
 # * **The same two with OpenBLAS:** the same loops with SciPy's OpenBLAS doing the tile products
 #   are slower in every row — 1.14× and 1.11× torch's time without a mask, where they take 0.97×
 #   with MKL. On this machine MKL
@@ -670,8 +673,8 @@ for name, run in runs.items():
         print(f"  with the torch-pair time: {rate:.0f} GFLOP/s = {rate / ceil['float32']:.0%} of the square-matmul rate")
 
 # %% [markdown]
-# On the native Xeon the fast kernel reaches 66% of the square-matmul rate at $N = 2048$, 69% at
-# $N = 4096$ and 70–75% from $N = 8192$ on (torch about 72% at $N = 4096$, in separate processes); with AVX2 code 68–78% (the
+# On the native Xeon the fast kernel reaches 69% of the square-matmul rate at $N = 2048$, 72% at
+# $N = 4096$ and 74–77% from $N = 8192$ on (in separate processes at $N = 4096$, torch and the kernel both about 66%); with AVX2 code 78–82% (the
 # AVX2 BLAS is slower, so the same loops weigh less); with OpenBLAS behind the tiles 48–59% natively;
 # in the Zen 5 run about half. The kernel's time at $N = 4096$ agrees whichever way
 # it was measured (in the pairs with torch, with the matmul, or in separate processes) to within the
@@ -751,7 +754,7 @@ os.environ.pop("ATTENTION_REF_BLAS")
 numba.set_num_threads(threads)
 
 # %% [markdown]
-# Both estimates put a fifth to a third of the time outside the products (21–33% here), in loops that
+# Both estimates put a fifth to a third of the time outside the products (the two cells above), in loops that
 # do almost no counted FLOPs. That, and the products' own rate (below the square-matmul rate: a
 # $B_q \times 64$ by $64 \times B_k$ product does only $E = 64$ multiply-adds per output number), is
 # why the kernel's share of the matmul rate stays below one. Each logit costs $2E = 128$ FLOPs to
