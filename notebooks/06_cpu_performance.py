@@ -430,7 +430,7 @@ plt.show()
 # * **AVX2, emulated**: the same VM with everything held to AVX2 (Numba compiles for `haswell`,
 #   MKL — the kernel's and torch's — and OpenBLAS are held to AVX2, torch's own kernels too) — what
 #   an AVX2-only CPU's code would do, with this machine's caches and clock.
-# * **native, OpenBLAS** and **AVX2, OpenBLAS**: the same two, measured earlier with SciPy's
+# * **native, OpenBLAS** and **AVX2, OpenBLAS**: the same two, measured with SciPy's
 #   OpenBLAS (SkylakeX and Haswell kernels) doing the tile products — the same loops, another BLAS.
 # * **Zen 5, earlier run**: a 2-core AMD EPYC (Zen 5) VM, measured once with an earlier version of
 #   the fast kernel (fixed 32-row query blocks, before the run-time tiles); it has no paired
@@ -593,8 +593,8 @@ plt.show()
 #   the pairs drew the slow one — a reason to look at spreads, not at one number. Everything is
 #   slower than natively (the BLAS square-matmul rate drops from about 390 to 225 GFLOP/s).
 # * **The same two with OpenBLAS:** the same loops with SciPy's OpenBLAS doing the tile products
-#   are slower in every row — 1.14× and 1.11× torch's time without a mask, where they take 0.97×
-#   with MKL. On this machine MKL
+#   are slower in every row — 1.15× and 1.13× torch's time without a mask, where they take 0.97×
+#   and 0.98× with MKL. On this machine MKL
 #   does the kernel's 256 × 512 × 64 tile products about a fifth faster than OpenBLAS (timed
 #   side by side in "What limits the fast kernel" below), and those products are most of the
 #   kernel's time.
@@ -675,7 +675,7 @@ for name, run in runs.items():
 # %% [markdown]
 # On the native Xeon the fast kernel reaches 69% of the square-matmul rate at $N = 2048$, 72% at
 # $N = 4096$ and 74–77% from $N = 8192$ on (in separate processes at $N = 4096$, torch and the kernel both about 66%); with AVX2 code 78–82% (the
-# AVX2 BLAS is slower, so the same loops weigh less); with OpenBLAS behind the tiles 48–59% natively;
+# AVX2 BLAS is slower, so the same loops weigh less); with OpenBLAS behind the tiles 56–65% natively;
 # in the Zen 5 run about half. The kernel's time at $N = 4096$ agrees whichever way
 # it was measured (in the pairs with torch, with the matmul, or in separate processes) to within the
 # VM's drift — one reason to quote such shares with the quartiles of the pairs, and always with the
@@ -764,7 +764,7 @@ numba.set_num_threads(threads)
 # Which library does the products matters as much as the loops. With OpenBLAS the tile products
 # alone take most of the kernel's time, and on the native Xeon nearly as long as torch's whole call,
 # whose products go through Intel's MKL: the same loops calling MKL (the cell above times both on
-# the machine running this notebook) take the plain float32 forward pass from 1.14× to 0.97× torch's
+# the machine running this notebook) take the plain float32 forward pass from 1.15× to 0.97× torch's
 # time there. Another experiment on the native Xeon ($N = 4096$, not
 # run in this notebook) changed nothing beyond the machine's noise, other tiles: an interleaved scan
 # of 16 shapes (`benchmarks/scan_tiles.py`, two heads on one thread each;
