@@ -41,13 +41,15 @@ measurement process also times a tiny one-thread matmul (the "probe"); before ea
 driver waits up to ``--wait-quiet`` seconds for the probe to recover, and processes whose probe
 fell below 80% of the run's best are kept in the JSON but left out of the medians and ratios.
 Memory: growth of the peak resident set during one call (Linux /proc/self/clear_refs + VmHWM),
-after a small warm-up call; growth below about 0.1 MB is below what this can resolve (the
-allocator reuses pages freed by the warm-up).
+after a small warm-up call, with the inputs made and the allocator's freed memory handed back
+(glibc ``malloc_trim``), so that the output cannot hide in pages the set-up freed; it counts the
+output too. Growth below about 0.1 MB is below what this can resolve.
 
     python benchmarks/bench_cpu.py                    # native, full run, JSON + figures + table
     python benchmarks/bench_cpu.py --config avx2      # the AVX2 emulation -> cpu_avx2.json
     python benchmarks/bench_cpu.py --quick            # N <= 2048, one round
     python benchmarks/bench_cpu.py --figures-only     # redraw figures from the JSON
+    python benchmarks/bench_cpu.py --memory-only      # re-measure only the memory into the JSON
     python benchmarks/bench_cpu.py --table            # print the ratio tables of stored results
 """
 
@@ -95,6 +97,22 @@ def _rss_kb(field: str) -> int:
             if line.startswith(field):
                 return int(line.split()[1])
     return 0
+
+
+def _release_free_memory() -> None:
+    """Hand the memory glibc's allocator keeps after frees back to the system, so that the
+    measured call cannot reuse pages the input set-up freed (which made every call read 0.0 MB)."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    libc_name = ctypes.util.find_library("c")
+    if libc_name is None:
+        return
+    libc = ctypes.CDLL(libc_name)
+    if hasattr(libc, "malloc_trim"):  # glibc only
+        libc.malloc_trim(0)
 
 
 def _reset_peak() -> bool:
@@ -201,6 +219,7 @@ def worker(impl: str, dtype: str, causal: bool, mode: str, Ns: list[int], reps: 
             # warm up (compile / load kernels, BLAS buffers) on a small problem first
             _make_call(impl, dtype, causal, mode, 256)()
             call = _make_call(impl, dtype, causal, mode, N)
+            _release_free_memory()
             before = _rss_kb("VmRSS")
             ok = _reset_peak()
             call()
@@ -466,6 +485,19 @@ def _flops(N: int, causal: bool, mode: str) -> float:
     return f * (3.5 if mode == "fwdbwd" else 1.0)
 
 
+def measure_memory(config: str, impls: list[str], Ns: list[int]) -> dict:
+    """Peak memory growth (MB) of one forward call without mask: one process per (impl, dtype)."""
+    print(f"[{config}] memory ...", flush=True)
+    memory = {}
+    for impl in impls:
+        for dt in ("float32", "float64"):
+            cap = 16384 if impl in ("materialised", "numba_fast", "torch") else 2048
+            ns = [n for n in Ns if n <= cap]
+            rows = _run_worker(config, impl, dt, False, "fwd", ns, memory=True)
+            memory[f"{impl}|{dt}"] = {str(r["N"]): r["peak_growth_mb"] for r in rows}
+    return memory
+
+
 def run(config: str, quick: bool, rounds: int, only: list[str] | None = None,
         previous: dict | None = None, ablation: bool = True, wait_s: float = 60.0) -> dict:
     have_torch = subprocess.run([sys.executable, "-c", "import torch"], capture_output=True,
@@ -548,14 +580,7 @@ def run(config: str, quick: bool, rounds: int, only: list[str] | None = None,
                 per_round = per_round or [a / b for a, b, _, _ in pairs if a and b]
                 if per_round:
                     row["ratio_to_torch_rounds"] = [min(per_round), max(per_round)]
-    # memory: one process per (impl, dtype), forward, no mask
-    print(f"[{config}] memory ...", flush=True)
-    for impl in impls:
-        for dt in ("float32", "float64"):
-            cap = 16384 if impl in ("materialised", "numba_fast", "torch") else 2048
-            ns = [n for n in Ns if n <= cap]
-            rows = _run_worker(config, impl, dt, False, "fwd", ns, memory=True)
-            result["memory"][f"{impl}|{dt}"] = {str(r["N"]): r["peak_growth_mb"] for r in rows}
+    result["memory"].update(measure_memory(config, impls, Ns))
     result["compile"] = measure_compile(config)
     print(f"[{config}] paired ratios ...", flush=True)
     result["paired"] = run_paired(config, have_torch)
@@ -960,7 +985,7 @@ def figures(res: dict) -> None:
         ax.plot(ns, item * ns * D / 2**20, ":", color="grey", lw=1,
                 label="the output O (N × E numbers)")
         ax.axhspan(1e-3, floor, color="0.92", zorder=0)
-        ax.text(NS[0], floor * 0.33, "below 0.1 MiB (pages reused): drawn side by side",
+        ax.text(NS[0], floor * 0.33, "below 0.1 MiB (below resolution): drawn side by side",
                 fontsize=7, color="0.3")
         for k, impl in enumerate(LINE):
             row = res["memory"].get(f"{impl}|{dt}", {})
@@ -994,7 +1019,9 @@ def main() -> None:
     ap.add_argument("--serve", nargs=5, help=argparse.SUPPRESS)
     ap.add_argument("--paired-only", action="store_true",
                     help="re-measure only the paired ratios (the goals' table) into the JSON")
-    ap.add_argument("--memory", action="store_true")
+    ap.add_argument("--memory", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--memory-only", action="store_true",
+                    help="re-measure only the peak memory growth into the JSON")
     ap.add_argument("--config", choices=sorted(CONFIGS), default="native")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--rounds", type=int, default=3)
@@ -1054,6 +1081,14 @@ def main() -> None:
         have_torch = subprocess.run([sys.executable, "-c", "import torch"], capture_output=True,
                                     env=_env(args.config)).returncode == 0
         res["paired"] = run_paired(args.config, have_torch)
+        res["report"] = report(res)
+        output.write_text(json.dumps(res, indent=1))
+    elif args.memory_only:
+        res = json.loads(output.read_text())
+        have_torch = subprocess.run([sys.executable, "-c", "import torch"], capture_output=True,
+                                    env=_env(args.config)).returncode == 0
+        impls = [i for i in CONFIGS[args.config]["impls"] if i != "torch" or have_torch]
+        res["memory"] = measure_memory(args.config, impls, NS)
         res["report"] = report(res)
         output.write_text(json.dumps(res, indent=1))
     else:

@@ -484,10 +484,14 @@ display(Image("../figures/06_time_vs_n.png"))
 display(Image("../figures/06_memory_vs_n.png"))
 
 # %% [markdown]
-# Memory is where the algorithms differ in kind: the materialised path grows with $N^2$ (several
-# $N \times N$ temporaries: more than 5 GiB per head at $N = 16384$ in float32), the tiled kernels
-# by a few MiB at most ($O(NE)$: padded copies of $K$ and $V$, per-thread tiles). torch's CPU kernel
-# stays at a few MiB too.
+# Memory is where the algorithms differ in kind: the materialised path grows with $N^2$ (three
+# $N \times N$ temporaries: 3 GiB per head at $N = 16384$ in float32), the tiled kernels with $NE$:
+# the output itself (the dotted line, 4 MiB at $N = 16384$ in float32) plus a MiB or two of
+# per-thread tiles (and zero-padded copies of $K$ and $V$ when $S$ is not a multiple of the key
+# tile). torch's CPU kernel grows the same way. The measurement is the growth of the process's peak
+# resident memory during one call, after the inputs are made and the memory freed while making
+# them is handed back to the system — otherwise the output could reuse those pages and the growth
+# would read zero.
 
 # %%
 # NBVAL_IGNORE_OUTPUT
