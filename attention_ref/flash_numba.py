@@ -257,6 +257,12 @@ def _bwd_readable(q, k, v, do, lse, delta, scale, lengths, offset, causal, left,
 # Measured on a Sapphire Rapids VM (causal forward, paired with whole-block tiles in one process):
 # N = 4096 2-2.5% faster (float32 and float64, groups of 32, 64 or 128), N = 2048 4-6%.
 _EDGE_ROWS = 64
+# Lazy rescaling (_fwd_fast): a row's shift m moves only when a key tile holds a logit more than
+# _LAZY_RESCALE / tau above it, so P stays below e^8 (about 3000). Up to _SHIFT_LIMIT / tau above
+# it P = e^(tau (X - m)) is still finite (e^64 < 10^28, and a tile row of them sums far below
+# float32's largest number), and rescaling it moves the shift; beyond, P is recomputed.
+_LAZY_RESCALE = 8.0
+_SHIFT_LIMIT = 64.0
 # Fixed number of key-block chunks per head in the backward pass: each chunk owns a private dQ
 # partial sum; a fixed count (not the thread count) keeps results bit-identical on any machine.
 BWD_CHUNKS = 4
@@ -361,7 +367,9 @@ _EXPONENT_SHIFT_F64 = 1.5 * 2**52 + 1023  # + 1023: the float64 exponent bias
 
 @nb.njit(cache=True, inline="always", fastmath=_FASTMATH)
 def _exp_f32(t):
-    """e**t for float32 t <= 0 (rel. error ~1e-7; t < -87.7, -inf included, gives 0)."""
+    """e**t for float32 t <= 64 (rel. error < 1e-7 for -10 <= t <= 8, 2.5e-7 at |t| = 64, as
+    LLVM may merge the two parts of ln 2; t < -87.7, -inf included, gives 0; t > 88.7 gives
+    garbage, which the kernels never use)."""
     t = max(t, np.float32(-88.0))
     n = np.floor(t * np.float32(_LOG2E) + np.float32(0.5))
     r = t - n * np.float32(0.693145751953125)  # ln 2, high part: n * it is exact
@@ -380,7 +388,8 @@ def _exp_f32(t):
 
 @nb.njit(cache=True, inline="always", fastmath=_FASTMATH)
 def _exp_f64(t):
-    """e**t for float64 t <= 0 (rel. error < 5e-16; t < -708.7, -inf included, gives 0)."""
+    """e**t for float64 t <= 64 (rel. error < 6e-16 for -10 <= t <= 8, 2.5e-15 at |t| = 64, as
+    LLVM may merge the two parts of ln 2; t < -708.7, -inf included, gives 0)."""
     t = max(t, -709.0)
     n = np.floor(t * _LOG2E + 0.5)
     r = t - n * 6.93147180369123816490e-01  # ln 2, high part (fdlibm's split)
@@ -404,34 +413,45 @@ def _exp_f64(t):
 
 
 @nb.njit(cache=True, inline="always", fastmath=_FASTMATH)
-def _exp_sum_f32(x, m, tau):
+def _exp_sum_max_f32(x, m, tau):
     total = np.float32(0.0)
+    largest = x.dtype.type(-np.inf)
     for j in range(x.shape[0]):
+        largest = _max_assuming_no_nan(largest, x[j])
         p = _exp_f32((x[j] - m) * tau)
         x[j] = p
         total += p
-    return total
+    return total, _frozen(largest)
 
 
 @nb.njit(cache=True, inline="always", fastmath=_FASTMATH)
-def _exp_sum_f64(x, m, tau):
+def _exp_sum_max_f64(x, m, tau):
     total = 0.0
+    largest = x.dtype.type(-np.inf)
     for j in range(x.shape[0]):
+        largest = _max_assuming_no_nan(largest, x[j])
         p = _exp_f64((x[j] - m) * tau)
         x[j] = p
         total += p
-    return total
+    return total, _frozen(largest)
+
+
+@nb.njit(cache=True, inline="always", fastmath=_FASTMATH)
+def _exp_sum_max(x, m, tau):
+    """x[:] = e^(tau (x[:] - m)) in place; return its sum and the largest x seen: P, rowsum(P) and
+    rowmax(X) of one tile row in one pass. x - m is exact near the row maximum, so large logits
+    lose nothing to the scale. The dtype test stays outside the loops: a float64 path inside a
+    float32 loop made LLVM vectorise it 4 wide (128-bit) instead of 8 (benchmarks/inspect_codegen.py).
+    The maximum is LLVM's no-NaN maxnum (_row_max below), which vectorises along with the rest."""
+    if x.itemsize == 4:
+        return _exp_sum_max_f32(x, m, tau)
+    return _exp_sum_max_f64(x, m, tau)
 
 
 @nb.njit(cache=True, inline="always", fastmath=_FASTMATH)
 def _exp_sum(x, m, tau):
-    """x[:] = e^(tau (x[:] - m)) in place and return its sum: P and rowsum(P) of one tile row in
-    one pass. x - m is exact near the row maximum, so large logits lose nothing to the scale.
-    The dtype test stays outside the loops: a float64 path inside a float32 loop made LLVM
-    vectorise it 4 wide (128-bit) instead of 8 (benchmarks/inspect_codegen.py)."""
-    if x.itemsize == 4:
-        return _exp_sum_f32(x, m, tau)
-    return _exp_sum_f64(x, m, tau)
+    """x[:] = e^(tau (x[:] - m)) in place and return its sum (LLVM drops the unused maximum)."""
+    return _exp_sum_max(x, m, tau)[0]
 
 
 @nb.njit(cache=True, inline="always", fastmath=_FASTMATH)
@@ -600,6 +620,11 @@ def _fwd_fast(gemm, q, kp, vp, tau, lengths, offset, causal, left, right, L, S, 
         o = np.zeros((block_q, Ev), dtype=q.dtype)
         m = np.full(block_q, neg_inf, dtype=q.dtype)  # running row max of the raw logits q.k
         ell = np.zeros(block_q, dtype=q.dtype)
+        x_max = np.full(block_q, neg_inf, dtype=q.dtype)  # the row's largest raw logit so far
+        # the logits of a tile row group again, when a row's maximum jumps by more than
+        # _SHIFT_LIMIT / tau (rare: allocated then); spare_for says which group it holds
+        spare = np.empty((0, 0), dtype=q.dtype)
+        spare_for = -1
         alpha = np.ones(block_q, dtype=q.dtype)
         lo = np.empty(block_q, dtype=np.int64)
         hi = np.empty(block_q, dtype=np.int64)
@@ -632,24 +657,53 @@ def _fwd_fast(gemm, q, kp, vp, tau, lengths, offset, causal, left, right, L, S, 
                     x = s[r, :width]
                     if not inside:
                         _mask_row(x, j0, lo[r], hi[r], neg_inf)
-                    # online softmax on the raw logits X = Q_i K_j^T (Z = tau X): m_new = max(m,
-                    # rowmax X); P = e^(tau (X - m_new)); ell = e^(tau (m - m_new)) ell + rowsum
-                    # P; O = diag(e^(tau (m - m_new))) O + P V_j
-                    m_new = max(m[r], _row_max(x))
-                    if m_new == neg_inf:  # every key seen so far is masked: P = 0
-                        for j in range(width):
-                            x[j] = 0.0
-                        alpha[r] = 1.0
+                    # online softmax on the raw logits X = Q_i K_j^T (Z = tau X), shifted by m:
+                    # P = e^(tau (X - m)); ell = e^(tau (m - m_new)) ell + rowsum P;
+                    # O = diag(e^(tau (m - m_new))) O + P V_j
+                    if m[r] == neg_inf:  # no visible key before this tile: m = rowmax X
+                        m_new = _row_max(x)
+                        if m_new == neg_inf:  # every key seen so far is masked: P = 0
+                            for j in range(width):
+                                x[j] = 0.0
+                            alpha[r] = 1.0
+                            continue
+                        ell[r] = _exp_sum(x, m_new, tau)
+                        alpha[r] = 0.0
+                        m[r] = m_new
+                        x_max[r] = m_new
                         continue
-                    total = _exp_sum(x, m_new, tau)
-                    if m_new == m[r]:  # the maximum did not move (the common case): no rescaling
+                    # Optimisation (lazy rescaling): P = e^(tau (X - m)) with the shift m as it
+                    # is, and rowmax X from the same pass (no pass of its own). While the row's
+                    # maximum stays within _LAZY_RESCALE / tau above m, P <= e^8 and nothing is
+                    # rescaled: m is then a shift, not the maximum (x_max keeps that, for lse).
+                    total, row_max = _exp_sum_max(x, m[r], tau)
+                    x_max[r] = max(x_max[r], row_max)
+                    jump = tau * (row_max - m[r])
+                    if jump <= _LAZY_RESCALE:
                         alpha[r] = 1.0
                         ell[r] += total
                         continue
-                    a = np.exp(tau * (m[r] - m_new))  # m = -inf on the first visible tile: a = 0
+                    # the maximum moved further: shift to m_new = rowmax X
+                    a = np.exp(-jump)
+                    if jump <= _SHIFT_LIMIT:  # P <= e^64, finite: e^(tau (X - m_new)) = a P
+                        for j in range(width):
+                            x[j] *= a
+                        total *= a
+                    else:  # P overflowed: the group's logits again, the same product (and so
+                        # the same rounding as the backward pass's), into a buffer of their own
+                        if spare_for != jb * block_q + r0:
+                            if spare.shape[0] == 0:
+                                spare = np.empty((block_q, block_k), dtype=q.dtype)
+                            _gemm(gemm, Qb[r0:r1], kp[b, hk, jb, :width], spare[: r1 - r0, :width],
+                                  False, True, overwrite)
+                            spare_for = jb * block_q + r0
+                        x[:] = spare[r - r0, :width]
+                        if not inside:
+                            _mask_row(x, j0, lo[r], hi[r], neg_inf)
+                        total = _exp_sum(x, row_max, tau)
                     alpha[r] = a
                     ell[r] = a * ell[r] + total
-                    m[r] = m_new
+                    m[r] = row_max
                 for r in range(r0, r1):  # O = diag(alpha) O, then O += P V_j in the gemm
                     a = alpha[r]
                     if a != 1.0:
@@ -657,14 +711,18 @@ def _fwd_fast(gemm, q, kp, vp, tau, lengths, offset, causal, left, right, L, S, 
                         for e in range(Ev):
                             orow[e] *= a
                 _gemm(gemm, st, vp[b, hk, jb, :width], o[r0:r1], False, False, accumulate)
-        # O_i = diag(ell)^-1 O_i ; lse = tau m + log(ell) ; fully masked rows -> 0 and -inf
+        # O_i = diag(ell)^-1 O_i ; lse = tau m + log(ell) ; fully masked rows -> 0 and -inf.
+        # lse is taken at the row's largest logit x_max (ell shifted to it), not at the lazy shift
+        # m: tau x_max is rounded as the backward pass rounds tau z for that key, so that its
+        # e^(tau z - lse) matches (at m, dV's float32 error with amplified logits was 5-6x NumPy's).
         for r in range(nr):
             orow = out[b, h, i0 + r]
             if ell[r] > 0.0:
                 inv = 1.0 / ell[r]
                 for e in range(Ev):
                     orow[e] = o[r, e] * inv
-                lse[b, h, i0 + r] = tau * m[r] + np.log(ell[r])
+                ell_at_max = ell[r] * np.exp(tau * (m[r] - x_max[r]))
+                lse[b, h, i0 + r] = tau * x_max[r] + np.log(ell_at_max)
             else:
                 for e in range(Ev):
                     orow[e] = 0.0

@@ -14,7 +14,9 @@ step 4  + BLAS tiles: S = Q_i K_j^T and P V_j through np.dot (64 x 128 tiles), s
 step 5  + vectorised row max (16 running maxima)
 step 6  + one pass for e^x and the row sum (the library's helper), row max by halving, raw
         logits with the scale applied in the exponent; still 64 x 128 tiles
-step 7  + the tiles chosen for this machine (``tile_sizes()``) = ``kernel="fast"``
+step 7  + the tiles chosen for this machine (``tile_sizes()``), the row maximum found in the
+        exponential's pass and rescaling only when it grows by more than 8 / tau (lazy
+        rescaling) = ``kernel="fast"``
 
 Steps 1-6 carry their own copies of the helpers they used (the library has moved on); step 6
 uses the library's ``_exp_sum``.
@@ -379,5 +381,5 @@ STEPS = {
     4: "+ BLAS tiles (np.dot), 64 x 128",
     5: "+ vectorised row max",
     6: "+ one pass for e^x and row sum, row max by halving",
-    7: "+ the machine's tiles = kernel='fast'",
+    7: "+ the machine's tiles, lazy rescaling = kernel='fast'",
 }

@@ -249,12 +249,13 @@ def test_importing_the_package_does_not_import_numba():
 
 
 @pytest.mark.parametrize("dtype, tol", [(np.float32, 2e-5), (np.float64, 1e-12)])
-@pytest.mark.parametrize("growth", [0.5, 7.9, 8.1, 60.0, -3.0])
+@pytest.mark.parametrize("growth", [0.5, 7.9, 8.1, 60.0, 100.0, -3.0])
 @pytest.mark.parametrize("is_causal", [False, True])
 def test_row_maximum_moving_across_key_tiles(rng, dtype, tol, growth, is_causal, monkeypatch):
-    """The online softmax rescales O and ell whenever a key tile raises a row's maximum: logits
-    that rise (or fall) by ``growth`` / tau per tile of B_k keys, from barely to by far, match
-    the float64 reference."""
+    """The online softmax rescales O and ell when a key tile raises a row's maximum: logits that
+    rise (or fall) by ``growth`` / tau per tile of B_k keys match the float64 reference -- below
+    the fast kernel's lazy threshold (8: P up to e^8, no rescaling), above it (P rescaled), and
+    beyond e^64 (P would overflow: the tile's logits are computed again)."""
     monkeypatch.setenv("ATTENTION_REF_TILES", "16x64")
     L, S, E = 50, 64 * 7 + 5, 8
     scale = 1 / np.sqrt(E)

@@ -3,7 +3,8 @@
 ``math.exp`` would be one scalar library call per logit; the kernels write e^x out so that LLVM
 vectorises it. That is a property of the machine code, so the test reads it: a small function
 around the kernels' ``_exp_sum`` is compiled in a fresh process for an AVX2-only CPU
-(``NUMBA_CPU_NAME=haswell``) and, where the host has it, for AVX-512, with an empty Numba cache.
+(``NUMBA_CPU_NAME=haswell``) and, where the host has it, for AVX-512, with an empty Numba cache;
+in the forward kernel's loop (``_exp_sum_max``) the row maximum must stay packed as well.
 ``benchmarks/inspect_codegen.py`` does the same for the whole kernels.
 """
 
@@ -23,8 +24,8 @@ _CHILD = r"""
 import json, re
 import numba as nb
 import numpy as np
-from attention_ref.flash_numba import (_FASTMATH, _exp_sum, _prefer_target_vector_width,
-                                      _row_max, _vector_bits)
+from attention_ref.flash_numba import (_FASTMATH, _exp_sum, _exp_sum_max,
+                                      _prefer_target_vector_width, _row_max, _vector_bits)
 
 @nb.njit(fastmath=_FASTMATH)
 def rows(x, m, tau):
@@ -34,11 +35,12 @@ def rows(x, m, tau):
     return total
 
 @nb.njit(fastmath=_FASTMATH)
-def rows_as_in_the_kernels(x, m, tau):  # with the kernels' choice of vector width
+def rows_as_in_the_kernels(x, m, tau):  # the kernels' vector width, the row maximum in the loop
     _prefer_target_vector_width()
     total = x[0, 0] - x[0, 0]
     for r in range(x.shape[0]):
-        total += _exp_sum(x[r], m, tau)
+        row_sum, row_max = _exp_sum_max(x[r], m, tau)
+        total += row_sum + row_max
     return total
 
 @nb.njit(fastmath=_FASTMATH)
@@ -65,6 +67,7 @@ for name, f in (("default", rows), ("kernels", rows_as_in_the_kernels)):
         rounding = [l for l in asm.splitlines() if re.search(r"\bv(round|rndscale)p" + kind + r"\b", l)]
         out[f"{name}|{dt}"] = {
             "rounding": rounding,
+            "maxima": [l.strip() for l in asm.splitlines() if re.search(r"\bvmaxp" + kind + r"\b", l)],
             "packed_fma": len(re.findall(r"\bvfn?madd\w*p[sd]\b", asm)),
             "exp_calls": len(re.findall(r"call.*\bexpf?\b", asm)),
         }
@@ -105,6 +108,8 @@ def test_exp_vectorises_on_avx2(tmp_path):
         # a float64 path left inside the float32 loop once made all its float32 work 128-bit)
         assert any("ymm" in line for line in c["rounding"]), (dt, c["rounding"])
         assert c["packed_fma"] >= 8 and c["exp_calls"] == 0, (dt, c)
+        if dt.startswith("kernels"):  # the row maximum found in the same loop: packed too
+            assert any("ymm" in line for line in c["maxima"]), (dt, c["maxima"])
 
 
 @pytest.mark.skipif(not _host_has("avx512f"), reason="the CPU has no AVX-512")
@@ -120,3 +125,4 @@ def test_exp_vectorises_on_the_host(tmp_path):
         assert c["packed_fma"] >= 8 and c["exp_calls"] == 0, (key, c)
         if wide and key.startswith("kernels"):
             assert any("zmm" in line for line in c["rounding"]), (key, c["rounding"])
+            assert any("zmm" in line for line in c["maxima"]), (key, c["maxima"])
