@@ -712,8 +712,8 @@ def _fwd_fast(gemm, q, kp, vp, tau, lengths, offset, causal, left, right, L, S, 
                         for e in range(Ev):
                             orow[e] *= a
                 _gemm(gemm, st, vp[b, hk, jb, :width], o[r0:r1], False, False, accumulate)
-        # O_i = diag(ell)^-1 O_i ; lse = tau m + log(ell) ; fully masked rows -> 0 and -inf.
-        # lse is taken at the row's largest logit x_max (ell shifted to it), not at the lazy shift
+        # O_i = diag(ell)^-1 O_i ; lse = tau x_max + log(ell e^(tau (m - x_max))) ; fully masked
+        # rows -> 0 and -inf. lse is taken at the row's largest logit x_max, not at the lazy shift
         # m: tau x_max is rounded as the backward pass rounds tau z for that key, so that its
         # e^(tau z - lse) matches (at m, dV's float32 error with amplified logits was 5-6x NumPy's).
         for r in range(nr):

@@ -584,21 +584,23 @@ plt.show()
 # What the table says, machine by machine:
 #
 # * **Native Xeon (AVX-512), MKL behind the tiles:** without a mask the fast forward pass takes
-#   about the same time as torch's in float32 (0.97×) and less in float64 (0.88×). With a
-#   causal mask it is clearly faster (0.63× in float32, 0.56× in float64): it skips and trims
+#   a little less time than torch's in float32 (0.95×) and clearly less in float64 (0.82×). With a
+#   causal mask it is much faster (0.62× in float32, 0.54× in float64): it skips and trims
 #   tiles (section 4), while torch's causal forward takes well over half of its no-mask time on
-#   this machine (exercise 3 prints the ratios). Forward + backward in float32 takes about 0.70×
+#   this machine (exercise 3 prints the ratios). Forward + backward in float32 takes about 0.73×
 #   torch's time.
 # * **AVX2, emulated:** with both sides held to 256-bit vectors and MKL's AVX2 path, the picture is
-#   much the same: 0.98× torch's time without a mask, 0.64× with a causal mask, float64 0.91×
-#   (causal 0.60×). Forward + backward took 1.00× in the paired calls but 0.80× in separate
-#   processes: on this machine the backward kernel compiled for AVX2 runs at one of two speeds,
-#   fixed for a process but different between processes (57 or 76–85 ms at $N = 4096$), and
-#   the pairs drew the slow one — a reason to look at spreads, not at one number. Everything is
-#   slower than natively (the BLAS square-matmul rate drops from about 390 to 225 GFLOP/s).
+#   much the same in float32: 0.93× torch's time without a mask, 0.61× with a causal mask, forward +
+#   backward 0.80×; float64 is closer to torch (0.90×, causal 0.57×), because with 256-bit vectors
+#   the tile products take a larger share of the kernel's time. On this machine the backward kernel
+#   compiled for AVX2 runs at one of two speeds, fixed for a process but different between processes
+#   (57 or 76–85 ms at $N = 4096$): a run of the benchmark before this one drew the slow speed in its
+#   pairs and measured forward + backward at 1.00× — a reason to look at spreads, not at one number.
+#   Everything is slower than natively (the BLAS square-matmul rate drops from about 330 to 215
+#   GFLOP/s).
 # * **The same two with OpenBLAS:** the same loops with SciPy's OpenBLAS doing the tile products
-#   are slower in every row — 1.15× and 1.13× torch's time without a mask, where they take 0.97×
-#   and 0.98× with MKL. On this machine MKL
+#   are slower in every row — 1.11× and 1.06× torch's time without a mask, where they take 0.95×
+#   and 0.93× with MKL. On this machine MKL
 #   does the kernel's 256 × 512 × 64 tile products about a fifth faster than OpenBLAS (timed
 #   side by side in "What limits the fast kernel" below), and those products are most of the
 #   kernel's time.
@@ -677,9 +679,10 @@ for name, run in runs.items():
         print(f"  with the torch-pair time: {rate:.0f} GFLOP/s = {rate / ceil['float32']:.0%} of the square-matmul rate")
 
 # %% [markdown]
-# On the native Xeon the fast kernel reaches 69% of the square-matmul rate at $N = 2048$, 72% at
-# $N = 4096$ and 74–77% from $N = 8192$ on (in separate processes at $N = 4096$, torch and the kernel both about 66%); with AVX2 code 78–82% (the
-# AVX2 BLAS is slower, so the same loops weigh less); with OpenBLAS behind the tiles 56–65% natively;
+# On the native Xeon the fast kernel reaches 71% of the square-matmul rate at $N = 2048$, 70% at
+# $N = 4096$ and 73% from $N = 8192$ on (in separate processes at $N = 4096$, the kernel 75% and
+# torch 69%); with AVX2 code 80–84% (the AVX2 BLAS is slower, so the same loops weigh less); with
+# OpenBLAS behind the tiles 60–63% natively;
 # in the Zen 5 run about half. The kernel's time at $N = 4096$ agrees whichever way
 # it was measured (in the pairs with torch, with the matmul, or in separate processes) to within the
 # VM's drift — one reason to quote such shares with the quartiles of the pairs, and always with the
@@ -758,7 +761,7 @@ os.environ.pop("ATTENTION_REF_BLAS")
 numba.set_num_threads(threads)
 
 # %% [markdown]
-# Both estimates put a fifth to a third of the time outside the products (the two cells above), in loops that
+# Both estimates put a sixth to a third of the time outside the products (the two cells above), in loops that
 # do almost no counted FLOPs. That, and the products' own rate (below the square-matmul rate: a
 # $B_q \times 64$ by $64 \times B_k$ product does only $E = 64$ multiply-adds per output number), is
 # why the kernel's share of the matmul rate stays below one. Each logit costs $2E = 128$ FLOPs to
@@ -768,7 +771,7 @@ numba.set_num_threads(threads)
 # Which library does the products matters as much as the loops. With OpenBLAS the tile products
 # alone take most of the kernel's time, and on the native Xeon nearly as long as torch's whole call,
 # whose products go through Intel's MKL: the same loops calling MKL (the cell above times both on
-# the machine running this notebook) take the plain float32 forward pass from 1.15× to 0.97× torch's
+# the machine running this notebook) take the plain float32 forward pass from 1.11× to 0.95× torch's
 # time there. Another experiment on the native Xeon ($N = 4096$, not
 # run in this notebook) changed nothing beyond the machine's noise, other tiles: an interleaved scan
 # of 16 shapes (`benchmarks/scan_tiles.py`, two heads on one thread each;
@@ -798,8 +801,10 @@ numba.set_num_threads(threads)
 #   the row maximum by halving, the scale applied in the exponent (raw logits).
 # * **step 7** – the library's kernel, `kernel="fast"`: the tiles chosen for this machine
 #   (`tile_sizes()`: 256 × 512 on the native Xeon), the gemm with $\beta$ (MKL's here, where steps
-#   4–6 call NumPy's OpenBLAS through `np.dot`), no rescaling when a row's maximum did not move,
-#   the row maximum as one vectorised reduction and the loops on 512-bit vectors (without a mask,
+#   4–6 call NumPy's OpenBLAS through `np.dot`), the row maximum as one vectorised reduction found
+#   in the exponential's own pass, with $e^{\tau(z - m)}$ taken at the running maximum $m$ as it is
+#   and rescaling only when a tile raises it by more than $8/\tau$ (*lazy rescaling*: $P$ may then
+#   reach $e^8$, harmless in floating point), and the loops on 512-bit vectors (without a mask,
 #   trimmed tiles play no part).
 #
 # Two of the key pieces of code, as the library has them. The exponential by **range reduction**:
@@ -854,8 +859,11 @@ print(inspect.getsource(flash_numba._gemm.py_func))
 
 # %% [markdown]
 # And the heart of the forward kernel: per key tile, one gemm for $Z = Q_i K_j^\top$, the loops of
-# the online softmax on each row (mask, row maximum, exponentials and sum in one pass, rescaling
-# only when the maximum moved), then one gemm that adds $P V_j$ to $O_i$:
+# the online softmax on each row (the mask; then exponentials, their sum and the row maximum in one
+# pass, shifted by the running maximum as it is; rescaling only when the maximum grew by more than
+# $8/\tau$), then one gemm that adds $P V_j$ to $O_i$. At the end $\lambda$ is taken at the row's
+# true maximum, which the kernel keeps apart from the shift: $\tau m_{\max}$ is then rounded exactly
+# as the backward pass rounds $\tau z$ for that key, so that its $e^{\tau z - \lambda}$ matches:
 
 # %%
 source = inspect.getsource(flash_numba._fwd_fast.py_func).splitlines()
@@ -898,10 +906,10 @@ plt.show()
 # accumulators in registers (step 3) helped little here — it had helped much more in the Zen 5 run,
 # where the loop kernel was the fast path for longer. Handing the tile products to **BLAS** (step
 # 4) more than doubled the rate, and from then on the per-logit loops were the limit: the
-# vectorised row maximum (step 5) helped, merging passes (step 6) did not help here (it measured a
-# little slower, within what this VM's drift can explain), and the
-# library's kernel with the machine's own tiles — 256 query rows instead of 64, the gemm with
-# $\beta$ — gave the last jump (step 7). Each step is measured on one machine in one run; the order and the
+# vectorised row maximum (step 5) helped, merging passes (step 6) helped a little (in other runs
+# it measured a little slower, within what this VM's drift can explain), and the library's kernel
+# with the machine's own tiles — 256 query rows instead of 64, the gemm with $\beta$, and no pass
+# of its own for the row maximum (lazy rescaling) — gave the last jump (step 7). Each step is measured on one machine in one run; the order and the
 # size of the gains differ on other CPUs.
 #
 # These steps were measured in one block of the benchmark run, at another time than section 5's
