@@ -619,7 +619,8 @@ def _fwd_fast(gemm, q, kp, vp, tau, lengths, offset, causal, left, right, L, S, 
         overwrite[1] = 0.0
         accumulate = np.ones(2, dtype=q.dtype)  # [1, 1]: C += AB
         o = np.zeros((block_q, Ev), dtype=q.dtype)
-        m = np.full(block_q, neg_inf, dtype=q.dtype)  # running row max of the raw logits q.k
+        m = np.full(block_q, neg_inf, dtype=q.dtype)  # shift: the raw logits' running row max,
+        # or (lazy rescaling, below) up to _LAZY_RESCALE / tau under it
         ell = np.zeros(block_q, dtype=q.dtype)
         x_max = np.full(block_q, neg_inf, dtype=q.dtype)  # the row's largest raw logit so far
         # the logits of a tile row group again, when a row's maximum jumps by more than
