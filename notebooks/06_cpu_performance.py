@@ -777,7 +777,8 @@ numba.set_num_threads(threads)
 # of 16 shapes (`benchmarks/scan_tiles.py`, two heads on one thread each;
 # `benchmarks/results/tiles_*.json`) put the rule's choice first in float64, and in float32 256 ×
 # 1024 ahead by 11%, but with the benchmark's one head on two threads that shape was only 3–4%
-# faster without a mask and 3% slower with a causal one. What remains is the tile products, already
+# faster without a mask and 3% slower with a causal one. The same scan with AVX2 code in float64, and with
+# OpenBLAS behind the products in float32, put the rule's forward tile first as well. What remains is the tile products, already
 # at the BLAS's own rate for these narrow shapes, and the softmax loops; on another CPU, with
 # another BLAS, the balance is different (section 5).
 #
