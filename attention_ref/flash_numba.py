@@ -347,6 +347,31 @@ def _gemm(gemm, a, b, c, trans_a, trans_b, alpha_beta):
                c.strides[0] // it)
 
 
+# Accuracy (short float32 sums): inside one gemm BLAS sums the inner dimension in one running
+# sum per output number, so its rounding error grows with the length: 512 keys in P V_j gave
+# float32 outputs up to 2.8x the error of stage 05's 64 x 64 NumPy tiles (6 of 25 random inputs
+# above 2x at E = 40). Products that add into their output (beta = 1) are therefore cut into
+# pieces of _SUM_KEYS keys or _SUM_ROWS query rows along the summed dimension, each one gemm
+# that adds to C. In float64 the sums stay whole (their error is far below the tolerance).
+# Measured (Sapphire Rapids VM, paired old/new in one process, float32): forward 0.98-1.02x
+# (N = 2048 and 4096; causal 0.99x; compiled for AVX2 1.00x), forward + backward 1.01x.
+_SUM_KEYS = 128
+_SUM_ROWS = 64
+
+
+@nb.njit(cache=True, inline="always")
+def _gemm_add(gemm, a, b, c, trans_a, accumulate, piece):
+    """c += op(a) @ b (op = transpose where trans_a), in pieces of ``piece`` along the summed
+    dimension (the rows of a when trans_a, else its columns; always the rows of b)."""
+    K = a.shape[0] if trans_a else a.shape[1]
+    for k0 in range(0, K, piece):
+        k1 = min(K, k0 + piece)
+        if trans_a:
+            _gemm(gemm, a[k0:k1], b[k0:k1], c, True, False, accumulate)
+        else:
+            _gemm(gemm, a[:, k0:k1], b[k0:k1], c, False, False, accumulate)
+
+
 # Optimisation (vectorised exp): llvmlite has no vector exp, so `math.exp` stays one scalar libm
 # call per logit. Written out -- e^t = 2^n e^r with n = round(t log2 e), r = t - n ln 2 (ln 2 in
 # two parts, so that r is nearly exact: no error grows with |t|), a polynomial for e^r and 2^n as
@@ -599,6 +624,7 @@ def _fwd_fast(gemm, q, kp, vp, tau, lengths, offset, causal, left, right, L, S, 
     group = Hq // H
     nqb = (L + block_q - 1) // block_q
     neg_inf = q.dtype.type(-np.inf)
+    keys_per_sum = _SUM_KEYS if q.itemsize == 4 else block_k  # float32: short sums (above)
     for item in prange(B * Hq * nqb):
         _prefer_target_vector_width()  # 512-bit vectors where they pay (see above)
         bh = item // nqb
@@ -712,7 +738,8 @@ def _fwd_fast(gemm, q, kp, vp, tau, lengths, offset, causal, left, right, L, S, 
                         orow = o[r]
                         for e in range(Ev):
                             orow[e] *= a
-                _gemm(gemm, st, vp[b, hk, jb, :width], o[r0:r1], False, False, accumulate)
+                _gemm_add(gemm, st, vp[b, hk, jb, :width], o[r0:r1], False, accumulate,
+                          keys_per_sum)
         # O_i = diag(ell)^-1 O_i ; lse = tau x_max + log(ell e^(tau (m - x_max))) ; fully masked
         # rows -> 0 and -inf. lse is taken at the row's largest logit x_max, not at the lazy shift
         # m: tau x_max is rounded as the backward pass rounds tau z for that key, so that its
@@ -745,6 +772,8 @@ def _bwd_fast(gemm, q, kp, vp, do, lse, delta, tau, lengths, offset, causal, lef
     H, nkb, block_k = kp.shape[1], kp.shape[2], kp.shape[3]
     group = Hq // H
     T = dq_part.shape[0]
+    keys_per_sum = _SUM_KEYS if q.itemsize == 4 else block_k  # float32: short sums (above)
+    rows_per_sum = _SUM_ROWS if q.itemsize == 4 else block_q
     for item in prange(B * H * T):
         _prefer_target_vector_width()
         b = item // (H * T)
@@ -798,11 +827,11 @@ def _bwd_fast(gemm, q, kp, vp, do, lse, delta, tau, lengths, offset, causal, lef
                         if j0 < lo or j0 + width > hi:
                             _mask_row(x, j0, lo, hi, 0.0)
                             _mask_row(y, j0, lo, hi, 0.0)
-                    _gemm(gemm, st, DOb, dvb[:width], True, False, accumulate)  # dV_j += P^T dO_i
-                    _gemm(gemm, dpt, Qb, dkb[:width], True, False, accumulate)  # dK_j += dZ^T Q_i
-                    # dQ_i += dZ K_j
-                    _gemm(gemm, dpt, kb[:width], dq_part[t, b, h, i0 : i0 + nr], False, False,
-                          accumulate)
+                    # dV_j += P^T dO_i ; dK_j += dZ^T Q_i ; dQ_i += dZ K_j
+                    _gemm_add(gemm, st, DOb, dvb[:width], True, accumulate, rows_per_sum)
+                    _gemm_add(gemm, dpt, Qb, dkb[:width], True, accumulate, rows_per_sum)
+                    _gemm_add(gemm, dpt, kb[:width], dq_part[t, b, h, i0 : i0 + nr], False,
+                              accumulate, keys_per_sum)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1022,8 +1051,8 @@ def _tile_rule(dtype: np.dtype, direction: str, l2: int, isa: str) -> tuple[int,
     bk = 512
     while bk > 128 and working_set(64, bk) > l2:
         bk //= 2
-    # backward: dV_j += P^T dO_i and dK_j += dZ^T Q_i sum over the B_q rows inside one gemm; 256
-    # rows cost float32 up to 2.4x the error of stage 05's 64-row tiles, 128 keep it within 2x
+    # backward: 128 rows; 256 (which float32 now sums in pieces of _SUM_ROWS as well) measured
+    # 1-2% slower for forward + backward (paired, N = 2048 and 4096, Sapphire Rapids VM)
     bq = 256 if direction == "forward" else 128
     while bq > 32 and working_set(bq, bk) > l2:
         bq //= 2
