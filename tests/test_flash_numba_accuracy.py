@@ -39,37 +39,44 @@ def _max_err(got, ref):
     return float(np.max(np.abs(got.astype(np.float64)[finite] - ref[finite])))
 
 
+def _errors(seed, E, is_causal, amplify):
+    """Largest errors against the float64 reference of the fast kernels and of the stage-05 NumPy
+    tiles, both in float32, on one random input (L = 203 queries, S = 301 keys, two heads):
+    ({"out", "lse", "dq", "dk", "dv"} -> error) for each."""
+    L, S = 203, 301
+    rng = np.random.default_rng(seed)
+    q, k, v, do = (rng.standard_normal((2, n, E)).astype(np.float32) for n in (L, S, S, L))
+    q *= np.float32(amplify)
+    k *= np.float32(amplify)
+    q64, k64, v64, do64 = (x.astype(np.float64) for x in (q, k, v, do))
+    ref = {"out": scaled_dot_product_attention(q64, k64, v64, is_causal=is_causal)}
+    logits = q64 @ np.swapaxes(k64, -1, -2) / np.sqrt(E)
+    if is_causal:
+        logits = np.where(causal_mask(L, S), logits, -np.inf)
+    ref["lse"] = logsumexp(logits, axis=-1)
+    ref["dq"], ref["dk"], ref["dv"] = attention_backward(q64, k64, v64, do64, is_causal=is_causal)
+    out, lse = numba_flash_forward(q, k, v, is_causal=is_causal)
+    got = {"out": out, "lse": lse}
+    got["dq"], got["dk"], got["dv"] = numba_flash_backward(q, k, v, out, lse, do,
+                                                           is_causal=is_causal)
+    out_np, lse_np = flash_attention(q, k, v, is_causal=is_causal, return_lse=True)
+    base = {"out": out_np, "lse": lse_np}
+    base["dq"], base["dk"], base["dv"] = flash_attention_backward(q, k, v, out_np, lse_np, do,
+                                                                  is_causal=is_causal)
+    for name in ref:
+        assert got[name].dtype == np.float32
+    return ({name: _max_err(got[name], ref[name]) for name in ref},
+            {name: _max_err(base[name], ref[name]) for name in ref})
+
+
 @pytest.mark.parametrize("amplify", [1.0, 8.0], ids=["normal", "amplified-x8"])
 @pytest.mark.parametrize("is_causal", [False, True], ids=["no-mask", "causal"])
 @pytest.mark.parametrize("E", [64, 40])
 def test_float32_error_at_most_twice_numpy_tiles(tiles, amplify, is_causal, E):
-    L, S = 203, 301
     worst = {"numba": {}, "numpy": {}}
     for seed in SEEDS:
-        rng = np.random.default_rng(seed)
-        q, k, v, do = (rng.standard_normal((2, n, E)).astype(np.float32) for n in (L, S, S, L))
-        q *= np.float32(amplify)
-        k *= np.float32(amplify)
-        q64, k64, v64, do64 = (x.astype(np.float64) for x in (q, k, v, do))
-        ref = {"out": scaled_dot_product_attention(q64, k64, v64, is_causal=is_causal)}
-        logits = q64 @ np.swapaxes(k64, -1, -2) / np.sqrt(E)
-        if is_causal:
-            logits = np.where(causal_mask(L, S), logits, -np.inf)
-        ref["lse"] = logsumexp(logits, axis=-1)
-        ref["dq"], ref["dk"], ref["dv"] = attention_backward(q64, k64, v64, do64,
-                                                             is_causal=is_causal)
-        out, lse = numba_flash_forward(q, k, v, is_causal=is_causal)
-        got = {"out": out, "lse": lse}
-        got["dq"], got["dk"], got["dv"] = numba_flash_backward(q, k, v, out, lse, do,
-                                                               is_causal=is_causal)
-        out_np, lse_np = flash_attention(q, k, v, is_causal=is_causal, return_lse=True)
-        base = {"out": out_np, "lse": lse_np}
-        base["dq"], base["dk"], base["dv"] = flash_attention_backward(q, k, v, out_np, lse_np, do,
-                                                                      is_causal=is_causal)
-        for name in ref:
-            assert got[name].dtype == np.float32
-            for which, arrays in (("numba", got), ("numpy", base)):
-                err = _max_err(arrays[name], ref[name])
+        for which, errors in zip(("numba", "numpy"), _errors(seed, E, is_causal, amplify)):
+            for name, err in errors.items():
                 worst[which][name] = max(worst[which].get(name, 0.0), err)
     for name, err in worst["numba"].items():
         assert err <= 2 * worst["numpy"][name], (name, err, worst["numpy"][name])
@@ -84,26 +91,11 @@ def test_float32_error_within_twice_numpy_tiles_input_by_input(amplify, is_causa
     element's error is noisy: with NumPy's own 64 x 64 tiles the kernels exceed 2x for about 1 in
     100 pairs of input and output; summing 512 keys or 128 rows inside one gemm, as they did
     before float32 sums were cut into pieces, for up to 6 of 25 inputs.)"""
-    L, S = 203, 301
     above = {name: 0 for name in ("out", "dq", "dk", "dv")}
     for seed in range(100, 120):
-        rng = np.random.default_rng(seed)
-        q, k, v, do = (rng.standard_normal((2, n, E)).astype(np.float32) for n in (L, S, S, L))
-        q *= np.float32(amplify)
-        k *= np.float32(amplify)
-        q64, k64, v64, do64 = (x.astype(np.float64) for x in (q, k, v, do))
-        ref = {"out": scaled_dot_product_attention(q64, k64, v64, is_causal=is_causal)}
-        ref["dq"], ref["dk"], ref["dv"] = attention_backward(q64, k64, v64, do64, is_causal=is_causal)
-        out, lse = numba_flash_forward(q, k, v, is_causal=is_causal)
-        got = {"out": out}
-        got["dq"], got["dk"], got["dv"] = numba_flash_backward(q, k, v, out, lse, do,
-                                                               is_causal=is_causal)
-        out_np, lse_np = flash_attention(q, k, v, is_causal=is_causal, return_lse=True)
-        base = {"out": out_np}
-        base["dq"], base["dk"], base["dv"] = flash_attention_backward(q, k, v, out_np, lse_np, do,
-                                                                      is_causal=is_causal)
+        numba_err, numpy_err = _errors(seed, E, is_causal, amplify)
         for name in above:
-            above[name] += _max_err(got[name], ref[name]) > 2 * _max_err(base[name], ref[name])
+            above[name] += numba_err[name] > 2 * numpy_err[name]
     assert max(above.values()) <= 2, above
 
 
