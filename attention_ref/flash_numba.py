@@ -361,9 +361,12 @@ _SUM_ROWS = 64
 
 @nb.njit(cache=True, inline="always")
 def _gemm_add(gemm, a, b, c, trans_a, accumulate, piece):
-    """c += op(a) @ b (op = transpose where trans_a), in pieces of ``piece`` along the summed
-    dimension (the rows of a when trans_a, else its columns; always the rows of b)."""
+    """c += op(a) @ b (op = transpose where trans_a), in float32 in pieces of ``piece`` along the
+    summed dimension (the rows of a when trans_a, else its columns; always the rows of b); in
+    float64 in one piece."""
     K = a.shape[0] if trans_a else a.shape[1]
+    if c.itemsize != 4:
+        piece = max(K, 1)
     for k0 in range(0, K, piece):
         k1 = min(K, k0 + piece)
         if trans_a:
@@ -624,7 +627,6 @@ def _fwd_fast(gemm, q, kp, vp, tau, lengths, offset, causal, left, right, L, S, 
     group = Hq // H
     nqb = (L + block_q - 1) // block_q
     neg_inf = q.dtype.type(-np.inf)
-    keys_per_sum = _SUM_KEYS if q.itemsize == 4 else block_k  # float32: short sums (above)
     for item in prange(B * Hq * nqb):
         _prefer_target_vector_width()  # 512-bit vectors where they pay (see above)
         bh = item // nqb
@@ -738,8 +740,7 @@ def _fwd_fast(gemm, q, kp, vp, tau, lengths, offset, causal, left, right, L, S, 
                         orow = o[r]
                         for e in range(Ev):
                             orow[e] *= a
-                _gemm_add(gemm, st, vp[b, hk, jb, :width], o[r0:r1], False, accumulate,
-                          keys_per_sum)
+                _gemm_add(gemm, st, vp[b, hk, jb, :width], o[r0:r1], False, accumulate, _SUM_KEYS)
         # O_i = diag(ell)^-1 O_i ; lse = tau x_max + log(ell e^(tau (m - x_max))) ; fully masked
         # rows -> 0 and -inf. lse is taken at the row's largest logit x_max, not at the lazy shift
         # m: tau x_max is rounded as the backward pass rounds tau z for that key, so that its
@@ -772,8 +773,6 @@ def _bwd_fast(gemm, q, kp, vp, do, lse, delta, tau, lengths, offset, causal, lef
     H, nkb, block_k = kp.shape[1], kp.shape[2], kp.shape[3]
     group = Hq // H
     T = dq_part.shape[0]
-    keys_per_sum = _SUM_KEYS if q.itemsize == 4 else block_k  # float32: short sums (above)
-    rows_per_sum = _SUM_ROWS if q.itemsize == 4 else block_q
     for item in prange(B * H * T):
         _prefer_target_vector_width()
         b = item // (H * T)
@@ -828,10 +827,10 @@ def _bwd_fast(gemm, q, kp, vp, do, lse, delta, tau, lengths, offset, causal, lef
                             _mask_row(x, j0, lo, hi, 0.0)
                             _mask_row(y, j0, lo, hi, 0.0)
                     # dV_j += P^T dO_i ; dK_j += dZ^T Q_i ; dQ_i += dZ K_j
-                    _gemm_add(gemm, st, DOb, dvb[:width], True, accumulate, rows_per_sum)
-                    _gemm_add(gemm, dpt, Qb, dkb[:width], True, accumulate, rows_per_sum)
+                    _gemm_add(gemm, st, DOb, dvb[:width], True, accumulate, _SUM_ROWS)
+                    _gemm_add(gemm, dpt, Qb, dkb[:width], True, accumulate, _SUM_ROWS)
                     _gemm_add(gemm, dpt, kb[:width], dq_part[t, b, h, i0 : i0 + nr], False,
-                              accumulate, keys_per_sum)
+                              accumulate, _SUM_KEYS)
 
 
 # ---------------------------------------------------------------------------------------------
