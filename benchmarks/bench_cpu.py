@@ -51,6 +51,8 @@ output too. Growth below about 0.1 MB is below what this can resolve.
     python benchmarks/bench_cpu.py --figures-only     # redraw figures from the JSON
     python benchmarks/bench_cpu.py --memory-only      # re-measure only the memory into the JSON
     python benchmarks/bench_cpu.py --table            # print the ratio tables of stored results
+    python benchmarks/bench_cpu.py --paired-only --output benchmarks/results/cpu_<machine>.json
+                                  # another machine: its description, BLAS rates and goals' ratios
 """
 
 from __future__ import annotations
@@ -1027,7 +1029,8 @@ def main() -> None:
     ap.add_argument("--describe", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--serve", nargs=5, help=argparse.SUPPRESS)
     ap.add_argument("--paired-only", action="store_true",
-                    help="re-measure only the paired ratios (the goals' table) into the JSON")
+                    help="re-measure only the paired ratios (the goals' table) into the JSON (a new "
+                         "JSON with the machine and BLAS rates when there is none)")
     ap.add_argument("--memory", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--memory-only", action="store_true",
                     help="re-measure only the peak memory growth into the JSON")
@@ -1070,6 +1073,11 @@ def main() -> None:
             path = RESULTS / cfg["output"].replace(".json", f"{suffix}.json")
             if path.exists():
                 stored[name + suffix] = json.loads(path.read_text())
+    # then runs on other machines (``--paired-only --output cpu_<machine>.json`` there)
+    known = {RESULTS / cfg["output"].replace(".json", f"{suffix}.json")
+             for cfg in CONFIGS.values() for suffix in ("", "_openblas")}
+    for path in sorted(set(RESULTS.glob("cpu_*.json")) - known):
+        stored[path.stem.removeprefix("cpu_")] = json.loads(path.read_text())
     if args.table:
         for res in stored.values():
             print(ratio_table(res), "\n")
@@ -1086,7 +1094,10 @@ def main() -> None:
     if args.figures_only:
         res = json.loads(output.read_text())
     elif args.paired_only:
-        res = json.loads(output.read_text())
+        # on a machine with no stored run: this machine's description and BLAS rates, no curves
+        res = json.loads(output.read_text()) if output.exists() else {
+            "config": args.config, "machine": machine_info(args.config),
+            "ceiling_gflops": _ceiling(args.config, 1), "timing": {}, "memory": {}}
         have_torch = subprocess.run([sys.executable, "-c", "import torch"], capture_output=True,
                                     env=_env(args.config)).returncode == 0
         res["paired"] = run_paired(args.config, have_torch)
