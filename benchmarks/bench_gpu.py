@@ -43,6 +43,15 @@ def _cupy_or_reason():
     return cupy, None
 
 
+def _cpu_model() -> str:
+    """The host CPU's model name (Linux), else what the platform module knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def _time_gpu(cupy, fn, repeats: int) -> float:
     """Median milliseconds of fn() between CUDA events, after one warm-up call."""
     fn()
@@ -126,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     versions = dict(cuda_driver=cupy.cuda.runtime.driverGetVersion(),
                     cuda_runtime=cupy.cuda.runtime.runtimeGetVersion(),
-                    torch=torch.__version__ if torch_ok else None, cpu=platform.processor())
+                    torch=torch.__version__ if torch_ok else None, host_cpu=_cpu_model())
     RESULTS.write_text(json.dumps(dict(device=device_name, cupy=cupy.__version__, python=platform.python_version(),
                                        **versions, heads=args.heads, head_dim=args.head_dim, rows=rows),
                                   indent=1))
