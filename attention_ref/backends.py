@@ -1,7 +1,8 @@
-"""Choosing the array module (NumPy or CuPy) and bringing arrays back to the host.
+"""Choosing the array module (NumPy or CuPy), bringing arrays back to the host, and naming the
+CPU the code runs on (every recorded timing quotes it).
 
 The math in attention_ref never imports NumPy for its computations: it asks its inputs for their
-namespace. These two helpers are the only places that name a concrete array library.
+namespace. The two array helpers are the only places that name a concrete array library.
 """
 
 from __future__ import annotations
@@ -51,3 +52,17 @@ def to_numpy(x: Any) -> np.ndarray:
         return np.from_dlpack(x)
     except (TypeError, RuntimeError, AttributeError, BufferError):
         return np.asarray(x)
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux ``/proc/cpuinfo``), else what the platform module knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()

@@ -77,6 +77,7 @@ from numba import prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from .backends import cpu_model as _cpu_model
 from .contract import check_attention, check_choice, check_gradients, check_real
 from .dot_product import attention_arrays, default_scale, sum_kv_heads
 from .masks import checked_band, key_range
@@ -1001,19 +1002,6 @@ def _blas_kernel() -> str:
         return _blas()["name"]
     except ImportError:
         return "unknown"
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
 
 
 def cpu_info() -> dict:

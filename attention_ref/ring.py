@@ -874,14 +874,10 @@ def _machine() -> dict[str, Any]:
     from mpi4py import MPI
     from mpi4py import __version__ as mpi4py_version
 
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    from .backends import cpu_model
+
     return {
-        "cpu": cpu, "cores": os.cpu_count(), "system": platform.system(),
+        "cpu": cpu_model(), "cores": os.cpu_count(), "system": platform.system(),
         "python": platform.python_version(), "numpy": np.__version__, "mpi4py": mpi4py_version,
         "mpi": MPI.Get_library_version().splitlines()[0].strip(),
         "blas_threads_env": {v: os.environ.get(v) for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")},

@@ -43,15 +43,6 @@ def _cupy_or_reason():
     return cupy, None
 
 
-def _cpu_model() -> str:
-    """The host CPU's model name (Linux), else what the platform module knows."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
-
-
 def _time_gpu(cupy, fn, repeats: int) -> float:
     """Median milliseconds of fn() between CUDA events, after one warm-up call."""
     fn()
@@ -79,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.plot_only:
         stored = json.loads(RESULTS.read_text())
-        _plot(stored["rows"], stored["device"])
+        _plot(stored["rows"], stored["device"], stored["block"])
         print(f"wrote {FIGURE.relative_to(ROOT)}")
         return 0
 
@@ -88,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench_gpu: skipped: {reason}")
         return 0
     from attention_ref import flash_attention, scaled_dot_product_attention
+    from attention_ref.backends import cpu_model
 
     try:
         import torch
@@ -135,11 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     versions = dict(cuda_driver=cupy.cuda.runtime.driverGetVersion(),
                     cuda_runtime=cupy.cuda.runtime.runtimeGetVersion(),
-                    torch=torch.__version__ if torch_ok else None, host_cpu=_cpu_model())
+                    torch=torch.__version__ if torch_ok else None, host_cpu=cpu_model())
     RESULTS.write_text(json.dumps(dict(device=device_name, cupy=cupy.__version__, python=platform.python_version(),
-                                       **versions, heads=args.heads, head_dim=args.head_dim, rows=rows),
+                                       **versions, heads=args.heads, head_dim=args.head_dim, block=args.block, rows=rows),
                                   indent=1))
-    _plot(rows, device_name)
+    _plot(rows, device_name, args.block)
     print(f"wrote {RESULTS.relative_to(ROOT)} and {FIGURE.relative_to(ROOT)}")
     return 0
 
@@ -157,7 +149,7 @@ def _takeaway(rows: list[dict], device_name: str) -> str:
             f"NumPy-style code on CuPy (N = {n_max});\nthe tile loop in Python saves memory, not time")
 
 
-def _plot(rows: list[dict], device_name: str) -> None:
+def _plot(rows: list[dict], device_name: str, block: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -171,7 +163,7 @@ def _plot(rows: list[dict], device_name: str) -> None:
               "float16": "float16 inputs (our code computes in float32; torch in float16)"}
     for ax, dtype_name in zip(axes, ("float32", "float16"), strict=True):
         for impl, label in (("materialised", "materialised (scaled_dot_product_attention)"),
-                            ("tiled", "tiled (flash_attention, 1024 × 1024 tiles)"),
+                            ("tiled", f"tiled (flash_attention, {block} × {block} tiles)"),
                             ("torch", "torch SDPA (fused kernel)")):
             pts = [(r["n"], r["ms"]) for r in rows
                    if r["dtype"] == dtype_name and r["impl"] == impl and r["status"] == "ok"]
