@@ -5,7 +5,7 @@ other work on the machine only ever adds time; each timing also waits for the ma
 bench_cpu.py to be within 80% of its best), forward and backward timed separately,
 one head per Numba thread, E = 64, no mask. The result shows how far the rule's choice
 (``attention_ref.flash_numba.tile_sizes``) is from the best candidate on this machine; notebook 06
-and README quote it.
+and benchmarks/README.md quote it.
 
     python benchmarks/scan_tiles.py                       # float32, N = 4096
     python benchmarks/scan_tiles.py --dtype float64 --n 2048
