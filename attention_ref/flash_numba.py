@@ -1025,8 +1025,8 @@ def _tile_rule(dtype: np.dtype, direction: str, l2: int, isa: str) -> tuple[int,
     fits in the per-core L2: the logit tile (B_q x B_k), K_j and V_j (B_k x E each), Q_i and O_i
     (B_q x E), E = 64; the backward pass holds two tiles (Z and dP) and dK_j, dV_j, dO_i, dQ_i
     as well. Scans on one machine (benchmarks/scan_tiles.py; benchmarks/README.md) put this
-    choice first in float64 and within 11% of the fastest candidate in float32 there. The vector width (isa)
-    does not enter: the BLAS kernel and the exp loop adapt to it."""
+    choice first in float64 and within 11% of the fastest candidate in float32 there. The vector
+    width (isa) does not enter: the BLAS kernel and the exp loop adapt to it."""
     item = np.dtype(dtype).itemsize
     E = 64
 

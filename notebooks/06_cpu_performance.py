@@ -442,6 +442,10 @@ plt.show()
 #   an AVX2-only CPU's code would do, with this machine's caches and clock.
 # * **native, OpenBLAS** and **AVX2, OpenBLAS**: the same two, measured with SciPy's
 #   OpenBLAS (SkylakeX and Haswell kernels) doing the tile products — the same loops, another BLAS.
+# * **Emerald Rapids, OpenBLAS**: a second machine, a 16-core Intel Xeon VM of the Emerald Rapids
+#   generation (AVX-512; LLVM names it `emeraldrapids`) on which the kernels ran with SciPy's
+#   OpenBLAS (it has no MKL) and torch with its own MKL, 2 threads as everywhere. Only the pairs
+#   were measured there (the table and the shares below), not the curves against $N$.
 # * **Zen 5, earlier run**: a 2-core AMD EPYC (Zen 5) VM, measured once with an earlier version of
 #   the fast kernel (fixed 32-row query blocks, before the run-time tiles); it has no paired
 #   measurements.
@@ -456,6 +460,7 @@ runs = {name: json.loads(path.read_text()) for name, path in
         (("native", results_dir / "cpu.json"), ("AVX2, emulated", results_dir / "cpu_avx2.json"),
          ("native, OpenBLAS", results_dir / "cpu_openblas.json"),
          ("AVX2, OpenBLAS", results_dir / "cpu_avx2_openblas.json"),
+         ("Emerald Rapids, OpenBLAS", results_dir / "cpu_emeraldrapids_openblas.json"),
          ("Zen 5, earlier run", results_dir / "earlier" / "cpu_zen5.json")) if path.exists()}
 res = runs["native"]
 for name, run in runs.items():
@@ -485,7 +490,7 @@ display(Image("../figures/06_time_vs_n.png"))
 # %% [markdown]
 # Every curve runs parallel to the $N^2$ slope guide: tiles do not change the amount of work, only
 # where the bytes live and how much overhead each tile pays. The NumPy versions and the readable
-# kernel are several times slower than the fast kernel and torch (6–14× the fast kernel's time at
+# kernel are several times slower than the fast kernel and torch (7–20× the fast kernel's time at
 # $N = 4096$, float32, no mask); those two are close, and which
 # one is ahead changes with $N$, dtype and mask (the next table compares them properly).
 
@@ -521,7 +526,8 @@ display(Image("../figures/06_gflops.png"))
 # torch **in pairs**: two warm processes called in turn, 21 times, and every ratio is taken within
 # one pair. The table gives the median ratio of the fast kernel's time to torch's (below 1: the
 # fast kernel is faster) with the quartiles of the 21 pairs, at $N = 4096$. The Zen 5 run has no
-# pairs: its ratios are of medians from separate processes.
+# pairs: its ratios are of medians from separate processes. The Emerald Rapids machine has only
+# the pairs.
 
 # %%
 # NBVAL_IGNORE_OUTPUT
@@ -560,7 +566,8 @@ for case, what in cases:
 
 # %%
 config_colours = {"native": "C0", "AVX2, emulated": "C1", "native, OpenBLAS": "C9",
-                  "AVX2, OpenBLAS": "C8", "Zen 5, earlier run": "C2"}
+                  "AVX2, OpenBLAS": "C8", "Emerald Rapids, OpenBLAS": "C4",
+                  "Zen 5, earlier run": "C2"}
 fig, ax = plt.subplots(figsize=(9, 4.2))
 width = 0.8 / len(runs)
 for k, (name, run) in enumerate(runs.items()):
@@ -594,26 +601,31 @@ plt.show()
 # What the table says, machine by machine:
 #
 # * **Native Xeon (AVX-512), MKL behind the tiles:** without a mask the fast forward pass takes
-#   a little less time than torch's in float32 (0.95×) and clearly less in float64 (0.82×). With a
-#   causal mask it is much faster (0.62× in float32, 0.54× in float64): it skips and trims
+#   a little less time than torch's in float32 (0.92×) and clearly less in float64 (0.82×). With a
+#   causal mask it is much faster (0.61× in float32, 0.54× in float64): it skips and trims
 #   tiles (section 4), while torch's causal forward takes well over half of its no-mask time on
-#   this machine (exercise 3 prints the ratios). Forward + backward in float32 takes about 0.73×
+#   this machine (exercise 3 prints the ratios). Forward + backward in float32 takes about 0.71×
 #   torch's time.
 # * **AVX2, emulated:** with both sides held to 256-bit vectors and MKL's AVX2 path, the picture is
-#   much the same in float32: 0.93× torch's time without a mask, 0.61× with a causal mask, forward +
-#   backward 0.80×; float64 is closer to torch (0.90×, causal 0.57×), because with 256-bit vectors
+#   much the same in float32: 0.95× torch's time without a mask, 0.62× with a causal mask, forward +
+#   backward 0.79×; float64 is closer to torch (0.88×, causal 0.57×), because with 256-bit vectors
 #   the tile products take a larger share of the kernel's time. On this machine the backward kernel
 #   compiled for AVX2 runs at one of two speeds, fixed for a process but different between processes
-#   (57 or 76–85 ms at $N = 4096$): a run of the benchmark before this one drew the slow speed in its
+#   (57 or 76–85 ms at $N = 4096$): an earlier run of the benchmark drew the slow speed in its
 #   pairs and measured forward + backward at 1.00× — a reason to look at spreads, not at one number.
-#   Everything is slower than natively (the BLAS square-matmul rate drops from about 330 to 215
+#   Everything is slower than natively (the BLAS square-matmul rate drops from about 400 to 235
 #   GFLOP/s).
 # * **The same two with OpenBLAS:** the same loops with SciPy's OpenBLAS doing the tile products
-#   are slower in every row — 1.11× and 1.06× torch's time without a mask, where they take 0.95×
-#   and 0.93× with MKL. On this machine MKL
-#   does the kernel's 256 × 512 × 64 tile products about a fifth faster than OpenBLAS (timed
-#   side by side in "What limits the fast kernel" below), and those products are most of the
+#   are slower in every row — 1.16× and 1.10× torch's time without a mask, where they take 0.92×
+#   and 0.95× with MKL. On this machine MKL
+#   does the kernel's 256 × 512 × 64 tile products about a sixth to a fifth faster than OpenBLAS
+#   (timed side by side in "What limits the fast kernel" below), and those products are most of the
 #   kernel's time.
+# * **Emerald Rapids, OpenBLAS (a second machine):** a 16-core Xeon VM of the Emerald Rapids generation, with
+#   OpenBLAS behind the tiles, shows the same picture as this machine's OpenBLAS column: 1.20×
+#   torch's time without a mask, 0.76× causal, 1.09× and 0.67× in float64, 0.86× forward +
+#   backward. Its quartiles are wider: it was measured once, minutes after another run that gave
+#   1.08× without a mask.
 # * **Zen 5 (earlier run, earlier kernel):** the fast kernel was faster than torch in every case
 #   (0.44–0.75×). That was a different CPU, a different BLAS rate and an older kernel: it shows how
 #   much the standing depends on the machine, and says nothing general.
@@ -680,7 +692,7 @@ for name, run in runs.items():
             print(f"  N = {n:>5}: {100 * row['share_of_ceiling']:3.0f}% (medians of separate processes)")
     with_torch = run.get("paired", {}).get("float32|0|fwd")
     with_matmul = shares.get("4096")
-    if with_torch and with_matmul:
+    if with_torch and with_matmul and run["timing"]:
         alone = {impl: run["timing"][f"{impl}|float32|0|fwd"]["4096"]["median_ms"] for impl in ("numba_fast", "torch")}
         print(f"  N = 4096, the fast kernel: {with_torch['numba_fast_ms']:.1f} ms in the torch pairs, "
               f"{with_matmul['numba_fast_ms']:.1f} ms in the matmul pairs, {alone['numba_fast']:.1f} ms in separate "
@@ -689,11 +701,11 @@ for name, run in runs.items():
         print(f"  with the torch-pair time: {rate:.0f} GFLOP/s = {rate / ceil['float32']:.0%} of the square-matmul rate")
 
 # %% [markdown]
-# On the native Xeon the fast kernel reaches 71% of the square-matmul rate at $N = 2048$, 70% at
-# $N = 4096$ and 73% from $N = 8192$ on (in separate processes at $N = 4096$, the kernel 75% and
-# torch 69%); with AVX2 code 80–84% (the AVX2 BLAS is slower, so the same loops weigh less); with
-# OpenBLAS behind the tiles 60–63% natively;
-# in the Zen 5 run about half. The kernel's time at $N = 4096$ agrees whichever way
+# On the native Xeon the fast kernel reaches 75% of the square-matmul rate at $N = 2048$, 77% at
+# $N = 4096$, 74% at $N = 8192$ and 79% at $N = 16384$ (in separate processes at $N = 4096$ about the
+# same); with AVX2 code 81–88% (the AVX2 BLAS is slower, so the same loops weigh less); with
+# OpenBLAS behind the tiles 60–67% natively, 72–74% with AVX2 code, and 57–71% on the Emerald Rapids
+# machine; in the Zen 5 run about half. The kernel's time at $N = 4096$ agrees whichever way
 # it was measured (in the pairs with torch, with the matmul, or in separate processes) to within the
 # VM's drift — one reason to quote such shares with the quartiles of the pairs, and always with the
 # machine.
@@ -781,7 +793,7 @@ numba.set_num_threads(threads)
 # Which library does the products matters as much as the loops. With OpenBLAS the tile products
 # alone take most of the kernel's time, and on the native Xeon nearly as long as torch's whole call,
 # whose products go through Intel's MKL: the same loops calling MKL (the cell above times both on
-# the machine running this notebook) take the plain float32 forward pass from 1.11× to 0.95× torch's
+# the machine running this notebook) take the plain float32 forward pass from 1.16× to 0.92× torch's
 # time there. Another experiment on the native Xeon ($N = 4096$, not
 # run in this notebook) changed nothing beyond the machine's noise, other tiles: an interleaved scan
 # of 16 shapes (`benchmarks/scan_tiles.py`, two heads on one thread each;
@@ -914,11 +926,13 @@ plt.show()
 # %% [markdown]
 # What the steps teach, on this machine. The first jumps are about **vectorisation**: loops LLVM can
 # turn into vector FMAs (step 1) and an exponential that is not a function call (step 2). Keeping
-# accumulators in registers (step 3) helped little here — it had helped much more in the Zen 5 run,
-# where the loop kernel was the fast path for longer. Handing the tile products to **BLAS** (step
-# 4) more than doubled the rate, and from then on the per-logit loops were the limit: the
-# vectorised row maximum (step 5) helped, merging passes (step 6) helped a little (in other runs
-# it measured a little slower, within what this VM's drift can explain), and the library's kernel
+# accumulators in registers (step 3) gained a third in this run, but only 6% in the run before it on
+# the same machine: a step whose gain changes that much between runs is not understood well enough
+# to be quoted alone. Handing the tile products to **BLAS** (step
+# 4) nearly doubled the rate, and from then on the per-logit loops were the limit: the
+# vectorised row maximum (step 5) helped, merging passes (step 6) helped a little (13% in this run,
+# 7% in the one before; in others it measured a little slower, within what this VM's drift can
+# explain), and the library's kernel
 # with the machine's own tiles — 256 query rows instead of 64, the gemm with $\beta$, and no pass
 # of its own for the row maximum (lazy rescaling) — gave the last jump (step 7). Each step is measured on one machine in one run; the order and the
 # size of the gains differ on other CPUs.
