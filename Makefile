@@ -62,6 +62,8 @@ exercises: $(VENV)/.course-installed  # needs nbformat only, not nbgrader
 bench: $(VENV)/.test-installed  # about an hour on 2 cores: run it on a quiet machine
 	$(PY) benchmarks/bench_cpu.py
 	$(PY) benchmarks/bench_cpu.py --config avx2
+	$(PY) benchmarks/compare_blas.py
+	$(PY) benchmarks/compare_blas.py --config avx2
 	$(PY) benchmarks/bench_cpu.py --table
 
 bench-quick: $(VENV)/.test-installed

@@ -952,6 +952,25 @@ def _mkl() -> dict | None:
             "float64": ctypes.cast(lib.dgemm_, ctypes.c_void_p).value}
 
 
+def _package_blas(package: str, infos: list[dict]) -> dict | None:
+    """threadpoolctl's record of the BLAS a package ships (``scipy.libs/``, ``numpy.libs/``, or
+    inside the package), None when it has none of its own. By directory, not by file name:
+    NumPy's wheel ships its OpenBLAS as ``libscipy_openblas64_*.so``."""
+    import importlib.util
+    import os
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    home = os.path.realpath(list(spec.submodule_search_locations)[0])
+    for info in infos:
+        where = os.path.realpath(os.path.dirname(str(info.get("filepath", ""))))
+        inside = where in (home, home + ".libs") or where.startswith(home + os.sep)
+        if info.get("user_api") == "blas" and inside:
+            return info
+    return None
+
+
 def _openblas() -> dict:
     """SciPy's OpenBLAS (scipy.linalg.cython_blas), named by its kernel (threadpoolctl's
     "architecture", e.g. ``openblas:SkylakeX``)."""
@@ -964,9 +983,9 @@ def _openblas() -> dict:
     except ImportError:
         pass
     else:
-        for lib in threadpool_info():
-            if lib.get("user_api") == "blas" and "scipy" in str(lib.get("filepath", "")):
-                name = f"{lib.get('internal_api')}:{lib.get('architecture')}"
+        lib = _package_blas("scipy", threadpool_info())
+        if lib is not None:
+            name = f"{lib.get('internal_api')}:{lib.get('architecture')}"
     return {"name": name, "one_thread": False,  # its thread pool is limited around each call
             "float32": get_cython_function_address("scipy.linalg.cython_blas", "sgemm"),
             "float64": get_cython_function_address("scipy.linalg.cython_blas", "dgemm")}

@@ -794,7 +794,10 @@ numba.set_num_threads(threads)
 # alone take most of the kernel's time, and on the native Xeon nearly as long as torch's whole call,
 # whose products go through Intel's MKL: the same loops calling MKL (the cell above times both on
 # the machine running this notebook) take the plain float32 forward pass from 1.16× to 0.92× torch's
-# time there. Another experiment on the native Xeon ($N = 4096$, not
+# time there. No other BLAS from PyPI closes that gap on the native Xeon: timed alone on one thread
+# (`benchmarks/compare_blas.py`, every library it finds), the two tile products take 1.24× MKL's time
+# through SciPy's OpenBLAS, 1.26× through NumPy's own OpenBLAS and 1.78× through BLIS (the `blis`
+# package) in float32. Another experiment on the native Xeon ($N = 4096$, not
 # run in this notebook) changed nothing beyond the machine's noise, other tiles: an interleaved scan
 # of 16 shapes (`benchmarks/scan_tiles.py`, two heads on one thread each;
 # `benchmarks/results/tiles_*.json`) put the rule's choice first in float64, and in float32 256 ×

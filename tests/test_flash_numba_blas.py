@@ -67,3 +67,21 @@ def test_mkl_asked_for_but_missing(monkeypatch):
     monkeypatch.setenv("ATTENTION_REF_BLAS", "auto")
     assert fn.cpu_info()["blas"].startswith("openblas")
     monkeypatch.setattr(fn, "_BLAS", None)  # forget the choice made without MKL
+
+
+def test_scipys_openblas_is_told_apart_from_numpys():
+    # NumPy's wheel ships its OpenBLAS as numpy.libs/libscipy_openblas64_*.so: a match on the
+    # file name "scipy" took either library for SciPy's, whichever threadpoolctl listed last
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    import scipy.linalg.cython_blas  # noqa: F401  (loads SciPy's BLAS)
+
+    infos = threadpoolctl.threadpool_info()
+    scipy_blas = fn._package_blas("scipy", infos)
+    numpy_blas = fn._package_blas("numpy", infos)
+    assert scipy_blas is not None
+    assert "numpy" not in scipy_blas["filepath"].rsplit("site-packages", 1)[-1]
+    if numpy_blas is not None:
+        assert numpy_blas["filepath"] != scipy_blas["filepath"]
+    assert fn._package_blas("attention_ref", infos) is None  # ships no BLAS
+    # in reversed order the same library is found
+    assert fn._package_blas("scipy", infos[::-1])["filepath"] == scipy_blas["filepath"]
