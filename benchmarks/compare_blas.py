@@ -233,6 +233,11 @@ def run(config: str, rounds: int, reps: int) -> dict:
     return {"config": config, "machine": machine, "rounds": rounds, "reps": reps, **result}
 
 
+def _tile_time(result: dict, name: str, dtype: str) -> float:
+    """Seconds per GFLOP of one tile's two products (they have the same FLOPs), medians."""
+    return sum(1 / result["gflops"][name][dtype][p][1] for p in PRODUCTS)
+
+
 def table(result: dict) -> str:
     """Markdown: GFLOP/s (median, one thread) of each product per library, and each library's
     time for the two products of one tile relative to the kernels' BLAS."""
@@ -241,15 +246,12 @@ def table(result: dict) -> str:
         f"{dt} {PRODUCT_LABELS[p]} ({tiles[dt]['block_q']} x {tiles[dt]['block_k']})"
         for dt in DTYPES for p in PRODUCTS] + [f"{dt} tile time" for dt in DTYPES]
     reference = next(iter(result["gflops"]))  # MKL where installed, else SciPy's OpenBLAS
-
-    def tile_time(name, dt):  # seconds per GFLOP of both products (they have the same FLOPs)
-        return sum(1 / result["gflops"][name][dt][p][1] for p in PRODUCTS)
-
     rows = []
     for name, per_dtype in result["gflops"].items():
         cells = [name, f"`{result['libraries'][name]}`"]
         cells += [f"{per_dtype[dt][p][1]:.0f}" for dt in DTYPES for p in PRODUCTS]
-        cells += [f"{tile_time(name, dt) / tile_time(reference, dt):.2f}x" for dt in DTYPES]
+        cells += [f"{_tile_time(result, name, dt) / _tile_time(result, reference, dt):.2f}x"
+                  for dt in DTYPES]
         rows.append(cells)
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -281,13 +283,10 @@ def figure(result: dict, path: Path) -> None:
                    for dt, p in groups])
     ax.set_ylabel("GFLOP/s on one thread (median, quartiles)")
     ax.set_xlabel("tile product (forward kernel, E = 64)")
-    def tile_time(name):  # float32, both products
-        return sum(1 / result["gflops"][name]["float32"][p][1] for p in PRODUCTS)
-
-    best = min(names, key=tile_time)
+    best = min(names, key=lambda name: _tile_time(result, name, "float32"))
     fallback = "OpenBLAS (SciPy)"  # what the kernels call without MKL
-    versus = (f": SciPy's OpenBLAS takes {tile_time(fallback) / tile_time(best):.2f}x its time "
-              "(float32)" if best != fallback else "")
+    ratio = _tile_time(result, fallback, "float32") / _tile_time(result, best, "float32")
+    versus = f": SciPy's OpenBLAS takes {ratio:.2f}x its time (float32)" if best != fallback else ""
     m = result["machine"]
     ax.set_title(f"{best} does the kernels' tile products fastest here{versus}\n"
                  f"({m.get('cpu', '?')}, {m.get('isa', '?')} code, config {result['config']})",
