@@ -37,6 +37,12 @@ $(VENV)/.lab-installed: pyproject.toml $(VENV)/.course-installed
 	$(PY) -m pip install --quiet -e ".[lab]"
 	touch $@
 
+# PyTorch from PyPI is its CUDA build on Linux (several GB); to take the CPU-only build instead,
+# install torch from PyTorch's CPU wheel index into .venv before `make bench`.
+$(VENV)/.bench-installed: pyproject.toml $(VENV)/.test-installed
+	$(PY) -m pip install --quiet -e ".[bench]"
+	touch $@
+
 $(VENV)/.gpu-installed: pyproject.toml $(VENV)/.test-installed
 	$(PY) -m pip install --quiet -e ".[test,gpu]"
 	touch $@
@@ -59,14 +65,14 @@ lab: $(VENV)/.lab-installed
 exercises: $(VENV)/.course-installed  # needs nbformat only, not nbgrader
 	$(PY) -m attention_ref.exercises notebooks --output exercises
 
-bench: $(VENV)/.test-installed  # about an hour on 2 cores: run it on a quiet machine
+bench: $(VENV)/.bench-installed  # about an hour on 2 cores: run it on a quiet machine
 	$(PY) benchmarks/bench_cpu.py
 	$(PY) benchmarks/bench_cpu.py --config avx2
 	$(PY) benchmarks/compare_blas.py
 	$(PY) benchmarks/compare_blas.py --config avx2
 	$(PY) benchmarks/bench_cpu.py --table
 
-bench-quick: $(VENV)/.test-installed
+bench-quick: $(VENV)/.bench-installed
 	$(PY) benchmarks/bench_cpu.py --quick
 
 bench-gpu: $(VENV)/.gpu-installed

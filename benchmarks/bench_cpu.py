@@ -47,7 +47,7 @@ output too. Growth below about 0.1 MB is below what this can resolve.
 
     python benchmarks/bench_cpu.py                    # native, full run, JSON + figures + table
     python benchmarks/bench_cpu.py --config avx2      # the AVX2 emulation -> cpu_avx2.json
-    python benchmarks/bench_cpu.py --quick            # N <= 2048, one round
+    python benchmarks/bench_cpu.py --quick            # N <= 2048, one round -> results/quick/
     python benchmarks/bench_cpu.py --figures-only     # redraw figures from the JSON
     python benchmarks/bench_cpu.py --memory-only      # re-measure only the memory into the JSON
     python benchmarks/bench_cpu.py --table            # print the ratio tables of stored results
@@ -71,6 +71,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
+QUICK_RESULTS = RESULTS / "quick"  # --quick runs (not kept in git)
 FIGURES = ROOT / "figures"
 D = 64
 THREADS = 2
@@ -350,6 +351,12 @@ def _env(config: str = "native") -> dict[str, str]:
     return env
 
 
+def _torch_available(config: str) -> bool:
+    """Whether the workers of this configuration can import torch (the ratios need it)."""
+    return subprocess.run([sys.executable, "-c", "import torch"], capture_output=True,
+                          env=_env(config)).returncode == 0
+
+
 def _run_worker(config, impl, dtype, causal, mode, Ns, reps=3, memory=False, timeout=900):
     cmd = [sys.executable, __file__, "--worker", impl, dtype, str(int(causal)), mode,
            ",".join(map(str, Ns)), str(reps)] + (["--memory"] if memory else [])
@@ -502,8 +509,7 @@ def measure_memory(config: str, impls: list[str], Ns: list[int]) -> dict:
 
 def run(config: str, quick: bool, rounds: int, only: list[str] | None = None,
         previous: dict | None = None, ablation: bool = True, wait_s: float = 60.0) -> dict:
-    have_torch = subprocess.run([sys.executable, "-c", "import torch"], capture_output=True,
-                                env=_env(config)).returncode == 0
+    have_torch = _torch_available(config)
     impls = [i for i in (only or CONFIGS[config]["impls"]) if i != "torch" or have_torch]
     Ns = [n for n in NS if not quick or n <= 2048]
     configs = [(impl, dt, causal, mode) for impl in impls for dt in ("float32", "float64")
@@ -1023,6 +1029,18 @@ def figures(res: dict) -> None:
     plt.close(fig)
 
 
+def output_path(config: str, blas: str | None, quick: bool, given: Path | None) -> Path:
+    """Where a run's JSON goes: ``given`` (``--output``) if any, else the configuration's stored
+    run in benchmarks/results (``*_openblas.json`` with ``--blas openblas``) -- except that a
+    ``--quick`` run goes to benchmarks/results/quick/, so that it never replaces a full one."""
+    if given is not None:
+        return given
+    output = RESULTS / CONFIGS[config]["output"]
+    if blas == "openblas":
+        output = output.with_name(output.stem + "_openblas.json")
+    return QUICK_RESULTS / output.name if quick else output
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--worker", nargs=6, metavar=("IMPL", "DTYPE", "CAUSAL", "MODE", "NS", "REPS"))
@@ -1088,9 +1106,12 @@ def main() -> None:
     if args.config == "avx2" and not args.figures_only and " avx2" not in open("/proc/cpuinfo").read():
         print("this CPU has no AVX2: the avx2 configuration is skipped")
         return
-    output = args.output or RESULTS / CONFIGS[args.config]["output"]
-    if args.blas == "openblas" and not args.output:
-        output = output.with_name(output.stem + "_openblas.json")
+    output = output_path(args.config, args.blas, args.quick, args.output)
+    if (not args.figures_only and output.resolve().parent == RESULTS.resolve()
+            and not _torch_available(args.config)):
+        sys.exit(f"torch cannot be imported here: this run would have no ratios to torch's SDPA "
+                 f"and would replace {output.resolve().relative_to(ROOT)} without them. `make bench` "
+                 f"installs torch (the `bench` extra); --output FILE measures without it.")
     if args.figures_only:
         res = json.loads(output.read_text())
     elif args.paired_only:
@@ -1098,15 +1119,13 @@ def main() -> None:
         res = json.loads(output.read_text()) if output.exists() else {
             "config": args.config, "machine": machine_info(args.config),
             "ceiling_gflops": _ceiling(args.config, 1), "timing": {}, "memory": {}}
-        have_torch = subprocess.run([sys.executable, "-c", "import torch"], capture_output=True,
-                                    env=_env(args.config)).returncode == 0
+        have_torch = _torch_available(args.config)
         res["paired"] = run_paired(args.config, have_torch)
         res["report"] = report(res)
         output.write_text(json.dumps(res, indent=1))
     elif args.memory_only:
         res = json.loads(output.read_text())
-        have_torch = subprocess.run([sys.executable, "-c", "import torch"], capture_output=True,
-                                    env=_env(args.config)).returncode == 0
+        have_torch = _torch_available(args.config)
         impls = [i for i in CONFIGS[args.config]["impls"] if i != "torch" or have_torch]
         res["memory"] = measure_memory(args.config, impls, NS)
         res["report"] = report(res)
@@ -1119,7 +1138,7 @@ def main() -> None:
         res["report"] = report(res)
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps(res, indent=1))
-    if res.get("config", "native") == "native" and output.name == CONFIGS["native"]["output"]:
+    if output == RESULTS / CONFIGS["native"]["output"]:  # the stored native run draws the figures
         figures(res)
     print(report(res))
 

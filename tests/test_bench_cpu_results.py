@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,12 +18,17 @@ STORED = sorted((ROOT / "benchmarks" / "results").glob("cpu*.json"))
 SHARES = [f"share|{n}" for n in (2048, 4096, 8192, 16384)]  # the share aim holds for N >= 2048
 
 
-def _goals() -> list[str]:
-    """The benchmark's own list of goals (dtype|causal|mode keys), not a copy of it."""
+def _bench():
+    """The benchmark script as a module (its own goals and paths, not copies of them)."""
     spec = importlib.util.spec_from_file_location("bench_cpu", BENCH)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    return [key for key, _, _ in bench.GOALS]
+    return bench
+
+
+def _goals() -> list[str]:
+    """The benchmark's list of goals (dtype|causal|mode keys)."""
+    return [key for key, _, _ in _bench().GOALS]
 
 
 @pytest.mark.parametrize("path", STORED, ids=[p.stem for p in STORED])
@@ -57,3 +63,28 @@ def test_readme_shows_the_stored_runs():
         "README's CPU table differs from the stored runs: paste `benchmarks/bench_cpu.py --markdown`")
     # one column per stored run, after the goal and its target
     assert table[0].count("|") - 3 == len(STORED)
+
+
+def test_a_quick_run_never_replaces_a_stored_run(tmp_path):
+    bench = _bench()
+    results = ROOT / "benchmarks" / "results"
+    assert bench.output_path("native", None, False, None) == results / "cpu.json"
+    assert bench.output_path("avx2", "openblas", False, None) == results / "cpu_avx2_openblas.json"
+    for config, blas in (("native", None), ("avx2", None), ("native", "openblas")):
+        assert bench.output_path(config, blas, True, None).parent == results / "quick"
+    given = tmp_path / "cpu_elsewhere.json"
+    assert bench.output_path("native", None, True, given) == given
+
+
+def test_without_torch_a_run_refuses_to_replace_a_stored_run(tmp_path):
+    # a torch that cannot be imported, ahead of the real one on the workers' path
+    (tmp_path / "torch").mkdir()
+    (tmp_path / "torch" / "__init__.py").write_text("raise ImportError('no torch in this test')\n")
+    before = {path: path.read_bytes() for path in STORED}
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    for args in ([], ["--paired-only"], ["--config", "avx2", "--blas", "openblas"]):
+        done = subprocess.run([sys.executable, str(BENCH), *args], capture_output=True, text=True,
+                              cwd=ROOT, env=env, timeout=120)
+        assert done.returncode != 0, args
+        assert "torch cannot be imported here" in done.stderr, (args, done.stderr[-500:])
+    assert {path: path.read_bytes() for path in STORED} == before
