@@ -46,6 +46,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "llama.json"
 FIGURE = ROOT / "figures" / "09_bench_llama.png"
+QUICK = ROOT / "benchmarks" / "results" / "quick"  # --quick runs (not kept in git)
 THREADS = 2  # the default; --threads changes it
 PREFILL = [16, 128, 512, 1024]
 CONTEXTS = [16, 128, 512, 1024]
@@ -278,16 +279,19 @@ def _combine(runs: list, key: str = "") -> object:
     return first
 
 
+def _transformers_available() -> bool:
+    """Whether the comparison can run here: torch and transformers import (in a worker's way)."""
+    return subprocess.run([sys.executable, "-c", "import torch, transformers"],
+                          capture_output=True).returncode == 0
+
+
 def run(quick: bool, rounds: int) -> dict:
     prefill = [16, 128, 512] if quick else PREFILL
     contexts = [16, 128, 512] if quick else CONTEXTS
     impls = ["numpy"]
-    try:
-        import torch  # noqa: F401
-        import transformers  # noqa: F401
-
+    if _transformers_available():
         impls.append("transformers")
-    except ImportError:
+    else:
         print("torch/transformers not installed: measuring the NumPy model alone", flush=True)
     machine = _machine_info()
     per_impl: dict[str, list[dict]] = {impl: [] for impl in impls}
@@ -391,8 +395,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--figures-only", action="store_true")
     ap.add_argument("--threads", type=int, default=THREADS, help="threads per library (2)")
-    ap.add_argument("--output", type=Path, default=RESULTS, help="JSON file (benchmarks/results/llama.json)")
-    ap.add_argument("--figure", type=Path, default=FIGURE, help="figure (figures/09_bench_llama.png)")
+    ap.add_argument("--output", type=Path, help="JSON file (benchmarks/results/llama.json; with "
+                    "--quick benchmarks/results/quick/llama.json)")
+    ap.add_argument("--figure", type=Path, help="figure (figures/09_bench_llama.png; with --quick "
+                    "beside the quick JSON)")
     args = ap.parse_args()
     _set_threads(args.threads)
     if args.worker:
@@ -400,14 +406,21 @@ def main() -> None:
         result = worker(impl, [int(x) for x in prefill.split(",")], [int(x) for x in contexts.split(",")])
         print(json.dumps(result), flush=True)
         return
+    # a quick run never replaces the stored run or its figure
+    output = args.output or (QUICK / RESULTS.name if args.quick else RESULTS)
+    figure_path = args.figure or (QUICK / FIGURE.name if args.quick else FIGURE)
     if args.figures_only:
-        res = json.loads(args.output.read_text())
+        res = json.loads(output.read_text())
     else:
+        if output.resolve() == RESULTS.resolve() and not _transformers_available():
+            sys.exit("torch or transformers cannot be imported here: this run would time the NumPy "
+                     "model alone and replace benchmarks/results/llama.json. `pip install -e "
+                     "'.[bench]'` installs both; --output FILE measures without them.")
         res = run(args.quick, 1 if args.quick else args.rounds)
         res["report"] = report(res)
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(res, indent=1))
-    figure(res, args.figure)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(res, indent=1))
+    figure(res, figure_path)
     print(report(res))
 
 

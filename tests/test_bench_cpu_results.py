@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -64,27 +63,3 @@ def test_readme_shows_the_stored_runs():
     # one column per stored run, after the goal and its target
     assert table[0].count("|") - 3 == len(STORED)
 
-
-def test_a_quick_run_never_replaces_a_stored_run(tmp_path):
-    bench = _bench()
-    results = ROOT / "benchmarks" / "results"
-    assert bench.output_path("native", None, False, None) == results / "cpu.json"
-    assert bench.output_path("avx2", "openblas", False, None) == results / "cpu_avx2_openblas.json"
-    for config, blas in (("native", None), ("avx2", None), ("native", "openblas")):
-        assert bench.output_path(config, blas, True, None).parent == results / "quick"
-    given = tmp_path / "cpu_elsewhere.json"
-    assert bench.output_path("native", None, True, given) == given
-
-
-def test_without_torch_a_run_refuses_to_replace_a_stored_run(tmp_path):
-    # a torch that cannot be imported, ahead of the real one on the workers' path
-    (tmp_path / "torch").mkdir()
-    (tmp_path / "torch" / "__init__.py").write_text("raise ImportError('no torch in this test')\n")
-    before = {path: path.read_bytes() for path in STORED}
-    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
-    for args in ([], ["--paired-only"], ["--config", "avx2", "--blas", "openblas"]):
-        done = subprocess.run([sys.executable, str(BENCH), *args], capture_output=True, text=True,
-                              cwd=ROOT, env=env, timeout=120)
-        assert done.returncode != 0, args
-        assert "torch cannot be imported here" in done.stderr, (args, done.stderr[-500:])
-    assert {path: path.read_bytes() for path in STORED} == before
