@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # conda-forge names for PyPI packages whose names differ there
 CONDA_NAME = {"cupy-cuda12x": "cupy", "cupy-cuda13x": "cupy"}
 # the GPU extra and the benchmarks' are documented in the file's header instead
-NOT_IN_CONDA_FILE = {"cupy", "torch", "transformers", "blis"}
+NOT_IN_CONDA_FILE = {"cupy", "torch", "transformers", "accelerate", "blis"}
 
 
 def _name(requirement: str) -> str:
