@@ -280,8 +280,9 @@ def _combine(runs: list, key: str = "") -> object:
 
 
 def _transformers_available() -> bool:
-    """Whether the comparison can run here: torch and transformers import (in a worker's way)."""
-    return subprocess.run([sys.executable, "-c", "import torch, transformers"],
+    """Whether the comparison can run here: torch, transformers and accelerate (which transformers
+    5 needs to read a GGUF file) import, in a process like the workers'."""
+    return subprocess.run([sys.executable, "-c", "import torch, transformers, accelerate"],
                           capture_output=True).returncode == 0
 
 
@@ -292,7 +293,7 @@ def run(quick: bool, rounds: int) -> dict:
     if _transformers_available():
         impls.append("transformers")
     else:
-        print("torch/transformers not installed: measuring the NumPy model alone", flush=True)
+        print("torch/transformers/accelerate not installed: measuring the NumPy model alone", flush=True)
     machine = _machine_info()
     per_impl: dict[str, list[dict]] = {impl: [] for impl in impls}
     for r in range(rounds):
@@ -413,9 +414,9 @@ def main() -> None:
         res = json.loads(output.read_text())
     else:
         if output.resolve() == RESULTS.resolve() and not _transformers_available():
-            sys.exit("torch or transformers cannot be imported here: this run would time the NumPy "
-                     "model alone and replace benchmarks/results/llama.json. `pip install -e "
-                     "'.[bench]'` installs both; --output FILE measures without them.")
+            sys.exit("torch, transformers or accelerate cannot be imported here: this run would "
+                     "time the NumPy model alone and replace benchmarks/results/llama.json. "
+                     "`pip install -e '.[bench]'` installs them; --output FILE measures without.")
         res = run(args.quick, 1 if args.quick else args.rounds)
         res["report"] = report(res)
         output.parent.mkdir(parents=True, exist_ok=True)
