@@ -430,7 +430,8 @@ plt.show()
 # `benchmarks/bench_cpu.py` times every implementation in its own process, interleaved over three
 # rounds, and keeps the median (2 threads, one head, $E = 64$). It stores everything — with the
 # record of the machine — in `benchmarks/results/`; this notebook only reads those files
-# (re-measuring takes a quiet machine and several minutes: `make bench`). The machine kinds:
+# (re-measuring takes a quiet machine and about an hour on two cores: `make bench`, which also
+# installs torch for the comparison). The machine kinds:
 #
 # * **native**: a 2-core Intel Xeon virtual machine of the Sapphire Rapids generation or later
 #   (AVX-512 with FP16, and AMX; it reports itself as "Intel(R) Xeon(R) Processor", model 167,
