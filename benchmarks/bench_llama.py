@@ -279,7 +279,7 @@ def _combine(runs: list, key: str = "") -> object:
     return first
 
 
-def _transformers_available() -> bool:
+def _comparison_available() -> bool:
     """Whether the comparison can run here: torch, transformers and accelerate (which transformers
     5 needs to read a GGUF file) import, in a process like the workers'."""
     return subprocess.run([sys.executable, "-c", "import torch, transformers, accelerate"],
@@ -290,7 +290,7 @@ def run(quick: bool, rounds: int) -> dict:
     prefill = [16, 128, 512] if quick else PREFILL
     contexts = [16, 128, 512] if quick else CONTEXTS
     impls = ["numpy"]
-    if _transformers_available():
+    if _comparison_available():
         impls.append("transformers")
     else:
         print("torch/transformers/accelerate not installed: measuring the NumPy model alone", flush=True)
@@ -413,7 +413,7 @@ def main() -> None:
     if args.figures_only:
         res = json.loads(output.read_text())
     else:
-        if output.resolve() == RESULTS.resolve() and not _transformers_available():
+        if output.resolve() == RESULTS.resolve() and not _comparison_available():
             sys.exit("torch, transformers or accelerate cannot be imported here: this run would "
                      "time the NumPy model alone and replace benchmarks/results/llama.json. "
                      "`pip install -e '.[bench]'` installs them; --output FILE measures without.")

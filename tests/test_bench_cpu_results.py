@@ -17,17 +17,12 @@ STORED = sorted((ROOT / "benchmarks" / "results").glob("cpu*.json"))
 SHARES = [f"share|{n}" for n in (2048, 4096, 8192, 16384)]  # the share aim holds for N >= 2048
 
 
-def _bench():
-    """The benchmark script as a module (its own goals and paths, not copies of them)."""
+def _goals() -> list[str]:
+    """The benchmark's own list of goals (dtype|causal|mode keys), not a copy of it."""
     spec = importlib.util.spec_from_file_location("bench_cpu", BENCH)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    return bench
-
-
-def _goals() -> list[str]:
-    """The benchmark's list of goals (dtype|causal|mode keys)."""
-    return [key for key, _, _ in _bench().GOALS]
+    return [key for key, _, _ in bench.GOALS]
 
 
 @pytest.mark.parametrize("path", STORED, ids=[p.stem for p in STORED])
@@ -62,4 +57,3 @@ def test_readme_shows_the_stored_runs():
         "README's CPU table differs from the stored runs: paste `benchmarks/bench_cpu.py --markdown`")
     # one column per stored run, after the goal and its target
     assert table[0].count("|") - 3 == len(STORED)
-
