@@ -913,6 +913,21 @@ _CLOCKED_DOWN_AVX512_CPUS = {"skylake-avx512", "cascadelake", "cooperlake"}
 
 _BLAS_CHOICES = ("auto", "mkl", "openblas")
 _BLAS: dict | None = None
+# MKL's code paths, narrowest first, as MKL_Get_Version names them, and the vector ISA of
+# _target_cpu each one matches
+_MKL_PATHS = ("generic", "AVX", "AVX2", "AVX-512")
+_ISA_OF_MKL_PATH = {"generic": "sse", "AVX": "sse", "AVX2": "avx2", "AVX-512": "avx512"}
+_ISA_ORDER = ("sse", "avx2", "avx512")
+
+
+def _mkl_keeps_up(mkl_path: str, isa: str) -> bool:
+    """Whether MKL's code path is as wide as the vectors Numba compiles for (``isa``). Where it is
+    narrower, MKL is not tuned for this CPU and SciPy's OpenBLAS, which picks its kernel for the
+    CPU itself, is faster. Measured (forward tile products, one thread, GFLOP/s, float32 /
+    float64): on an AMD EPYC Zen 5 VM MKL 2026.2 ran its generic path at 111 / 56 against
+    OpenBLAS's SkylakeX kernel at 212 / 86; on an Intel Sapphire Rapids VM MKL's AVX-512 path at
+    156 / 73 against 123 / 58 (benchmarks/results/blas_tiles*.json)."""
+    return _ISA_ORDER.index(_ISA_OF_MKL_PATH[mkl_path]) >= _ISA_ORDER.index(isa)
 
 
 def _mkl() -> dict | None:
@@ -944,10 +959,12 @@ def _mkl() -> dict | None:
     version = Version()
     lib.MKL_Get_Version(ctypes.byref(version))
     processor = version.processor.decode()
-    path = next((name for key, name in (("AVX-512", "AVX-512"), ("AVX2", "AVX2"), ("AVX", "AVX"))
-                 if key in processor), "SSE")
+    # MKL names the code path it dispatched to; on CPUs it has no path for (AMD's, for one) it
+    # says "Intel(R) Architecture processors": its generic code
+    path = next((name for name in _MKL_PATHS[:0:-1] if name in processor), _MKL_PATHS[0])
     # one_thread: the sequential layer never starts threads, so there is nothing to limit
-    return {"name": f"mkl-{version.major}.{version.update}:{path}", "library": lib, "one_thread": True,
+    return {"name": f"mkl-{version.major}.{version.update}:{path}", "path": path, "library": lib,
+            "one_thread": True,
             "float32": ctypes.cast(lib.sgemm_, ctypes.c_void_p).value,
             "float64": ctypes.cast(lib.dgemm_, ctypes.c_void_p).value}
 
@@ -993,11 +1010,12 @@ def _openblas() -> dict:
 
 def _blas() -> dict:
     """The BLAS whose ?gemm the fast kernels call: ``ATTENTION_REF_BLAS`` = ``mkl``, ``openblas``
-    or ``auto`` (the default: MKL when the ``mkl`` package is installed, else SciPy's OpenBLAS).
-    Measured on a Sapphire Rapids VM (float32, the forward's 256 x 512 tile products): 6.8 ms with
-    MKL against 8.2 ms with OpenBLAS for those of N = 2048, one thread, in one process (notebook
-    06); 346-375 GFLOP/s on two threads (benchmarks/results/cpu.json) against 273-275 in an
-    earlier run with OpenBLAS (cpu_openblas.json)."""
+    or ``auto`` (the default: MKL when the ``mkl`` package is installed and its code path is as
+    wide as the vectors Numba compiles for (_mkl_keeps_up), else SciPy's OpenBLAS). ``why`` says
+    which rule chose it. Measured on a Sapphire Rapids VM (float32, the forward's 256 x 512 tile
+    products): 6.8 ms with MKL against 8.2 ms with OpenBLAS for those of N = 2048, one thread, in
+    one process (notebook 06); on an AMD EPYC Zen 5 VM, where MKL runs its generic path,
+    OpenBLAS's tile products were twice as fast (benchmarks/results/blas_tiles_znver5.json)."""
     global _BLAS
     import os
 
@@ -1010,15 +1028,26 @@ def _blas() -> dict:
         if found is None and choice == "mkl":
             raise ValueError("ATTENTION_REF_BLAS=mkl but the mkl package is not installed "
                              "(pip install mkl)")
-        _BLAS = dict(found or _openblas(), choice=choice)
+        isa = _target_cpu()[1]
+        if choice != "auto":
+            why = f"ATTENTION_REF_BLAS={choice}"
+        elif found is None:
+            why = "auto: the mkl package is not installed, so SciPy's OpenBLAS"
+        elif _mkl_keeps_up(found["path"], isa):
+            why = f"auto: MKL's {found['path']} code matches the {isa} code Numba compiles"
+        else:
+            why = (f"auto: MKL runs its {found['path']} code here, narrower than the {isa} code "
+                   f"Numba compiles, so SciPy's OpenBLAS")
+            found = None
+        _BLAS = dict(found or _openblas(), choice=choice, why=why)
     return _BLAS
 
 
-def _blas_kernel() -> str:
+def _blas_kernel(field: str = "name") -> str:
     """The BLAS the fast kernels call and its code path, e.g. ``openblas:SkylakeX`` or
-    ``mkl-2026.2:AVX-512``."""
+    ``mkl-2026.2:AVX-512`` (``field="why"``: the rule that chose it)."""
     try:
-        return _blas()["name"]
+        return _blas()[field]
     except ImportError:
         return "unknown"
 
@@ -1027,27 +1056,40 @@ def cpu_info() -> dict:
     """What the fast kernels run on here: ``cpu`` (model name), ``llvm_cpu`` and ``isa`` (the
     CPU and widest vector instructions Numba compiles for), ``blas`` (the BLAS library the tile
     products go to and its code path, e.g. ``mkl-2026.2:AVX-512`` or ``openblas:SkylakeX``;
-    ``ATTENTION_REF_BLAS`` chooses), ``vector_bits`` (the width of the vectors the kernels' loops
+    ``ATTENTION_REF_BLAS`` chooses), ``blas_why`` (the rule that chose it), ``vector_bits`` (the width of the vectors the kernels' loops
     are compiled for), ``l2_kib`` (L2 cache per core) and ``threads`` (Numba's thread count).
     Speed depends on all of them: quote them with any timing."""
     target = _target_isa()
     return {"cpu": _cpu_model(), "llvm_cpu": target["llvm_cpu"], "isa": target["isa"],
-            "blas": target["blas"], "vector_bits": _vector_bits(), "l2_kib": _l2_bytes() // 1024,
+            "blas": target["blas"], "blas_why": _blas_kernel("why"), "vector_bits": _vector_bits(),
+            "l2_kib": _l2_bytes() // 1024,
             "threads": nb.get_num_threads()}
+
+
+# The rule's cache budget: a work item's working set may fill up to twice the per-core L2. The
+# tile need not fit in L2 alone: the exp pass reads the logit tile row after row, so the part of
+# it that spills to L3 streams back at L3's rate, while a taller tile shares each BLAS call's
+# packing of K_j and V_j among more query rows. Measured on an AMD EPYC Zen 5 VM (1 MiB L2 per
+# core; benchmarks/scan_tiles.py, float64 forward, N = 4096): 256 x 512 (1.8 MB) took 52.3 ms
+# against 57.1 for 64 x 512, the largest tile that fits the L2 (SkylakeX OpenBLAS, AVX-512 code),
+# and 81.0 against 86.2 ms with AVX2 code; on a Sapphire Rapids VM (2 MiB L2) the forward tiles
+# are the same either way, and the float64 backward's 128 x 512 was within 1% of 64 x 512.
+_L2_BUDGET = 2
 
 
 def _tile_rule(dtype: np.dtype, direction: str, l2: int, isa: str) -> tuple[int, int, str]:
     """The default tiles. B_k = 512 keys (PyTorch's CPU flash kernel splits keys by 512): long
     BLAS calls, few online-softmax rescalings; halved while even 64 query rows would not fit.
     B_q = the most query rows (<= 256, or 128 in the backward pass: more rows per BLAS call, but
-    longer float32 sums) for which a thread's working set
-    fits in the per-core L2: the logit tile (B_q x B_k), K_j and V_j (B_k x E each), Q_i and O_i
-    (B_q x E), E = 64; the backward pass holds two tiles (Z and dP) and dK_j, dV_j, dO_i, dQ_i
-    as well. Scans on one machine (benchmarks/scan_tiles.py; benchmarks/README.md) put this
-    choice first in float64 and within 11% of the fastest candidate in float32 there. The vector
-    width (isa) does not enter: the BLAS kernel and the exp loop adapt to it."""
+    longer float32 sums) for which a thread's working set fits in _L2_BUDGET times the per-core
+    L2: the logit tile (B_q x B_k), K_j and V_j (B_k x E each), Q_i and O_i (B_q x E), E = 64;
+    the backward pass holds two tiles (Z and dP) and dK_j, dV_j, dO_i, dQ_i as well. Scans
+    (benchmarks/scan_tiles.py; benchmarks/README.md) put this choice first or within 2% of the
+    fastest forward tile in float64 on a Sapphire Rapids and a Zen 5 VM, and within 11% in float32.
+    The vector width (isa) does not enter: the BLAS kernel and the exp loop adapt to it."""
     item = np.dtype(dtype).itemsize
     E = 64
+    budget = _L2_BUDGET * l2
 
     def working_set(bq: int, bk: int) -> int:
         if direction == "forward":
@@ -1055,15 +1097,15 @@ def _tile_rule(dtype: np.dtype, direction: str, l2: int, isa: str) -> tuple[int,
         return item * (2 * bq * bk + 4 * bk * E + 4 * bq * E)
 
     bk = 512
-    while bk > 128 and working_set(64, bk) > l2:
+    while bk > 128 and working_set(64, bk) > budget:
         bk //= 2
     # backward: 128 rows; 256 (which float32 now sums in pieces of _SUM_ROWS as well) measured
     # 1-2% slower for forward + backward (paired, N = 2048 and 4096, Sapphire Rapids VM)
     bq = 256 if direction == "forward" else 128
-    while bq > 32 and working_set(bq, bk) > l2:
+    while bq > 32 and working_set(bq, bk) > budget:
         bq //= 2
     why = (f"rule: {bq} x {bk} is the largest tile whose working set "
-           f"({working_set(bq, bk) // 1024} KiB) fits the {l2 // 1024} KiB L2 per core; {isa}")
+           f"({working_set(bq, bk) // 1024} KiB) fits twice the {l2 // 1024} KiB L2 per core; {isa}")
     return bq, bk, why
 
 

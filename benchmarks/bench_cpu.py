@@ -782,7 +782,22 @@ def _against(value: float, goal: float, digits: int, met: bool) -> str:
 
 
 def markdown_table(results: dict[str, dict]) -> str:
-    """README's table: one column per configuration (paired ratios: median and quartiles)."""
+    """README's tables: one per machine (LLVM's name for the host CPU), each under a line naming
+    it, with one column per configuration measured there (paired ratios: median and quartiles)."""
+    machines: dict[str, dict[str, dict]] = {}
+    for name, res in results.items():
+        machines.setdefault(res["machine"].get("host_cpu_name", "?"), {})[name] = res
+    parts = []
+    for host, runs in machines.items():
+        m = next(iter(runs.values()))["machine"]
+        parts.append(f"**{m.get('cpu', '?')}, LLVM host `{host}` ({m.get('cpu_isa', '?')}), "
+                     f"{m.get('cores', '?')} cores, L2 {m.get('l2_kib', '?')} KiB per core**\n\n"
+                     + _markdown_one_machine(runs))
+    return "\n\n".join(parts)
+
+
+def _markdown_one_machine(results: dict[str, dict]) -> str:
+    """One machine's table for markdown_table."""
     names = list(results)
     head = ["goal (N = 4096 unless stated)", "target"] + [
         f"{results[n]['machine'].get('isa', '?').upper()}: {results[n]['machine'].get('llvm_cpu')},"
@@ -825,6 +840,7 @@ def markdown_table(results: dict[str, dict]) -> str:
         c = results[n].get("compile", {})
         row.append(f"{c['float32']:.2f} s / {c['float64']:.2f} s" if c else "—")
     rows.append(row)
+    rows = [r for r in rows if set(r[2:]) != {"—"}]  # rows no run of this machine measured
     return "\n".join("| " + " | ".join(r) + " |" for r in rows)
 
 

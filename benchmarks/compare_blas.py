@@ -304,7 +304,8 @@ def main() -> None:
     ap.add_argument("--config", choices=sorted(CONFIGS), default="native")
     ap.add_argument("--rounds", type=int, default=21)
     ap.add_argument("--reps", type=int, default=40, help="calls per timing")
-    ap.add_argument("--output", type=Path, help="JSON path (default results/blas_tiles*.json)")
+    ap.add_argument("--output", type=Path, help="JSON path (default results/blas_tiles*.json; "
+                    "the figure is named after it: figures/bench_<its name>.png)")
     ap.add_argument("--no-figure", action="store_true")
     ap.add_argument("--table", action="store_true", help="print the stored tables and stop")
     args = ap.parse_args()
@@ -317,11 +318,11 @@ def main() -> None:
         return
     result = run(args.config, args.rounds, args.reps)
     output = args.output or _output(args.config)
+    output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(result, indent=1) + "\n")
     print(table(result))
-    if not args.no_figure:
-        suffix = "" if args.config == "native" else f"_{args.config}"
-        figure(result, FIGURES / f"bench_blas_tiles{suffix}.png")
+    if not args.no_figure:  # named after the JSON: another machine's run keeps this one's figure
+        figure(result, FIGURES / f"bench_{output.stem}.png")
     print(f"wrote {output}")
 
 

@@ -50,10 +50,13 @@ def test_readme_shows_the_stored_runs():
         pytest.skip("no stored CPU run")
     printed = subprocess.run([sys.executable, str(BENCH), "--markdown"], capture_output=True,
                              text=True, check=True, cwd=ROOT).stdout
-    table = [line for line in printed.splitlines() if line.startswith("|")]
     readme = (ROOT / "README.md").read_text().splitlines()
-    start = readme.index(table[0])  # ValueError: README's table header is not the stored runs'
-    assert readme[start:start + len(table)] == table, (
-        "README's CPU table differs from the stored runs: paste `benchmarks/bench_cpu.py --markdown`")
+    # one table per machine, each under the line that names the machine
+    tables = [block.splitlines() for block in printed.strip().split("\n\n")[1::2]]
+    for title, table in zip(printed.strip().split("\n\n")[::2], tables, strict=True):
+        # ValueError: README does not name this machine, or shows other runs under it
+        start = readme.index(table[0], readme.index(title))
+        assert readme[start:start + len(table)] == table, (
+            "README's CPU tables differ from the stored runs: paste `benchmarks/bench_cpu.py --markdown`")
     # one column per stored run, after the goal and its target
-    assert table[0].count("|") - 3 == len(STORED)
+    assert sum(table[0].count("|") - 3 for table in tables) == len(STORED)

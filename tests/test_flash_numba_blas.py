@@ -1,5 +1,6 @@
 """The BLAS behind the fast kernels' tile products (stage 06): MKL when the ``mkl`` package is
-installed, else SciPy's OpenBLAS, or what ``ATTENTION_REF_BLAS`` names. Every choice gives the
+installed and its code is as wide as Numba's, else SciPy's OpenBLAS, or what ``ATTENTION_REF_BLAS``
+names. Every choice gives the
 float64 reference's answer, forward and backward."""
 
 from __future__ import annotations
@@ -67,6 +68,35 @@ def test_mkl_asked_for_but_missing(monkeypatch):
     monkeypatch.setenv("ATTENTION_REF_BLAS", "auto")
     assert fn.cpu_info()["blas"].startswith("openblas")
     monkeypatch.setattr(fn, "_BLAS", None)  # forget the choice made without MKL
+
+
+@pytest.mark.parametrize("mkl_path, isa, keeps_up", [
+    ("AVX-512", "avx512", True), ("AVX2", "avx2", True), ("AVX-512", "avx2", True),
+    ("AVX2", "avx512", False), ("generic", "avx512", False), ("generic", "avx2", False),
+    ("AVX", "avx2", False), ("generic", "sse", True)])
+def test_mkl_is_used_only_where_its_code_is_as_wide_as_numbas(mkl_path, isa, keeps_up):
+    assert fn._mkl_keeps_up(mkl_path, isa) is keeps_up
+
+
+@pytest.mark.parametrize("mkl_path", ["generic", "AVX-512"])
+def test_auto_skips_an_mkl_that_runs_narrower_code(monkeypatch, mkl_path):
+    # MKL on a CPU it has no code path for (AMD's) runs its generic code: OpenBLAS instead
+    fake = {"name": f"mkl-0.0:{mkl_path}", "path": mkl_path, "one_thread": True,
+            "float32": 0, "float64": 0}
+    monkeypatch.setattr(fn, "_mkl", lambda: fake)
+    monkeypatch.setattr(fn, "_target_cpu", lambda: ("znver5", "avx512"))
+    monkeypatch.setattr(fn, "_BLAS", None)
+    monkeypatch.setenv("ATTENTION_REF_BLAS", "auto")
+    info = fn.cpu_info()
+    if mkl_path == "generic":
+        assert info["blas"].startswith("openblas")
+        assert "generic" in info["blas_why"] and "OpenBLAS" in info["blas_why"]
+    else:
+        assert info["blas"] == fake["name"] and "AVX-512" in info["blas_why"]
+    monkeypatch.setenv("ATTENTION_REF_BLAS", "mkl")  # asked for by name: used whatever its code
+    assert fn.cpu_info()["blas"] == fake["name"]
+    assert fn.cpu_info()["blas_why"] == "ATTENTION_REF_BLAS=mkl"
+    monkeypatch.setattr(fn, "_BLAS", None)  # forget the fake
 
 
 def test_scipys_openblas_is_told_apart_from_numpys():
