@@ -247,8 +247,8 @@ cpu_info()
 # `llvm_cpu` and `isa` are what Numba compiles for (LLVM's name for the CPU, and the widest vector
 # instructions it may use), `blas` is the BLAS library that does the tile products and the code path
 # it picked for this CPU — Intel's MKL when the `mkl` package is installed
-# (`pip install attention_ref[mkl]`), otherwise SciPy's OpenBLAS; `ATTENTION_REF_BLAS=mkl` or
-# `openblas` chooses — `vector_bits` the width of the vectors the kernel's loops are compiled for
+# (`pip install attention_ref[mkl]`) and runs code as wide as Numba's, otherwise SciPy's OpenBLAS;
+# `blas_why` says which; `ATTENTION_REF_BLAS=mkl` or `openblas` chooses — `vector_bits` the width of the vectors the kernel's loops are compiled for
 # (512 where the CPU has AVX-512, except the first AVX-512 Xeons — Skylake-SP, Cascade Lake, Cooper
 # Lake — whose clock drops under 512-bit code), and `l2_kib` the L2 cache per core.
 #
@@ -265,10 +265,13 @@ cpu_info()
 # ($K_j, V_j, dK_j, dV_j$; $Q_i, dO_i$ and the partial $dQ_i$, with one to spare):
 # $2B_qB_k + 4B_kE + 4B_qE$. The rule: start from $B_k = 512$ keys (what PyTorch's CPU flash
 # kernel uses), halved while even 64 query rows would not fit; then take the largest $B_q \le 256$
-# (backward: $\le 128$, to keep float32 sums short) whose working set fits the L2 cache of one
-# core, $M$ = L2 size $/\,\nu$ numbers. Large $B_q$ means more FLOPs per byte (section 1) and
-# longer BLAS calls; fitting in L2 means the tile does not go back to RAM between its uses. This is
-# the rule's code:
+# (backward: $\le 128$, to keep float32 sums short) whose working set fits in twice the L2 cache
+# of one core, $2M$ numbers with $M$ = L2 size $/\,\nu$. Large $B_q$ means more FLOPs per byte
+# (section 1) and longer BLAS calls, each of which packs $K_j$ and $V_j$ for more query rows. Why
+# twice the L2 and not the L2 itself: the exponential's pass reads the logit tile row after row, so
+# the part that does not fit in L2 streams back from the L3 cache, not from RAM. On an AMD Zen 5
+# VM (1 MiB of L2 per core) the float64 forward pass ran 6–9% faster with 256 × 512 tiles (1.8 MB)
+# than with 64 × 512, the largest that fits the L2 alone. This is the rule's code:
 
 # %%
 from attention_ref.flash_numba import _tile_rule
@@ -447,8 +450,14 @@ plt.show()
 #   generation (AVX-512; LLVM names it `emeraldrapids`) on which the kernels ran with SciPy's
 #   OpenBLAS (it has no MKL) and torch with its own MKL, 2 threads as everywhere. Only the pairs
 #   were measured there (the table and the shares below), not the curves against $N$.
-# * **Zen 5, earlier run**: a 2-core AMD EPYC (Zen 5) VM, measured once with an earlier version of
-#   the fast kernel (fixed 32-row query blocks, before the run-time tiles); it has no paired
+# * **Zen 5, OpenBLAS** and **Zen 5, AVX2 emulated**: a third machine, a 2-core AMD EPYC VM of
+#   the Zen 5 generation (AVX-512 on full-width 512-bit units, 1 MiB of L2 per core; LLVM names it
+#   `znver5`), with the BLAS the library chooses there — SciPy's OpenBLAS, because MKL runs its
+#   generic code on this CPU — natively and with everything held to AVX2 as above. **Zen 5, MKL**
+#   is the native run again with MKL forced (`ATTENTION_REF_BLAS=mkl`), to show why. Only the pairs
+#   were measured there.
+# * **Zen 5, earlier run**: the same kind of machine, measured once with an earlier version of the
+#   fast kernel (fixed 32-row query blocks, before the run-time tiles); it has no paired
 #   measurements.
 
 # %%
@@ -462,6 +471,9 @@ runs = {name: json.loads(path.read_text()) for name, path in
          ("native, OpenBLAS", results_dir / "cpu_openblas.json"),
          ("AVX2, OpenBLAS", results_dir / "cpu_avx2_openblas.json"),
          ("Emerald Rapids, OpenBLAS", results_dir / "cpu_emeraldrapids_openblas.json"),
+         ("Zen 5, OpenBLAS", results_dir / "cpu_znver5.json"),
+         ("Zen 5, AVX2 emulated", results_dir / "cpu_znver5_avx2.json"),
+         ("Zen 5, MKL", results_dir / "cpu_znver5_mkl.json"),
          ("Zen 5, earlier run", results_dir / "earlier" / "cpu_zen5.json")) if path.exists()}
 res = runs["native"]
 for name, run in runs.items():
@@ -526,9 +538,9 @@ display(Image("../figures/06_gflops.png"))
 # taken minutes apart do not compare. The benchmark therefore also times the fast kernel and
 # torch **in pairs**: two warm processes called in turn, 21 times, and every ratio is taken within
 # one pair. The table gives the median ratio of the fast kernel's time to torch's (below 1: the
-# fast kernel is faster) with the quartiles of the 21 pairs, at $N = 4096$. The Zen 5 run has no
-# pairs: its ratios are of medians from separate processes. The Emerald Rapids machine has only
-# the pairs.
+# fast kernel is faster) with the quartiles of the 21 pairs, at $N = 4096$. The earlier Zen 5 run
+# has no pairs: its ratios are of medians from separate processes. The Emerald Rapids machine and
+# the newer Zen 5 runs have only the pairs.
 
 # %%
 # NBVAL_IGNORE_OUTPUT
@@ -568,6 +580,7 @@ for case, what in cases:
 # %%
 config_colours = {"native": "C0", "AVX2, emulated": "C1", "native, OpenBLAS": "C9",
                   "AVX2, OpenBLAS": "C8", "Emerald Rapids, OpenBLAS": "C4",
+                  "Zen 5, OpenBLAS": "C3", "Zen 5, AVX2 emulated": "C5", "Zen 5, MKL": "C6",
                   "Zen 5, earlier run": "C2"}
 fig, ax = plt.subplots(figsize=(9, 4.2))
 width = 0.8 / len(runs)
@@ -627,6 +640,17 @@ plt.show()
 #   torch's time without a mask, 0.76× causal, 1.09× and 0.67× in float64, 0.86× forward +
 #   backward. Its quartiles are wider: it was measured once, minutes after another run that gave
 #   1.08× without a mask.
+# * **Zen 5, OpenBLAS (a third machine):** on this AMD CPU the library's own choice of BLAS is
+#   OpenBLAS, and every aim is met by a wide margin: 0.49× torch's time without a mask, 0.33× causal,
+#   0.55× and 0.36× in float64, 0.52× forward + backward. Part of that is torch's doing: its MKL has
+#   no code path for this CPU either, and its square float32 product runs at about a quarter of
+#   OpenBLAS's rate.
+# * **Zen 5, AVX2 emulated:** 0.90×, 0.59×, 0.80× and 0.52× in float64, 0.85× forward + backward —
+#   the float64 aims that the Xeon misses with AVX2 code are met here, with taller float64 tiles
+#   (256 × 512: the tile rule's budget is twice the L2, section 3).
+# * **Zen 5, MKL:** the same native run with MKL forced behind the tiles: 0.95×, 0.62×, 0.88×,
+#   0.56×, 0.93× — the same loops, slowed by a BLAS running generic code. This is why the library
+#   uses MKL only where MKL's code is as wide as Numba's (`cpu_info()["blas_why"]`).
 # * **Zen 5 (earlier run, earlier kernel):** the fast kernel was faster than torch in every case
 #   (0.44–0.75×). That was a different CPU, a different BLAS rate and an older kernel: it shows how
 #   much the standing depends on the machine, and says nothing general.
@@ -706,7 +730,8 @@ for name, run in runs.items():
 # $N = 4096$, 74% at $N = 8192$ and 79% at $N = 16384$ (in separate processes at $N = 4096$ about the
 # same); with AVX2 code 81–88% (the AVX2 BLAS is slower, so the same loops weigh less); with
 # OpenBLAS behind the tiles 60–67% natively, 72–74% with AVX2 code, and 57–71% on the Emerald Rapids
-# machine; in the Zen 5 run about half. The kernel's time at $N = 4096$ agrees whichever way
+# machine; on the Zen 5 VM 78–79% natively and 80–82% with AVX2 code with OpenBLAS, 43–44% with MKL
+# forced, and about half in the earlier Zen 5 run. The kernel's time at $N = 4096$ agrees whichever way
 # it was measured (in the pairs with torch, with the matmul, or in separate processes) to within the
 # VM's drift — one reason to quote such shares with the quartiles of the pairs, and always with the
 # machine.
@@ -784,8 +809,10 @@ os.environ.pop("ATTENTION_REF_BLAS")
 numba.set_num_threads(threads)
 
 # %% [markdown]
-# Both estimates put a sixth to a third of the time outside the products (the two cells above), in loops that
-# do almost no counted FLOPs. That, and the products' own rate (below the square-matmul rate: a
+# On the native Xeon both estimates put a sixth to a third of the time outside the products (the
+# stored run above, and the direct measurement when this notebook ran there); on the Zen 5 VM, whose
+# full-width vector units run the loops fast, the direct measurement gave 7–13%. That time goes to
+# loops that do almost no counted FLOPs. That, and the products' own rate (below the square-matmul rate: a
 # $B_q \times 64$ by $64 \times B_k$ product does only $E = 64$ multiply-adds per output number), is
 # why the kernel's share of the matmul rate stays below one. Each logit costs $2E = 128$ FLOPs to
 # produce and is then read and written again by loops that run at the speed of the vector units
@@ -798,7 +825,10 @@ numba.set_num_threads(threads)
 # time there. No other BLAS from PyPI closes that gap on the native Xeon: timed alone on one thread
 # (`benchmarks/compare_blas.py`, every library it finds), the two tile products take 1.24× MKL's time
 # through SciPy's OpenBLAS, 1.26× through NumPy's own OpenBLAS and 1.78× through BLIS (the `blis`
-# package) in float32. Another experiment on the native Xeon ($N = 4096$, not
+# package) in float32. On the AMD Zen 5 VM the order turns over: MKL runs its generic code there and
+# takes about twice OpenBLAS's time for the same products (111–116 against 216–227 GFLOP/s in
+# float32), which is why the library's default uses MKL only where MKL's code is as wide as Numba's.
+# Another experiment on the native Xeon ($N = 4096$, not
 # run in this notebook) changed nothing beyond the machine's noise, other tiles: an interleaved scan
 # of 16 shapes (`benchmarks/scan_tiles.py`, two heads on one thread each;
 # `benchmarks/results/tiles_*.json`) put the rule's choice first in float64, and in float32 256 ×
@@ -972,8 +1002,8 @@ plt.show()
 # $2B_qB_k + 4B_kE + 4B_qE$). Then `choose_tiles(l2_bytes, itemsize, direction="forward", E=64)`,
 # returning `(block_q, block_k)` by the library's rule: $B_k$ starts at 512 and is halved (not below
 # 128) while even $B_q = 64$ would not fit; then $B_q$ starts at 256 (backward: 128) and is halved
-# (not below 32) while the working set exceeds the L2 size. The check compares your rule with the
-# library's on L2 sizes from 128 KiB to 32 MiB.
+# (not below 32) while the working set exceeds twice the L2 size. The check compares your rule with
+# the library's on L2 sizes from 128 KiB to 32 MiB.
 
 # %% nbgrader={"grade": false, "grade_id": "tiles-solution", "locked": false, "schema_version": 3, "solution": true, "task": false}
 def working_set_bytes(block_q, block_k, itemsize, direction="forward", E=64):
@@ -988,11 +1018,12 @@ def working_set_bytes(block_q, block_k, itemsize, direction="forward", E=64):
 
 def choose_tiles(l2_bytes, itemsize, direction="forward", E=64):
     ### BEGIN SOLUTION
+    budget = 2 * l2_bytes
     block_k = 512
-    while block_k > 128 and working_set_bytes(64, block_k, itemsize, direction, E) > l2_bytes:
+    while block_k > 128 and working_set_bytes(64, block_k, itemsize, direction, E) > budget:
         block_k //= 2
     block_q = 256 if direction == "forward" else 128
-    while block_q > 32 and working_set_bytes(block_q, block_k, itemsize, direction, E) > l2_bytes:
+    while block_q > 32 and working_set_bytes(block_q, block_k, itemsize, direction, E) > budget:
         block_q //= 2
     return block_q, block_k
     ### END SOLUTION
