@@ -1008,6 +1008,45 @@ def _openblas() -> dict:
             "float64": get_cython_function_address("scipy.linalg.cython_blas", "dgemm")}
 
 
+def _logits_independent_of_the_call(sgemm: int) -> bool:
+    """Whether this sgemm gives every logit of Q K^T the same float32 value whichever rows of Q
+    share its call. The backward pass recomputes the forward's logits in query blocks of its own
+    and relies on that: lse is taken at the row's largest logit as the forward pass rounded it,
+    and e^(tau z - lse) of that logit must come out as 1 in the backward pass. MKL and OpenBLAS's
+    SkylakeX kernel pass on the machines measured; OpenBLAS's Haswell kernel (used by AVX2 CPUs,
+    and where OPENBLAS_CORETYPE=Haswell) changed a sixth of the logits with the number of rows
+    in the call, and the float32 dV with amplified logits (q, k x 8) came out with 3-4x the error
+    of NumPy's tiles. Checked once, in the kernels' own layout (_gemm): Q_i K_j^T for 256 rows
+    against its parts of 128, 75 and 64 rows (E = 64, 320 keys), on one thread."""
+    import ctypes
+
+    from threadpoolctl import threadpool_limits
+
+    rng = np.random.default_rng(0)
+    q = (8 * rng.standard_normal((256, 64))).astype(np.float32)
+    k = (8 * rng.standard_normal((320, 64))).astype(np.float32)
+    ptr = ctypes.POINTER
+    call = ctypes.CFUNCTYPE(None, ctypes.c_char_p, ctypes.c_char_p, *[ptr(ctypes.c_int)] * 3,
+                            ptr(ctypes.c_float), ptr(ctypes.c_float), ptr(ctypes.c_int),
+                            ptr(ctypes.c_float), ptr(ctypes.c_int), ptr(ctypes.c_float),
+                            ptr(ctypes.c_float), ptr(ctypes.c_int))(sgemm)
+
+    def logits(rows: np.ndarray) -> np.ndarray:  # row-major Z = rows K^T as column-major Z^T
+        z = np.empty((rows.shape[0], k.shape[0]), np.float32)
+        ints = [ctypes.c_int(n) for n in (k.shape[0], rows.shape[0], 64, 64, 64, k.shape[0])]
+        one, zero = ctypes.c_float(1.0), ctypes.c_float(0.0)
+        as_f = lambda a: a.ctypes.data_as(ptr(ctypes.c_float))  # noqa: E731
+        call(b"T", b"N", *[ctypes.byref(i) for i in ints[:3]], ctypes.byref(one), as_f(k),
+             ctypes.byref(ints[3]), as_f(rows), ctypes.byref(ints[4]), ctypes.byref(zero),
+             as_f(z), ctypes.byref(ints[5]))
+        return z
+
+    with threadpool_limits(1, "blas"):
+        whole = logits(q)
+        return all(np.array_equal(logits(q[i0:i0 + n]), whole[i0:i0 + n])
+                   for i0, n in ((0, 128), (128, 75), (64, 64), (192, 64)))
+
+
 def _blas() -> dict:
     """The BLAS whose ?gemm the fast kernels call: ``ATTENTION_REF_BLAS`` = ``mkl``, ``openblas``
     or ``auto`` (the default: MKL when the ``mkl`` package is installed and its code path is as
@@ -1036,9 +1075,15 @@ def _blas() -> dict:
         elif _mkl_keeps_up(found["path"], isa):
             why = f"auto: MKL's {found['path']} code matches the {isa} code Numba compiles"
         else:
+            openblas = _openblas()
             why = (f"auto: MKL runs its {found['path']} code here, narrower than the {isa} code "
-                   f"Numba compiles, so SciPy's OpenBLAS")
-            found = None
+                   f"Numba compiles")
+            if _logits_independent_of_the_call(openblas["float32"]):
+                why += ", so SciPy's OpenBLAS"
+                found = openblas
+            else:
+                why += (f"; kept, as {openblas['name']} rounds a logit differently with the rows "
+                        f"that share its call (the backward pass needs them equal)")
         _BLAS = dict(found or _openblas(), choice=choice, why=why)
     return _BLAS
 

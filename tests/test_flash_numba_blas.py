@@ -78,25 +78,57 @@ def test_mkl_is_used_only_where_its_code_is_as_wide_as_numbas(mkl_path, isa, kee
     assert fn._mkl_keeps_up(mkl_path, isa) is keeps_up
 
 
-@pytest.mark.parametrize("mkl_path", ["generic", "AVX-512"])
-def test_auto_skips_an_mkl_that_runs_narrower_code(monkeypatch, mkl_path):
-    # MKL on a CPU it has no code path for (AMD's) runs its generic code: OpenBLAS instead
+@pytest.mark.parametrize("mkl_path, openblas_consistent", [
+    ("generic", True), ("generic", False), ("AVX-512", True), ("AVX-512", False)])
+def test_auto_skips_an_mkl_that_runs_narrower_code(monkeypatch, mkl_path, openblas_consistent):
+    # MKL on a CPU it has no code path for (AMD's) runs its generic code: OpenBLAS instead, if
+    # its logits do not depend on the rows that share a call (else the gradients lose accuracy)
     fake = {"name": f"mkl-0.0:{mkl_path}", "path": mkl_path, "one_thread": True,
             "float32": 0, "float64": 0}
     monkeypatch.setattr(fn, "_mkl", lambda: fake)
     monkeypatch.setattr(fn, "_target_cpu", lambda: ("znver5", "avx512"))
+    monkeypatch.setattr(fn, "_logits_independent_of_the_call", lambda sgemm: openblas_consistent)
     monkeypatch.setattr(fn, "_BLAS", None)
     monkeypatch.setenv("ATTENTION_REF_BLAS", "auto")
     info = fn.cpu_info()
-    if mkl_path == "generic":
+    if mkl_path == "generic" and openblas_consistent:
         assert info["blas"].startswith("openblas")
         assert "generic" in info["blas_why"] and "OpenBLAS" in info["blas_why"]
+    elif mkl_path == "generic":
+        assert info["blas"] == fake["name"] and "rounds a logit differently" in info["blas_why"]
     else:
         assert info["blas"] == fake["name"] and "AVX-512" in info["blas_why"]
     monkeypatch.setenv("ATTENTION_REF_BLAS", "mkl")  # asked for by name: used whatever its code
     assert fn.cpu_info()["blas"] == fake["name"]
     assert fn.cpu_info()["blas_why"] == "ATTENTION_REF_BLAS=mkl"
     monkeypatch.setattr(fn, "_BLAS", None)  # forget the fake
+
+
+@pytest.mark.parametrize("blas", BLAS, indirect=True)
+def test_the_consistency_check_agrees_with_the_kernels_own_gemm(blas):
+    # the check calls sgemm through ctypes; the kernels call it through _gemm: same layout, so
+    # the check's verdict must be what _gemm gives (256 rows against their parts)
+    import numba
+
+    @numba.njit
+    def logits(gemm, q, k, z):
+        fn._gemm(gemm, q, k, z, False, True, np.array([1.0, 0.0], np.float32))
+
+    sgemm = fn._blas()["float32"]
+    rng = np.random.default_rng(0)
+    q = (8 * rng.standard_normal((256, 64))).astype(np.float32)
+    k = (8 * rng.standard_normal((320, 64))).astype(np.float32)
+    whole = np.empty((256, 320), np.float32)
+    part = np.empty((75, 320), np.float32)
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1, "blas"):
+        logits(sgemm, q, k, whole)
+        logits(sgemm, q[128:203], k, part)
+    if fn._logits_independent_of_the_call(sgemm):
+        assert np.array_equal(part, whole[128:203])
+    if blas == "mkl":
+        assert fn._logits_independent_of_the_call(sgemm)  # MKL: the same logits in any call
 
 
 def test_scipys_openblas_is_told_apart_from_numpys():
