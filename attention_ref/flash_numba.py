@@ -1014,8 +1014,8 @@ def _logits_independent_of_the_call(sgemm: int) -> bool:
     and relies on that: lse is taken at the row's largest logit as the forward pass rounded it,
     and e^(tau z - lse) of that logit must come out as 1 in the backward pass. MKL and OpenBLAS's
     SkylakeX kernel pass on the machines measured; OpenBLAS's Haswell kernel (used by AVX2 CPUs,
-    and where OPENBLAS_CORETYPE=Haswell) changed a sixth of the logits with the number of rows
-    in the call, and the float32 dV with amplified logits (q, k x 8) came out with 3-4x the error
+    and where OPENBLAS_CORETYPE=Haswell) changed 2-8% of the logits with the number of rows
+    in the call, and the float32 dV with amplified logits (q, k x 8) came out with about 4x the error
     of NumPy's tiles. Checked once, in the kernels' own layout (_gemm): Q_i K_j^T for 256 rows
     against its parts of 128, 75 and 64 rows (E = 64, 320 keys), on one thread."""
     import ctypes
