@@ -1050,8 +1050,9 @@ def _logits_independent_of_the_call(sgemm: int) -> bool:
 def _blas() -> dict:
     """The BLAS whose ?gemm the fast kernels call: ``ATTENTION_REF_BLAS`` = ``mkl``, ``openblas``
     or ``auto`` (the default: MKL when the ``mkl`` package is installed and its code path is as
-    wide as the vectors Numba compiles for (_mkl_keeps_up), else SciPy's OpenBLAS). ``why`` says
-    which rule chose it. Measured on a Sapphire Rapids VM (float32, the forward's 256 x 512 tile
+    wide as the vectors Numba compiles for (_mkl_keeps_up), else SciPy's OpenBLAS -- unless its
+    logits fail _logits_independent_of_the_call and MKL is installed: then MKL after all). ``why``
+    says which rule chose it. Measured on a Sapphire Rapids VM (float32, the forward's 256 x 512 tile
     products): 6.8 ms with MKL against 8.2 ms with OpenBLAS for those of N = 2048, one thread, in
     one process (notebook 06); on an AMD EPYC Zen 5 VM, where MKL runs its generic path,
     OpenBLAS's tile products were twice as fast (benchmarks/results/blas_tiles_znver5.json)."""
@@ -1072,6 +1073,11 @@ def _blas() -> dict:
             why = f"ATTENTION_REF_BLAS={choice}"
         elif found is None:
             why = "auto: the mkl package is not installed, so SciPy's OpenBLAS"
+            openblas = _openblas()
+            if not _logits_independent_of_the_call(openblas["float32"]):
+                why += (f"; {openblas['name']} rounds a logit differently with the rows that share "
+                        f"its call, so float32 gradients for very large logits lose accuracy "
+                        f"(pip install mkl)")
         elif _mkl_keeps_up(found["path"], isa):
             why = f"auto: MKL's {found['path']} code matches the {isa} code Numba compiles"
         else:
@@ -1101,14 +1107,14 @@ def cpu_info() -> dict:
     """What the fast kernels run on here: ``cpu`` (model name), ``llvm_cpu`` and ``isa`` (the
     CPU and widest vector instructions Numba compiles for), ``blas`` (the BLAS library the tile
     products go to and its code path, e.g. ``mkl-2026.2:AVX-512`` or ``openblas:SkylakeX``;
-    ``ATTENTION_REF_BLAS`` chooses), ``blas_why`` (the rule that chose it), ``vector_bits`` (the width of the vectors the kernels' loops
-    are compiled for), ``l2_kib`` (L2 cache per core) and ``threads`` (Numba's thread count).
+    ``ATTENTION_REF_BLAS`` chooses), ``blas_why`` (the rule that chose it), ``vector_bits`` (the
+    width of the vectors the kernels' loops are compiled for), ``l2_kib`` (L2 cache per core) and
+    ``threads`` (Numba's thread count).
     Speed depends on all of them: quote them with any timing."""
     target = _target_isa()
     return {"cpu": _cpu_model(), "llvm_cpu": target["llvm_cpu"], "isa": target["isa"],
             "blas": target["blas"], "blas_why": _blas_kernel("why"), "vector_bits": _vector_bits(),
-            "l2_kib": _l2_bytes() // 1024,
-            "threads": nb.get_num_threads()}
+            "l2_kib": _l2_bytes() // 1024, "threads": nb.get_num_threads()}
 
 
 # The rule's cache budget: a work item's working set may fill up to twice the per-core L2. The

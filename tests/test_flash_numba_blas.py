@@ -66,7 +66,12 @@ def test_mkl_asked_for_but_missing(monkeypatch):
     with pytest.raises(ValueError, match="pip install mkl"):
         fn.cpu_info()
     monkeypatch.setenv("ATTENTION_REF_BLAS", "auto")
-    assert fn.cpu_info()["blas"].startswith("openblas")
+    for consistent in (True, False):  # without MKL: OpenBLAS, and a warning where it fails the check
+        monkeypatch.setattr(fn, "_logits_independent_of_the_call", lambda sgemm, c=consistent: c)
+        monkeypatch.setattr(fn, "_BLAS", None)
+        info = fn.cpu_info()
+        assert info["blas"].startswith("openblas")
+        assert ("lose accuracy" in info["blas_why"]) is not consistent
     monkeypatch.setattr(fn, "_BLAS", None)  # forget the choice made without MKL
 
 
