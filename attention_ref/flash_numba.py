@@ -608,6 +608,17 @@ def _tile_width(visible, block_k):
     return min(max(-(-visible // 32), 1) * 32, block_k)
 
 
+@nb.njit(cache=True, inline="always")
+def _group_rows(visible_first, visible_last, block_k, nr):
+    """Rows per gemm call on a key tile of a block of ``nr`` query rows whose first and last rows
+    see ``visible_first`` and ``visible_last`` of its keys: the whole block, or groups of
+    _EDGE_ROWS where the rows need different widths (the causal diagonal). Both passes group
+    rows this way, so that with the same tiles each logit comes from the same gemm call."""
+    if _tile_width(visible_first, block_k) < _tile_width(visible_last, block_k):
+        return _EDGE_ROWS
+    return nr
+
+
 @nb.njit(cache=True, inline="always", fastmath=_FASTMATH)
 def _mask_row(x, j0, lo, hi, value):
     """Entries of keys outside [lo, hi) -> value (-inf for logits, 0 for probabilities)."""
@@ -670,9 +681,7 @@ def _fwd_fast(gemm, q, kp, vp, tau, lengths, offset, causal, left, right, L, S, 
             # sees only the first hi - j0 keys of the tile: compute just the columns the last of
             # a group of rows can see, rounded up to a multiple of 32. Where the rows see
             # different numbers (the diagonal), groups of _EDGE_ROWS rows, each with its width.
-            rows = nr
-            if _tile_width(hi[0] - j0, block_k) < _tile_width(hi[nr - 1] - j0, block_k):
-                rows = _EDGE_ROWS
+            rows = _group_rows(hi[0] - j0, hi[nr - 1] - j0, block_k, nr)
             for r0 in range(0, nr, rows):
                 r1 = min(nr, r0 + rows)
                 if hi[r1 - 1] <= j0:  # no row of the group sees a key of this tile
@@ -792,46 +801,57 @@ def _bwd_fast(gemm, q, kp, vp, do, lse, delta, tau, lengths, offset, causal, lef
             vb = vp[b, hk, jb]
             dkb = dk[b, hk, jb]
             dvb = dv[b, hk, jb]
-            # the rows that see this block form one contiguous range (both bounds grow with i)
-            i_first = L
-            i_last = -1
-            for i in range(L):
-                lo, hi = _key_range(i, L, S, offset, causal, left, right, length)
-                if hi > lo and hi > j0 and lo < j0 + block_k:
-                    i_first = min(i_first, i)
-                    i_last = i
             for h in range(hk * group, (hk + 1) * group):
-                for i0 in range(i_first, i_last + 1, block_q):
-                    nr = min(block_q, i_last + 1 - i0)
-                    Qb = q[b, h, i0 : i0 + nr]
-                    DOb = do[b, h, i0 : i0 + nr]
-                    # trimmed tiles, as in the forward pass: the keys the last row can see
-                    _, hi_last = _key_range(i0 + nr - 1, L, S, offset, causal, left, right,
-                                            length)
-                    width = _tile_width(hi_last - j0, block_k)
-                    st = s[:nr, :width]
-                    dpt = dp[:nr, :width]
-                    _gemm(gemm, Qb, kb[:width], st, False, True, overwrite)  # Q_i K_j^T (Z / tau)
-                    _gemm(gemm, DOb, vb[:width], dpt, False, True, overwrite)  # dP = dO_i V_j^T
-                    for r in range(nr):
-                        lo, hi = _key_range(i0 + r, L, S, offset, causal, left, right, length)
-                        x = st[r]
-                        y = dpt[r]
-                        lr = lse[b, h, i0 + r]
-                        if hi <= lo or lr == -np.inf:  # fully masked row: P = 0
-                            for j in range(width):
-                                x[j] = 0.0
-                                y[j] = 0.0
+                # the forward pass's query blocks, tile range and row groups (_fwd_fast): with
+                # the forward's tiles (_run_backward does so where the BLAS rounds a logit by
+                # the rows in its call) every logit comes from the same gemm call as there
+                for i0 in range(0, L, block_q):
+                    nr = min(L, i0 + block_q) - i0
+                    lo_first, hi_first = _key_range(i0, L, S, offset, causal, left, right, length)
+                    _, hi_last = _key_range(i0 + nr - 1, L, S, offset, causal, left, right, length)
+                    if hi_last <= lo_first or lo_first >= j0 + block_k or hi_last <= j0:
+                        continue  # the forward pass skips this tile: no row of the block sees it
+                    rows = _group_rows(hi_first - j0, hi_last - j0, block_k, nr)
+                    for g0 in range(i0, i0 + nr, rows):
+                        g1 = min(i0 + nr, g0 + rows)
+                        _, hi_group = _key_range(g1 - 1, L, S, offset, causal, left, right, length)
+                        if hi_group <= j0:  # no row of the group sees a key of this tile
                             continue
-                        _probs_and_dlogits(x, y, tau, lr, delta[b, h, i0 + r])
-                        if j0 < lo or j0 + width > hi:
-                            _mask_row(x, j0, lo, hi, 0.0)
-                            _mask_row(y, j0, lo, hi, 0.0)
-                    # dV_j += P^T dO_i ; dK_j += dZ^T Q_i ; dQ_i += dZ K_j
-                    _gemm_add(gemm, st, DOb, dvb[:width], True, accumulate, _SUM_ROWS)
-                    _gemm_add(gemm, dpt, Qb, dkb[:width], True, accumulate, _SUM_ROWS)
-                    _gemm_add(gemm, dpt, kb[:width], dq_part[t, b, h, i0 : i0 + nr], False,
-                              accumulate, _SUM_KEYS)
+                        _bwd_tile(gemm, q[b, h, g0:g1], do[b, h, g0:g1], kb, vb, lse[b, h, g0:g1],
+                                  delta[b, h, g0:g1], tau, g0, j0,
+                                  _tile_width(hi_group - j0, block_k), L, S, offset, causal,
+                                  left, right, length, s, dp, overwrite, accumulate, dkb, dvb,
+                                  dq_part[t, b, h, g0:g1])
+
+
+@nb.njit(cache=True, inline="always", fastmath=_FASTMATH)
+def _bwd_tile(gemm, Qb, DOb, kb, vb, lse_rows, delta_rows, tau, i0, j0, width, L, S, offset,
+              causal, left, right, length, s, dp, overwrite, accumulate, dkb, dvb, dq_rows):
+    """One backward tile: the query rows i0 ... i0 + len(Qb) against the first ``width`` keys
+    of the key block at j0."""
+    nr = Qb.shape[0]
+    st = s[:nr, :width]
+    dpt = dp[:nr, :width]
+    _gemm(gemm, Qb, kb[:width], st, False, True, overwrite)  # Q_i K_j^T (Z / tau)
+    _gemm(gemm, DOb, vb[:width], dpt, False, True, overwrite)  # dP = dO_i V_j^T
+    for r in range(nr):
+        lo, hi = _key_range(i0 + r, L, S, offset, causal, left, right, length)
+        x = st[r]
+        y = dpt[r]
+        lr = lse_rows[r]
+        if hi <= lo or lr == -np.inf:  # fully masked row: P = 0
+            for j in range(width):
+                x[j] = 0.0
+                y[j] = 0.0
+            continue
+        _probs_and_dlogits(x, y, tau, lr, delta_rows[r])
+        if j0 < lo or j0 + width > hi:
+            _mask_row(x, j0, lo, hi, 0.0)
+            _mask_row(y, j0, lo, hi, 0.0)
+    # dV_j += P^T dO_i ; dK_j += dZ^T Q_i ; dQ_i += dZ K_j
+    _gemm_add(gemm, st, DOb, dvb[:width], True, accumulate, _SUM_ROWS)
+    _gemm_add(gemm, dpt, Qb, dkb[:width], True, accumulate, _SUM_ROWS)
+    _gemm_add(gemm, dpt, kb[:width], dq_rows, False, accumulate, _SUM_KEYS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1010,14 +1030,16 @@ def _openblas() -> dict:
 
 def _logits_independent_of_the_call(sgemm: int) -> bool:
     """Whether this sgemm gives every logit of Q K^T the same float32 value whichever rows of Q
-    share its call. The backward pass recomputes the forward's logits in query blocks of its own
-    and relies on that: lse is taken at the row's largest logit as the forward pass rounded it,
-    and e^(tau z - lse) of that logit must come out as 1 in the backward pass. MKL and OpenBLAS's
-    SkylakeX kernel pass on the machines measured; OpenBLAS's Haswell kernel (used by AVX2 CPUs,
-    and where OPENBLAS_CORETYPE=Haswell) changed 2-8% of the logits with the number of rows
-    in the call, and the float32 dV with amplified logits (q, k x 8) came out with about 4x the error
-    of NumPy's tiles. Checked once, in the kernels' own layout (_gemm): Q_i K_j^T for 256 rows
-    against its parts of 128, 75 and 64 rows (E = 64, 320 keys), on one thread."""
+    share its call. The backward pass recomputes the forward's logits and needs the same numbers:
+    lse is taken at the row's largest logit as the forward pass rounded it, and e^(tau z - lse)
+    of that logit must come out as 1 again. With tiles of its own the backward pass groups the
+    rows differently; where this check fails, _run_backward gives it the forward's tiles, and so
+    the forward's calls. MKL and OpenBLAS's SkylakeX kernel pass on the machines measured;
+    OpenBLAS's Haswell kernel (used by AVX2 CPUs, and where OPENBLAS_CORETYPE=Haswell) changed 2-8%
+    of the logits with the number of rows in the call, and with the backward's own tiles the
+    float32 dV for amplified logits (q, k x 8) came out with about 4x the error of NumPy's tiles.
+    Checked once, in the kernels' own layout (_gemm): Q_i K_j^T for 256 rows against its parts
+    of 128, 75 and 64 rows (E = 64, 320 keys), on one thread."""
     import ctypes
 
     from threadpoolctl import threadpool_limits
@@ -1050,9 +1072,9 @@ def _logits_independent_of_the_call(sgemm: int) -> bool:
 def _blas() -> dict:
     """The BLAS whose ?gemm the fast kernels call: ``ATTENTION_REF_BLAS`` = ``mkl``, ``openblas``
     or ``auto`` (the default: MKL when the ``mkl`` package is installed and its code path is as
-    wide as the vectors Numba compiles for (_mkl_keeps_up), else SciPy's OpenBLAS -- unless its
-    logits fail _logits_independent_of_the_call and MKL is installed: then MKL after all). ``why``
-    says which rule chose it. Measured on a Sapphire Rapids VM (float32, the forward's 256 x 512 tile
+    wide as the vectors Numba compiles for (_mkl_keeps_up), else SciPy's OpenBLAS). ``why`` says
+    which rule chose it; ``logits_independent`` whether the backward pass may use tiles of its
+    own (_logits_independent_of_the_call, _run_backward). Measured on a Sapphire Rapids VM (float32, the forward's 256 x 512 tile
     products): 6.8 ms with MKL against 8.2 ms with OpenBLAS for those of N = 2048, one thread, in
     one process (notebook 06); on an AMD EPYC Zen 5 VM, where MKL runs its generic path,
     OpenBLAS's tile products were twice as fast (benchmarks/results/blas_tiles_znver5.json)."""
@@ -1073,24 +1095,18 @@ def _blas() -> dict:
             why = f"ATTENTION_REF_BLAS={choice}"
         elif found is None:
             why = "auto: the mkl package is not installed, so SciPy's OpenBLAS"
-            openblas = _openblas()
-            if not _logits_independent_of_the_call(openblas["float32"]):
-                why += (f"; {openblas['name']} rounds a logit differently with the rows that share "
-                        f"its call, so float32 gradients for very large logits lose accuracy "
-                        f"(pip install mkl)")
         elif _mkl_keeps_up(found["path"], isa):
             why = f"auto: MKL's {found['path']} code matches the {isa} code Numba compiles"
         else:
-            openblas = _openblas()
             why = (f"auto: MKL runs its {found['path']} code here, narrower than the {isa} code "
-                   f"Numba compiles")
-            if _logits_independent_of_the_call(openblas["float32"]):
-                why += ", so SciPy's OpenBLAS"
-                found = openblas
-            else:
-                why += (f"; kept, as {openblas['name']} rounds a logit differently with the rows "
-                        f"that share its call (the backward pass needs them equal)")
-        _BLAS = dict(found or _openblas(), choice=choice, why=why)
+                   f"Numba compiles, so SciPy's OpenBLAS")
+            found = None
+        found = found or _openblas()
+        independent = _logits_independent_of_the_call(found["float32"])
+        if not independent:
+            why += ("; it rounds a logit differently with the rows that share its call, so the "
+                    "backward pass uses the forward's tiles")
+        _BLAS = dict(found, choice=choice, why=why, logits_independent=independent)
     return _BLAS
 
 
@@ -1441,14 +1457,18 @@ def _run_backward(q, k, v, o, lse, do, scale, lengths, band, kernel):
         dk, dv = np.zeros((B, H, S, E), dtype=dtype), np.zeros((B, H, S, Ev), dtype=dtype)
         _bwd_readable(q, k, v, do, lse, delta, scale, *args, dq, dk, dv)
         return dq, dk, dv
-    block_q, block_k = _call_tiles(dtype, "backward", B * Hq, L, S)
+    blas = _blas()
+    # where the BLAS rounds a logit differently with the rows in its call, the forward pass's
+    # tiles: the backward then computes every logit in the same call as the forward pass
+    # (_bwd_fast groups rows as _fwd_fast does), as lse needs (_logits_independent_of_the_call)
+    tiles_of = "backward" if blas["logits_independent"] else "forward"
+    block_q, block_k = _call_tiles(dtype, tiles_of, B * Hq, L, S)
     nkb = -(-S // block_k)
     kp = _pad_rows(k, nkb * block_k).reshape(B, H, nkb, block_k, E)
     vp = _pad_rows(v, nkb * block_k).reshape(B, H, nkb, block_k, Ev)
     dq_part = np.zeros((BWD_CHUNKS, B, Hq, L, E), dtype=dtype)
     dk = np.zeros((B, H, nkb, block_k, E), dtype=dtype)
     dv = np.zeros((B, H, nkb, block_k, Ev), dtype=dtype)
-    blas = _blas()
     with _single_threaded_blas(blas):
         _bwd_fast(blas[dtype.name], q, kp, vp, do, lse, delta, dtype.type(scale), *args, L, S,
                   block_q, dq_part, dk, dv)

@@ -13,6 +13,7 @@ import pytest
 
 pytest.importorskip("numba")
 
+from attention_ref import flash_numba as fn  # noqa: E402
 from attention_ref.dot_product import scaled_dot_product_attention  # noqa: E402
 from attention_ref.flash import (  # noqa: E402
     attention_backward,
@@ -26,12 +27,15 @@ from attention_ref.softmax import logsumexp  # noqa: E402
 SEEDS = (0, 1, 2)  # errors near float32's rounding are noisy: compare the worst over seeds
 
 
-@pytest.fixture(params=["machine-tiles", "small-tiles"])
+@pytest.fixture(params=["machine-tiles", "small-tiles", "forward-tiles"])
 def tiles(request, monkeypatch):
     if request.param == "small-tiles":
         monkeypatch.setenv("ATTENTION_REF_TILES", "32x64")
     else:
         monkeypatch.delenv("ATTENTION_REF_TILES", raising=False)
+    if request.param == "forward-tiles":  # the backward pass with the forward's tiles and calls,
+        # as with a BLAS whose logits depend on the rows in a call (OpenBLAS's Haswell kernel)
+        monkeypatch.setattr(fn, "_BLAS", dict(fn._blas(), logits_independent=False))
 
 
 def _max_err(got, ref):
