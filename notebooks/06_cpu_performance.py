@@ -452,11 +452,10 @@ plt.show()
 #   were measured there (the table and the shares below), not the curves against $N$.
 # * **Zen 5, OpenBLAS** and **Zen 5, AVX2 emulated**: a third machine, a 2-core AMD EPYC VM of
 #   the Zen 5 generation (AVX-512 on full-width 512-bit units, 1 MiB of L2 per core; LLVM names it
-#   `znver5`), with the BLAS the library chooses there: natively SciPy's OpenBLAS, because MKL runs
-#   its generic code on this CPU; with everything held to AVX2, MKL's generic code, because
-#   OpenBLAS's AVX2 (Haswell) kernel fails the library's check on the logits (section 5).
-#   **Zen 5, MKL** and **Zen 5, AVX2, OpenBLAS** are the same two runs with the other library forced
-#   (`ATTENTION_REF_BLAS`). Only the pairs were measured there.
+#   `znver5`), with the BLAS the library chooses there — SciPy's OpenBLAS, because MKL runs its
+#   generic code on this CPU — natively and with everything held to AVX2 as above. **Zen 5, MKL**
+#   and **Zen 5, AVX2, MKL** are the same two runs with MKL forced (`ATTENTION_REF_BLAS=mkl`), to
+#   show why. Only the pairs were measured there.
 # * **Zen 5, earlier run**: the same kind of machine, measured once with an earlier version of the
 #   fast kernel (fixed 32-row query blocks, before the run-time tiles); it has no paired
 #   measurements.
@@ -475,7 +474,7 @@ runs = {name: json.loads(path.read_text()) for name, path in
          ("Zen 5, OpenBLAS", results_dir / "cpu_znver5.json"),
          ("Zen 5, AVX2 emulated", results_dir / "cpu_znver5_avx2.json"),
          ("Zen 5, MKL", results_dir / "cpu_znver5_mkl.json"),
-         ("Zen 5, AVX2, OpenBLAS", results_dir / "cpu_znver5_avx2_openblas.json"),
+         ("Zen 5, AVX2, MKL", results_dir / "cpu_znver5_avx2_mkl.json"),
          ("Zen 5, earlier run", results_dir / "earlier" / "cpu_zen5.json")) if path.exists()}
 res = runs["native"]
 for name, run in runs.items():
@@ -583,7 +582,7 @@ for case, what in cases:
 config_colours = {"native": "C0", "AVX2, emulated": "C1", "native, OpenBLAS": "C9",
                   "AVX2, OpenBLAS": "C8", "Emerald Rapids, OpenBLAS": "C4",
                   "Zen 5, OpenBLAS": "C3", "Zen 5, AVX2 emulated": "C5", "Zen 5, MKL": "C6",
-                  "Zen 5, AVX2, OpenBLAS": "C7",
+                  "Zen 5, AVX2, MKL": "C7",
                   "Zen 5, earlier run": "C2"}
 fig, ax = plt.subplots(figsize=(9, 4.2))
 width = 0.8 / len(runs)
@@ -644,17 +643,17 @@ plt.show()
 #   backward. Its quartiles are wider: it was measured once, minutes after another run that gave
 #   1.08× without a mask.
 # * **Zen 5, OpenBLAS (a third machine):** on this AMD CPU the library's own choice of BLAS is
-#   OpenBLAS, and every aim is met by a wide margin: 0.49× torch's time without a mask, 0.33× causal,
-#   0.55× and 0.36× in float64, 0.52× forward + backward. Part of that is torch's doing: its MKL has
+#   OpenBLAS, and every aim is met by a wide margin: 0.51× torch's time without a mask, 0.34× causal,
+#   0.54× and 0.35× in float64, 0.44× forward + backward. Part of that is torch's doing: its MKL has
 #   no code path for this CPU either, and its square float32 product runs at about a quarter of
 #   OpenBLAS's rate.
-# * **Zen 5, MKL:** the same native run with MKL forced behind the tiles: 0.95×, 0.62×, 0.88×,
-#   0.56×, 0.93× — the same loops, slowed by a BLAS running generic code. This is why the library
-#   uses MKL only where MKL's code is as wide as Numba's (`cpu_info()["blas_why"]`).
-# * **Zen 5, AVX2 emulated** (MKL's generic code) and **Zen 5, AVX2, OpenBLAS**: in float32 both
-#   meet the aims (0.95× and 0.90× without a mask); in float64 only OpenBLAS does (0.80× and 0.52×,
-#   against 0.88× and 0.57× with MKL), with taller float64 tiles (256 × 512: the tile rule's budget is
-#   twice the L2, section 3). The library still takes MKL here, for accuracy: section 5 explains.
+# * **Zen 5, AVX2 emulated:** every aim met as well — 0.88×, 0.59×, 0.80× and 0.52× in float64,
+#   0.83× forward + backward. The float64 aims that the Xeon misses with AVX2 code are met here, with
+#   taller float64 tiles (256 × 512: the tile rule's budget is twice the L2, section 3).
+# * **Zen 5, MKL** and **Zen 5, AVX2, MKL:** the same two runs with MKL forced behind the tiles:
+#   0.94× and 0.93× without a mask, both float64 aims missed (0.87× and 0.56× in both) — the same
+#   loops, slowed by a BLAS running generic code. This is why the library uses MKL only where MKL's
+#   code is as wide as Numba's (`cpu_info()["blas_why"]`).
 # * **Zen 5 (earlier run, earlier kernel):** the fast kernel was faster than torch in every case
 #   (0.44–0.75×). That was a different CPU, a different BLAS rate and an older kernel: it shows how
 #   much the standing depends on the machine, and says nothing general.
@@ -734,8 +733,8 @@ for name, run in runs.items():
 # $N = 4096$, 74% at $N = 8192$ and 79% at $N = 16384$ (in separate processes at $N = 4096$ about the
 # same); with AVX2 code 81–88% (the AVX2 BLAS is slower, so the same loops weigh less); with
 # OpenBLAS behind the tiles 60–67% natively, 72–74% with AVX2 code, and 57–71% on the Emerald Rapids
-# machine; on the Zen 5 VM 78–79% natively with OpenBLAS and 43–44% with MKL forced, with AVX2 code
-# 76–78% with MKL's generic code and 80–82% with OpenBLAS; about half in the earlier Zen 5 run. The kernel's time at $N = 4096$ agrees whichever way
+# machine; on the Zen 5 VM 79–83% natively and 80–83% with AVX2 code with OpenBLAS, 43–44% natively
+# and 75–77% with AVX2 code with MKL forced; about half in the earlier Zen 5 run. The kernel's time at $N = 4096$ agrees whichever way
 # it was measured (in the pairs with torch, with the matmul, or in separate processes) to within the
 # VM's drift — one reason to quote such shares with the quartiles of the pairs, and always with the
 # machine.
@@ -832,14 +831,15 @@ numba.set_num_threads(threads)
 # package) in float32. On the AMD Zen 5 VM the order turns over: MKL runs its generic code there and
 # takes about twice OpenBLAS's time for the same products (111–116 against 216–227 GFLOP/s in
 # float32), which is why the library's default uses MKL only where MKL's code is as wide as Numba's.
-# One more condition decides between the two there. The backward pass recomputes the forward's
-# logits in query blocks of its own, and the forward pass takes lse at each row's largest logit
-# *as it rounded it*, so that $e^{\tau z - \mathrm{lse}}$ of that logit is exactly 1 again in the
-# backward pass. That holds only if the BLAS gives each logit the same float32 value whichever rows
-# share the call. MKL and OpenBLAS's AVX-512 kernel do. OpenBLAS's AVX2 (Haswell) kernel does not:
-# there the float32 $dV$ for very large logits came out with about 4× the error of stage 05's NumPy
-# tiles. So the library checks this once per process and, where OpenBLAS fails, keeps MKL if it is
-# installed, even when MKL runs generic code.
+# The BLAS can matter for accuracy too. The backward pass recomputes the forward's logits, and the
+# forward pass takes lse at each row's largest logit *as it rounded it*, so that
+# $e^{\tau z - \mathrm{lse}}$ of that logit is exactly 1 again in the backward pass. That needs both
+# passes to get the same float32 logit. MKL and OpenBLAS's AVX-512 kernel give each logit the same
+# value whichever rows share the call; OpenBLAS's AVX2 (Haswell) kernel does not, and with the
+# backward's own tiles the float32 $dV$ for very large logits came out with about 4× the error of
+# stage 05's NumPy tiles. So the backward pass groups its rows as the forward pass does, and where
+# the library's check (made once per process) finds such a BLAS, it takes the forward's tiles as
+# well: each logit then comes from the same gemm call in both passes.
 # Another experiment on the native Xeon ($N = 4096$, not
 # run in this notebook) changed nothing beyond the machine's noise, other tiles: an interleaved scan
 # of 16 shapes (`benchmarks/scan_tiles.py`, two heads on one thread each;
