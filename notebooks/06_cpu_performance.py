@@ -643,17 +643,17 @@ plt.show()
 #   backward. Its quartiles are wider: it was measured once, minutes after another run that gave
 #   1.08× without a mask.
 # * **Zen 5, OpenBLAS (a third machine):** on this AMD CPU the library's own choice of BLAS is
-#   OpenBLAS, and every aim is met by a wide margin: 0.51× torch's time without a mask, 0.34× causal,
-#   0.54× and 0.35× in float64, 0.44× forward + backward. Part of that is torch's doing: its MKL has
-#   no code path for this CPU either, and its square float32 product runs at about a quarter of
-#   OpenBLAS's rate.
-# * **Zen 5, AVX2 emulated:** every aim met as well — 0.88×, 0.59×, 0.80× and 0.52× in float64,
-#   0.83× forward + backward. The float64 aims that the Xeon misses with AVX2 code are met here, with
-#   taller float64 tiles (256 × 512: the tile rule's budget is twice the L2, section 3).
+#   OpenBLAS, and the fast kernel is far ahead of torch: 0.51× torch's time without a mask, 0.34×
+#   causal, 0.54× and 0.35× in float64, 0.44× forward + backward. Part of that is torch's doing: its
+#   MKL has no code path for this CPU either, and its square float32 product runs at about a quarter
+#   of OpenBLAS's rate.
+# * **Zen 5, AVX2 emulated:** 0.88×, 0.59×, 0.80× and 0.52× in float64, 0.83× forward + backward.
+#   In float64 that is well ahead of the Xeon's AVX2 column (0.88× and 0.57×), with taller float64
+#   tiles (256 × 512: the tile rule's budget is twice the L2, section 3).
 # * **Zen 5, MKL** and **Zen 5, AVX2, MKL:** the same two runs with MKL forced behind the tiles:
-#   0.94× and 0.93× without a mask, both float64 aims missed (0.87× and 0.56× in both) — the same
-#   loops, slowed by a BLAS running generic code. This is why the library uses MKL only where MKL's
-#   code is as wide as Numba's (`cpu_info()["blas_why"]`).
+#   0.94× and 0.93× without a mask, 0.87× and 0.56× in float64 in both — the same loops, slowed by
+#   a BLAS running generic code. This is why the library uses MKL only where MKL's code is as wide
+#   as Numba's (`cpu_info()["blas_why"]`).
 # * **Zen 5 (earlier run, earlier kernel):** the fast kernel was faster than torch in every case
 #   (0.44–0.75×). That was a different CPU, a different BLAS rate and an older kernel: it shows how
 #   much the standing depends on the machine, and says nothing general.
