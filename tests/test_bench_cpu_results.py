@@ -52,8 +52,9 @@ def test_readme_shows_the_stored_runs():
                              text=True, check=True, cwd=ROOT).stdout
     readme = (ROOT / "README.md").read_text().splitlines()
     # one table per machine, each under the line that names the machine
-    tables = [block.splitlines() for block in printed.strip().split("\n\n")[1::2]]
-    for title, table in zip(printed.strip().split("\n\n")[::2], tables, strict=True):
+    blocks = printed.strip().split("\n\n")
+    tables = [block.splitlines() for block in blocks[1::2]]
+    for title, table in zip(blocks[::2], tables, strict=True):
         # ValueError: README does not name this machine, or shows other runs under it
         start = readme.index(table[0], readme.index(title))
         assert readme[start:start + len(table)] == table, (
