@@ -802,9 +802,8 @@ def _bwd_fast(gemm, q, kp, vp, do, lse, delta, tau, lengths, offset, causal, lef
             dkb = dk[b, hk, jb]
             dvb = dv[b, hk, jb]
             for h in range(hk * group, (hk + 1) * group):
-                # the forward pass's query blocks, tile range and row groups (_fwd_fast): with
-                # the forward's tiles (_run_backward does so where the BLAS rounds a logit by
-                # the rows in its call) every logit comes from the same gemm call as there
+                # the forward pass's query blocks, tile range and row groups (_fwd_fast): on
+                # the forward's tiles (_run_backward) every logit comes from the same gemm call
                 for i0 in range(0, L, block_q):
                     nr = min(L, i0 + block_q) - i0
                     lo_first, hi_first = _key_range(i0, L, S, offset, causal, left, right, length)
@@ -867,10 +866,9 @@ _CACHE_ENV = "ATTENTION_REF_CACHE_DIR"
 _DIRECTIONS = ("forward", "backward")
 _TILE_MEMO: dict[tuple[str, str], dict] = {}
 _AUTOTUNE_SEQ_LEN = 2048  # N of the problem timed by the autotune on first use
-_AUTOTUNE_CANDIDATES = {
-    "forward": [(bq, bk) for bq in (64, 128, 256) for bk in (128, 256, 512)],
-    "backward": [(bq, bk) for bq in (32, 64, 128) for bk in (64, 128, 256)],
-}
+# The candidates span what benchmarks/scan_tiles.py found fastest on the machines measured (256 x
+# 512 or 256 x 1024 for the forward pass); the rule's own tiles are always timed too.
+_AUTOTUNE_TILES = [(bq, bk) for bq in (64, 128, 256) for bk in (128, 256, 512, 1024)]
 
 
 def _l2_bytes() -> int:
@@ -1028,53 +1026,11 @@ def _openblas() -> dict:
             "float64": get_cython_function_address("scipy.linalg.cython_blas", "dgemm")}
 
 
-def _logits_independent_of_the_call(sgemm: int) -> bool:
-    """Whether this sgemm gives every logit of Q K^T the same float32 value whichever rows of Q
-    share its call. The backward pass recomputes the forward's logits and needs the same numbers:
-    lse is taken at the row's largest logit as the forward pass rounded it, and e^(tau z - lse)
-    of that logit must come out as 1 again. With tiles of its own the backward pass groups the
-    rows differently; where this check fails, _run_backward gives it the forward's tiles, and so
-    the forward's calls. MKL and OpenBLAS's SkylakeX kernel pass on the machines measured;
-    OpenBLAS's Haswell kernel (used by AVX2 CPUs, and where OPENBLAS_CORETYPE=Haswell) changed 2-8%
-    of the logits with the number of rows in the call, and with the backward's own tiles the
-    float32 dV for amplified logits (q, k x 8) came out with about 4x the error of NumPy's tiles.
-    Checked once, in the kernels' own layout (_gemm): Q_i K_j^T for 256 rows against its parts
-    of 128, 75 and 64 rows (E = 64, 320 keys), on one thread."""
-    import ctypes
-
-    from threadpoolctl import threadpool_limits
-
-    rng = np.random.default_rng(0)
-    q = (8 * rng.standard_normal((256, 64))).astype(np.float32)
-    k = (8 * rng.standard_normal((320, 64))).astype(np.float32)
-    ptr = ctypes.POINTER
-    call = ctypes.CFUNCTYPE(None, ctypes.c_char_p, ctypes.c_char_p, *[ptr(ctypes.c_int)] * 3,
-                            ptr(ctypes.c_float), ptr(ctypes.c_float), ptr(ctypes.c_int),
-                            ptr(ctypes.c_float), ptr(ctypes.c_int), ptr(ctypes.c_float),
-                            ptr(ctypes.c_float), ptr(ctypes.c_int))(sgemm)
-
-    def logits(rows: np.ndarray) -> np.ndarray:  # row-major Z = rows K^T as column-major Z^T
-        z = np.empty((rows.shape[0], k.shape[0]), np.float32)
-        ints = [ctypes.c_int(n) for n in (k.shape[0], rows.shape[0], 64, 64, 64, k.shape[0])]
-        one, zero = ctypes.c_float(1.0), ctypes.c_float(0.0)
-        as_f = lambda a: a.ctypes.data_as(ptr(ctypes.c_float))  # noqa: E731
-        call(b"T", b"N", *[ctypes.byref(i) for i in ints[:3]], ctypes.byref(one), as_f(k),
-             ctypes.byref(ints[3]), as_f(rows), ctypes.byref(ints[4]), ctypes.byref(zero),
-             as_f(z), ctypes.byref(ints[5]))
-        return z
-
-    with threadpool_limits(1, "blas"):
-        whole = logits(q)
-        return all(np.array_equal(logits(q[i0:i0 + n]), whole[i0:i0 + n])
-                   for i0, n in ((0, 128), (128, 75), (64, 64), (192, 64)))
-
-
 def _blas() -> dict:
     """The BLAS whose ?gemm the fast kernels call: ``ATTENTION_REF_BLAS`` = ``mkl``, ``openblas``
     or ``auto`` (the default: MKL when the ``mkl`` package is installed and its code path is as
     wide as the vectors Numba compiles for (_mkl_keeps_up), else SciPy's OpenBLAS). ``why`` says
-    which rule chose it; ``logits_independent`` whether the backward pass may use tiles of its
-    own (_logits_independent_of_the_call, _run_backward). Measured on a Sapphire Rapids VM (float32, the forward's 256 x 512 tile
+    which rule chose it. Measured on a Sapphire Rapids VM (float32, the forward's 256 x 512 tile
     products): 6.8 ms with MKL against 8.2 ms with OpenBLAS for those of N = 2048, one thread, in
     one process (notebook 06); on an AMD EPYC Zen 5 VM, where MKL runs its generic path,
     OpenBLAS's tile products were twice as fast (benchmarks/results/blas_tiles_znver5.json)."""
@@ -1101,12 +1057,7 @@ def _blas() -> dict:
             why = (f"auto: MKL runs its {found['path']} code here, narrower than the {isa} code "
                    f"Numba compiles, so SciPy's OpenBLAS")
             found = None
-        found = found or _openblas()
-        independent = _logits_independent_of_the_call(found["float32"])
-        if not independent:
-            why += ("; it rounds a logit differently with the rows that share its call, so the "
-                    "backward pass uses the forward's tiles")
-        _BLAS = dict(found, choice=choice, why=why, logits_independent=independent)
+        _BLAS = dict(found or _openblas(), choice=choice, why=why)
     return _BLAS
 
 
@@ -1139,36 +1090,31 @@ def cpu_info() -> dict:
 # packing of K_j and V_j among more query rows. Measured on an AMD EPYC Zen 5 VM (1 MiB L2 per
 # core; benchmarks/scan_tiles.py, float64 forward, N = 4096): 256 x 512 (1.8 MB) took 52.3 ms
 # against 57.1 for 64 x 512, the largest tile that fits the L2 (SkylakeX OpenBLAS, AVX-512 code),
-# and 81.0 against 86.2 ms with AVX2 code; on a Sapphire Rapids VM (2 MiB L2) the forward tiles
-# are the same either way, and the float64 backward's 128 x 512 was within 1% of 64 x 512.
+# and 81.0 against 86.2 ms with AVX2 code; on a Sapphire Rapids VM (2 MiB L2) the tiles are the
+# same either way.
 _L2_BUDGET = 2
 
 
-def _tile_rule(dtype: np.dtype, direction: str, l2: int, isa: str) -> tuple[int, int, str]:
+def _tile_rule(dtype: np.dtype, l2: int, isa: str) -> tuple[int, int, str]:
     """The default tiles. B_k = 512 keys (PyTorch's CPU flash kernel splits keys by 512): long
     BLAS calls, few online-softmax rescalings; halved while even 64 query rows would not fit.
-    B_q = the most query rows (<= 256, or 128 in the backward pass: more rows per BLAS call, but
-    longer float32 sums) for which a thread's working set fits in _L2_BUDGET times the per-core
-    L2: the logit tile (B_q x B_k), K_j and V_j (B_k x E each), Q_i and O_i (B_q x E), E = 64;
-    the backward pass holds two tiles (Z and dP) and dK_j, dV_j, dO_i, dQ_i as well. Scans
-    (benchmarks/scan_tiles.py; benchmarks/README.md) put this choice first or within 2% of the
-    fastest forward tile in float64 on a Sapphire Rapids and a Zen 5 VM, and within 11% in float32.
-    The vector width (isa) does not enter: the BLAS kernel and the exp loop adapt to it."""
+    B_q = the most query rows (<= 256) for which a thread's working set fits in _L2_BUDGET times
+    the per-core L2: the logit tile (B_q x B_k), K_j and V_j (B_k x E each), Q_i and O_i (B_q x E),
+    E = 64. Scans (benchmarks/scan_tiles.py; benchmarks/README.md) put this choice first or within
+    2% of the fastest forward tile in float64 on a Sapphire Rapids and a Zen 5 VM, and within 11%
+    in float32. The vector width (isa) does not enter: the BLAS kernel and the exp loop adapt to it.
+    The backward pass runs on the same tiles (tile_sizes)."""
     item = np.dtype(dtype).itemsize
     E = 64
     budget = _L2_BUDGET * l2
 
     def working_set(bq: int, bk: int) -> int:
-        if direction == "forward":
-            return item * (bq * bk + 2 * bk * E + 2 * bq * E)
-        return item * (2 * bq * bk + 4 * bk * E + 4 * bq * E)
+        return item * (bq * bk + 2 * bk * E + 2 * bq * E)
 
     bk = 512
     while bk > 128 and working_set(64, bk) > budget:
         bk //= 2
-    # backward: 128 rows; 256 (which float32 now sums in pieces of _SUM_ROWS as well) measured
-    # 1-2% slower for forward + backward (paired, N = 2048 and 4096, Sapphire Rapids VM)
-    bq = 256 if direction == "forward" else 128
+    bq = 256
     while bq > 32 and working_set(bq, bk) > budget:
         bq //= 2
     why = (f"rule: {bq} x {bk} is the largest tile whose working set "
@@ -1231,6 +1177,10 @@ def tile_sizes(dtype: Any = np.float32, direction: str = "forward") -> dict:
     model, the CPU and vector ISA Numba compiles for, the BLAS kernel, the dtype). Precedence:
     ``ATTENTION_REF_TILES=BQxBK``; a stored autotune result for this machine and dtype
     (``tune_tile_sizes``, or ``ATTENTION_REF_TILES=autotune`` to tune on first use); the rule.
+    The backward pass runs on the forward pass's tiles and row groups: it recomputes every logit
+    in the same gemm call, so that each comes out as the same number in both passes (lse is taken
+    at each row's largest logit as the forward pass rounded it, and a BLAS may round a logit
+    differently with the rows that share its call); ``tile_sizes(dtype, "backward")`` says so.
     A call may use fewer query rows or keys than shown when the problem is small (so that every
     thread gets work) or short (no padding beyond the next power of two).
     """
@@ -1241,8 +1191,13 @@ def tile_sizes(dtype: Any = np.float32, direction: str = "forward") -> dict:
         raise TypeError(f"dtype must be float32 or float64, got {dt}")
     if direction not in _DIRECTIONS:
         raise ValueError(f"direction must be one of {_DIRECTIONS}, got {direction!r}")
+    if direction == "backward":
+        choice = tile_sizes(dt, "forward")
+        choice["reason"] = ("the forward pass's tiles: the backward pass recomputes each logit in "
+                            f"the forward's gemm call; {choice['reason']}")
+        return choice
     env = os.environ.get(_TILE_ENV, "").strip()
-    memo_key = (dt.name, direction, os.environ.get("ATTENTION_REF_BLAS", ""))  # per BLAS too
+    memo_key = (dt.name, os.environ.get("ATTENTION_REF_BLAS", ""))  # per BLAS too
     if memo_key in _TILE_MEMO and _TILE_MEMO[memo_key]["env"] == env:
         return dict(_TILE_MEMO[memo_key]["choice"])
     machine = _machine_key(dt)
@@ -1254,9 +1209,9 @@ def tile_sizes(dtype: Any = np.float32, direction: str = "forward") -> dict:
         choice = {"block_q": fixed[0], "block_k": fixed[1], "source": "environment",
                   "reason": f"{_TILE_ENV}={env}"}
     else:
-        stored = _read_cache().get(machine, {}).get(direction)
+        stored = _read_cache().get(machine, {}).get("tiles")
         if stored is None and env == "autotune":
-            stored = tune_tile_sizes(dt, seq_len=_AUTOTUNE_SEQ_LEN)[direction]
+            stored = tune_tile_sizes(dt, seq_len=_AUTOTUNE_SEQ_LEN)
         if stored is not None:
             choice = {"block_q": int(stored["block_q"]), "block_k": int(stored["block_k"]),
                       "source": "autotune",
@@ -1264,7 +1219,7 @@ def tile_sizes(dtype: Any = np.float32, direction: str = "forward") -> dict:
                                 f" (stored in {_cache_file()})"}
         else:
             isa = _target_isa()["isa"]
-            bq, bk, why = _tile_rule(dt, direction, _l2_bytes(), isa)
+            bq, bk, why = _tile_rule(dt, _l2_bytes(), isa)
             choice = {"block_q": bq, "block_k": bk, "source": "rule", "reason": why}
     choice["machine"] = machine
     _TILE_MEMO[memo_key] = {"env": env, "choice": choice}
@@ -1281,15 +1236,17 @@ def reset_tile_sizes() -> None:
 
 
 def tune_tile_sizes(dtype: Any = np.float32, *, seq_len: int = 2048, repeats: int = 3) -> dict:
-    """Time the candidate tiles on this machine and store the fastest per direction.
+    """Time the candidate tiles on this machine and store the fastest.
 
     One problem of ``seq_len`` queries and keys, E = 64, with as many heads as Numba threads,
-    no mask; every candidate runs ``repeats`` times (best time kept) after one warm-up call. A few
-    seconds per dtype once the kernels are compiled. Returns ``{"forward": {...}, "backward":
-    {...}}`` as stored (``block_q``, ``block_k``, ``ms`` and a summary of all candidates).
+    no mask. The tiles serve both passes, so each candidate (and the rule's choice) is timed as a
+    forward and a backward call, ``repeats`` times after one warm-up round (best time of each
+    kept), the candidates interleaved round by round; the fastest sum wins. A few seconds per
+    dtype once the kernels are compiled. Returns what is stored: ``block_q``, ``block_k``, ``ms``
+    (forward + backward), ``forward_ms``, ``backward_ms``, ``rule_ms`` (the rule's tiles) and the
+    four fastest in ``summary``.
     """
     import datetime
-    import functools
     import os
     import time
 
@@ -1297,54 +1254,60 @@ def tune_tile_sizes(dtype: Any = np.float32, *, seq_len: int = 2048, repeats: in
     rng = np.random.default_rng(0)
     heads = max(1, nb.get_num_threads())
     q, k, v, do = (rng.standard_normal((heads, seq_len, 64)).astype(dt) for _ in range(4))
-    result = {}
+    rule = _tile_rule(dt, _l2_bytes(), _target_isa()["isa"])[:2]
+    candidates = list(dict.fromkeys([*_AUTOTUNE_TILES, rule]))
+    forward = dict.fromkeys(candidates, math.inf)
+    backward = dict.fromkeys(candidates, math.inf)
     saved = os.environ.get(_TILE_ENV)
     try:
-        for direction in _DIRECTIONS:
-            timings = {}
-            for bq, bk in _AUTOTUNE_CANDIDATES[direction]:
-                os.environ[_TILE_ENV] = f"{bq}x{bk}"
-                if direction == "forward":
-                    call = functools.partial(numba_flash_forward, q, k, v)
-                else:
-                    out, lse = numba_flash_forward(q, k, v)
-                    call = functools.partial(numba_flash_backward, q, k, v, out, lse, do)
-                call()
-                best = math.inf
-                for _ in range(repeats):
-                    t0 = time.perf_counter()
-                    call()
-                    best = min(best, time.perf_counter() - t0)
-                timings[(bq, bk)] = 1e3 * best
-            (bq, bk), ms = min(timings.items(), key=lambda kv: kv[1])
-            ranked = sorted(timings.items(), key=lambda kv: kv[1])
-            result[direction] = {
-                "block_q": bq, "block_k": bk, "ms": ms, "seq_len": seq_len, "heads": heads,
-                "when": datetime.date.today().isoformat(),
-                "summary": ", ".join(f"{a}x{b} {t:.1f} ms" for (a, b), t in ranked[:4]),
-            }
+        # interleaved, the order reversed every other round: a slow spell of the machine (another
+        # process, a frequency change) then does not fall on a few candidates only
+        for round_ in range(repeats + 1):
+            for tiles in candidates if round_ % 2 == 0 else candidates[::-1]:
+                os.environ[_TILE_ENV] = "{}x{}".format(*tiles)
+                t0 = time.perf_counter()
+                out, lse = numba_flash_forward(q, k, v)
+                t1 = time.perf_counter()
+                numba_flash_backward(q, k, v, out, lse, do)
+                t2 = time.perf_counter()
+                if round_ > 0:  # round 0 warms every candidate up (pads, scratch, caches)
+                    forward[tiles] = min(forward[tiles], 1e3 * (t1 - t0))
+                    backward[tiles] = min(backward[tiles], 1e3 * (t2 - t1))
     finally:
         if saved is None:
             os.environ.pop(_TILE_ENV, None)
         else:
             os.environ[_TILE_ENV] = saved
         _TILE_MEMO.clear()
+    total = {tiles: forward[tiles] + backward[tiles] for tiles in candidates}
+    ranked = sorted(total, key=total.get)
+    bq, bk = ranked[0]
+    result = {
+        "block_q": bq, "block_k": bk, "ms": total[ranked[0]], "forward_ms": forward[ranked[0]],
+        "backward_ms": backward[ranked[0]], "rule_ms": total[rule], "seq_len": seq_len,
+        "heads": heads, "when": datetime.date.today().isoformat(),
+        "summary": ("forward + backward: " + ", ".join(f"{a}x{b} {total[a, b]:.1f} ms"
+                                                       for a, b in ranked[:4])
+                    + f"; the rule's {rule[0]}x{rule[1]} {total[rule]:.1f} ms"),
+    }
     data = _read_cache()
-    data[_machine_key(dt)] = result
+    data[_machine_key(dt)] = {"tiles": result}
     _write_cache(data)
     return result
 
 
-def _call_tiles(dtype: np.dtype, direction: str, heads: int, L: int, S: int) -> tuple[int, int]:
+def _call_tiles(dtype: np.dtype, heads: int, L: int, S: int) -> tuple[int, int]:
     """The machine's tiles, shrunk for small problems: B_k no wider than S rounded up to a power
-    of two (>= 32), B_q halved (down to 16) until every Numba thread has about four work items."""
-    choice = tile_sizes(dtype, direction)
+    of two (>= 32), B_q halved (down to 16) until every Numba thread has about four work items of
+    the forward pass. The backward pass takes the same tiles, so that it groups the rows as the
+    forward pass did."""
+    choice = tile_sizes(dtype)
     bq, bk = choice["block_q"], choice["block_k"]
     while bk > 32 and bk // 2 >= S:
         bk //= 2
     # (nb.get_num_threads() costs up to 0.05 ms right after a kernel call: asked only when even
     # the most threads Numba may run, NUMBA_NUM_THREADS, could lack work)
-    if direction == "forward" and heads * -(-L // bq) < 4 * nb.config.NUMBA_NUM_THREADS:
+    if heads * -(-L // bq) < 4 * nb.config.NUMBA_NUM_THREADS:
         want = 4 * nb.get_num_threads()
         while bq > 16 and heads * -(-L // bq) < want:
             bq //= 2
@@ -1426,7 +1389,7 @@ def _run_forward(q, k, v, scale, lengths, band, kernel):
     if kernel == "readable":
         _fwd_readable(q, k, v, scale, *args, out, lse)
         return out, lse
-    block_q, block_k = _call_tiles(dtype, "forward", B * Hq, L, S)
+    block_q, block_k = _call_tiles(dtype, B * Hq, L, S)
     nkb = -(-S // block_k)
     # The kernel's online softmax keeps the raw logits q.k and applies tau inside e^(tau (Z - m)):
     # the difference Z - m is exact near the maximum, so large logits lose no precision to the
@@ -1458,11 +1421,15 @@ def _run_backward(q, k, v, o, lse, do, scale, lengths, band, kernel):
         _bwd_readable(q, k, v, do, lse, delta, scale, *args, dq, dk, dv)
         return dq, dk, dv
     blas = _blas()
-    # where the BLAS rounds a logit differently with the rows in its call, the forward pass's
-    # tiles: the backward then computes every logit in the same call as the forward pass
-    # (_bwd_fast groups rows as _fwd_fast does), as lse needs (_logits_independent_of_the_call)
-    tiles_of = "backward" if blas["logits_independent"] else "forward"
-    block_q, block_k = _call_tiles(dtype, tiles_of, B * Hq, L, S)
+    # the forward pass's tiles, and _bwd_fast groups rows as _fwd_fast does: every logit is
+    # recomputed in the same gemm call as in the forward pass, so it is the same float32 number
+    # there, as lse needs. A BLAS may round a logit differently with the rows that share its call:
+    # OpenBLAS 0.3.30's Haswell kernel (AVX2 CPUs) changed 2-17% of a product's logits when its
+    # rows went in parts, and its SkylakeX kernel 3-4% of those of 100-128 keys (100 rows against
+    # parts of 32, 203 against parts of 64), on a Zen 5 VM. On tiles of its own the backward's
+    # float32 dV for amplified logits (q, k x 8) then had up to 2.5-4.7x the error of NumPy's tiles
+    # (L = S = 100 with the rule's tiles: 3.2x); on the forward's, 1.0x.
+    block_q, block_k = _call_tiles(dtype, B * Hq, L, S)
     nkb = -(-S // block_k)
     kp = _pad_rows(k, nkb * block_k).reshape(B, H, nkb, block_k, E)
     vp = _pad_rows(v, nkb * block_k).reshape(B, H, nkb, block_k, Ev)

@@ -13,7 +13,6 @@ import pytest
 
 pytest.importorskip("numba")
 
-from attention_ref import flash_numba as fn  # noqa: E402
 from attention_ref.dot_product import scaled_dot_product_attention  # noqa: E402
 from attention_ref.flash import (  # noqa: E402
     attention_backward,
@@ -27,15 +26,14 @@ from attention_ref.softmax import logsumexp  # noqa: E402
 SEEDS = (0, 1, 2)  # errors near float32's rounding are noisy: compare the worst over seeds
 
 
-@pytest.fixture(params=["machine-tiles", "small-tiles", "forward-tiles"])
+@pytest.fixture(params=["machine-tiles", "small-tiles", "tall-tiles"])
 def tiles(request, monkeypatch):
     if request.param == "small-tiles":
         monkeypatch.setenv("ATTENTION_REF_TILES", "32x64")
+    elif request.param == "tall-tiles":  # 256 query rows of 128 keys (shrunk for small problems)
+        monkeypatch.setenv("ATTENTION_REF_TILES", "256x128")
     else:
         monkeypatch.delenv("ATTENTION_REF_TILES", raising=False)
-    if request.param == "forward-tiles":  # the backward pass with the forward's tiles and calls,
-        # as with a BLAS whose logits depend on the rows in a call (OpenBLAS's Haswell kernel)
-        monkeypatch.setattr(fn, "_BLAS", dict(fn._blas(), logits_independent=False))
 
 
 def _max_err(got, ref):
@@ -43,11 +41,10 @@ def _max_err(got, ref):
     return float(np.max(np.abs(got.astype(np.float64)[finite] - ref[finite])))
 
 
-def _errors(seed, E, is_causal, amplify):
+def _errors(seed, E, is_causal, amplify, L=203, S=301):
     """Largest errors against the float64 reference of the fast kernels and of the stage-05 NumPy
-    tiles, both in float32, on one random input (L = 203 queries, S = 301 keys, two heads):
+    tiles, both in float32, on one random input (L queries, S keys, two heads):
     ({"out", "lse", "dq", "dk", "dv"} -> error) for each."""
-    L, S = 203, 301
     rng = np.random.default_rng(seed)
     q, k, v, do = (rng.standard_normal((2, n, E)).astype(np.float32) for n in (L, S, S, L))
     q *= np.float32(amplify)
@@ -76,10 +73,14 @@ def _errors(seed, E, is_causal, amplify):
 @pytest.mark.parametrize("amplify", [1.0, 8.0], ids=["normal", "amplified-x8"])
 @pytest.mark.parametrize("is_causal", [False, True], ids=["no-mask", "causal"])
 @pytest.mark.parametrize("E", [64, 40])
-def test_float32_error_at_most_twice_numpy_tiles(tiles, amplify, is_causal, E):
+@pytest.mark.parametrize("L, S", [(203, 301), (100, 100)])
+def test_float32_error_at_most_twice_numpy_tiles(tiles, amplify, is_causal, E, L, S):
+    # (100, 100): 128-key tiles, the forward pass's shrunk to 32 rows for two heads on two
+    # threads; with tiles of its own (128 rows) the backward's dV had 3.2x NumPy's error on a
+    # Zen 5 VM, as the BLAS rounded logits differently with the rows in its call
     worst = {"numba": {}, "numpy": {}}
     for seed in SEEDS:
-        for which, errors in zip(("numba", "numpy"), _errors(seed, E, is_causal, amplify)):
+        for which, errors in zip(("numba", "numpy"), _errors(seed, E, is_causal, amplify, L, S)):
             for name, err in errors.items():
                 worst[which][name] = max(worst[which].get(name, 0.0), err)
     for name, err in worst["numba"].items():

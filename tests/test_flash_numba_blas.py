@@ -35,11 +35,7 @@ def test_cpu_info_names_the_blas_in_use(blas):
 @pytest.mark.parametrize("blas", BLAS, indirect=True)
 @pytest.mark.parametrize("dtype, tol", [(np.float32, 2e-5), (np.float64, 1e-12)])
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("backward_tiles", ["own", "forward's"])
-def test_forward_and_backward_match_the_float64_reference(blas, dtype, tol, causal, backward_tiles,
-                                                          monkeypatch):
-    if backward_tiles == "forward's":  # as where the BLAS's logits depend on the call
-        monkeypatch.setattr(fn, "_BLAS", dict(fn._blas(), logits_independent=False))
+def test_forward_and_backward_match_the_float64_reference(blas, dtype, tol, causal):
     rng = np.random.default_rng(7)
     # sizes that divide no tile; GQA (4 query heads on 2 KV heads); E != Ev
     q = rng.standard_normal((2, 4, 300, 24)).astype(dtype)
@@ -70,13 +66,9 @@ def test_mkl_asked_for_but_missing(monkeypatch):
     with pytest.raises(ValueError, match="pip install mkl"):
         fn.cpu_info()
     monkeypatch.setenv("ATTENTION_REF_BLAS", "auto")
-    for consistent in (True, False):  # the check's verdict is kept and said
-        monkeypatch.setattr(fn, "_logits_independent_of_the_call", lambda sgemm, c=consistent: c)
-        monkeypatch.setattr(fn, "_BLAS", None)
-        info = fn.cpu_info()
-        assert info["blas"].startswith("openblas")
-        assert fn._blas()["logits_independent"] is consistent
-        assert ("the forward's tiles" in info["blas_why"]) is not consistent
+    monkeypatch.setattr(fn, "_BLAS", None)
+    info = fn.cpu_info()
+    assert info["blas"].startswith("openblas") and "not installed" in info["blas_why"]
     monkeypatch.setattr(fn, "_BLAS", None)  # forget the choice made without MKL
 
 
@@ -95,7 +87,6 @@ def test_auto_skips_an_mkl_that_runs_narrower_code(monkeypatch, mkl_path):
             "float32": 0, "float64": 0}
     monkeypatch.setattr(fn, "_mkl", lambda: fake)
     monkeypatch.setattr(fn, "_target_cpu", lambda: ("znver5", "avx512"))
-    monkeypatch.setattr(fn, "_logits_independent_of_the_call", lambda sgemm: True)
     monkeypatch.setattr(fn, "_BLAS", None)
     monkeypatch.setenv("ATTENTION_REF_BLAS", "auto")
     info = fn.cpu_info()
@@ -108,33 +99,6 @@ def test_auto_skips_an_mkl_that_runs_narrower_code(monkeypatch, mkl_path):
     assert fn.cpu_info()["blas"] == fake["name"]
     assert fn.cpu_info()["blas_why"] == "ATTENTION_REF_BLAS=mkl"
     monkeypatch.setattr(fn, "_BLAS", None)  # forget the fake
-
-
-@pytest.mark.parametrize("blas", BLAS, indirect=True)
-def test_the_consistency_check_agrees_with_the_kernels_own_gemm(blas):
-    # the check calls sgemm through ctypes; the kernels call it through _gemm: same layout, so
-    # the check's verdict must be what _gemm gives (256 rows against their parts)
-    import numba
-
-    @numba.njit
-    def logits(gemm, q, k, z):
-        fn._gemm(gemm, q, k, z, False, True, np.array([1.0, 0.0], np.float32))
-
-    sgemm = fn._blas()["float32"]
-    rng = np.random.default_rng(0)
-    q = (8 * rng.standard_normal((256, 64))).astype(np.float32)
-    k = (8 * rng.standard_normal((320, 64))).astype(np.float32)
-    whole = np.empty((256, 320), np.float32)
-    part = np.empty((75, 320), np.float32)
-    from threadpoolctl import threadpool_limits
-
-    with threadpool_limits(1, "blas"):
-        logits(sgemm, q, k, whole)
-        logits(sgemm, q[128:203], k, part)
-    if fn._logits_independent_of_the_call(sgemm):
-        assert np.array_equal(part, whole[128:203])
-    if blas == "mkl":
-        assert fn._logits_independent_of_the_call(sgemm)  # MKL: the same logits in any call
 
 
 def test_scipys_openblas_is_told_apart_from_numpys():

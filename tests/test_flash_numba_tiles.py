@@ -33,9 +33,8 @@ def private_cache(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("direction", ["forward", "backward"])
-def test_rule_gives_power_of_two_tiles_that_fit_the_l2(dtype, direction):
-    choice = tile_sizes(dtype, direction)
+def test_rule_gives_power_of_two_tiles_that_fit_the_l2(dtype):
+    choice = tile_sizes(dtype)
     bq, bk = choice["block_q"], choice["block_k"]
     assert choice["source"] == "rule" and "L2" in choice["reason"]
     assert bk >= 32 and bk & (bk - 1) == 0 and 16 <= bq <= 256
@@ -45,16 +44,28 @@ def test_rule_gives_power_of_two_tiles_that_fit_the_l2(dtype, direction):
     assert item * bq * bk <= flash_numba._L2_BUDGET * l2  # the logit tile alone fits the budget
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("override", [None, "48x128"])
+def test_the_backward_pass_runs_on_the_forwards_tiles(dtype, override, monkeypatch):
+    if override:
+        monkeypatch.setenv("ATTENTION_REF_TILES", override)
+    forward, backward = tile_sizes(dtype, "forward"), tile_sizes(dtype, "backward")
+    assert (backward["block_q"], backward["block_k"]) == (forward["block_q"], forward["block_k"])
+    assert backward["source"] == forward["source"] and backward["machine"] == forward["machine"]
+    assert backward["reason"].startswith("the forward pass's tiles")
+    assert backward["reason"].endswith(forward["reason"])
+
+
 def test_rule_adapts_to_the_cache_size():
-    big = flash_numba._tile_rule(np.float32, "forward", 2 * 1024**2, "avx512")
-    small = flash_numba._tile_rule(np.float32, "forward", 256 * 1024, "avx2")
+    big = flash_numba._tile_rule(np.float32, 2 * 1024**2, "avx512")
+    small = flash_numba._tile_rule(np.float32, 256 * 1024, "avx2")
     assert big[:2] == (256, 512)
     assert small[0] * small[1] < big[0] * big[1]
-    f32 = flash_numba._tile_rule(np.float32, "forward", 512 * 1024, "avx512")
-    f64 = flash_numba._tile_rule(np.float64, "forward", 512 * 1024, "avx512")
+    f32 = flash_numba._tile_rule(np.float32, 512 * 1024, "avx512")
+    f64 = flash_numba._tile_rule(np.float64, 512 * 1024, "avx512")
     assert f64[0] * f64[1] < f32[0] * f32[1]  # twice the bytes per number: a smaller tile
     # a 1 MiB L2 (AMD Zen 4-5) takes the float64 forward's 256 x 512 tile: 1.8 MB, within twice it
-    assert flash_numba._tile_rule(np.float64, "forward", 1024**2, "avx512")[:2] == (256, 512)
+    assert flash_numba._tile_rule(np.float64, 1024**2, "avx512")[:2] == (256, 512)
 
 
 def test_cpu_info_names_the_machine():
@@ -80,19 +91,25 @@ def test_bad_arguments():
         tile_sizes(np.float32, "sideways")
 
 
+def _rule(dtype=np.float32):
+    return flash_numba._tile_rule(np.dtype(dtype), flash_numba._l2_bytes(), cpu_info()["isa"])[:2]
+
+
 def test_autotune_is_stored_used_and_reset(tmp_path, monkeypatch):
-    monkeypatch.setattr(flash_numba, "_AUTOTUNE_CANDIDATES",
-                        {"forward": [(32, 64), (64, 128)], "backward": [(32, 64), (64, 64)]})
+    monkeypatch.setattr(flash_numba, "_AUTOTUNE_TILES", [(32, 64), (64, 128)])
     result = tune_tile_sizes(np.float32, seq_len=256, repeats=1)
-    assert set(result) == {"forward", "backward"}
+    chosen = (result["block_q"], result["block_k"])
+    assert chosen in {(32, 64), (64, 128), _rule()}
+    assert result["ms"] == pytest.approx(result["forward_ms"] + result["backward_ms"])
+    assert 0 < result["ms"] <= result["rule_ms"] < float("inf")  # the rule's tiles are timed too
+    assert "the rule's {}x{}".format(*_rule()) in result["summary"]
     stored = json.loads((tmp_path / "tiles.json").read_text())
     key = tile_sizes(np.float32)["machine"]
-    assert key in stored and stored[key]["forward"]["block_q"] == result["forward"]["block_q"]
-    for direction in ("forward", "backward"):
+    assert key in stored and stored[key]["tiles"]["block_q"] == result["block_q"]
+    for direction in ("forward", "backward"):  # one choice for both passes
         choice = tile_sizes(np.float32, direction)
         assert choice["source"] == "autotune"
-        assert (choice["block_q"], choice["block_k"]) == (result[direction]["block_q"],
-                                                          result[direction]["block_k"])
+        assert (choice["block_q"], choice["block_k"]) == chosen
     assert tile_sizes(np.float64)["source"] == "rule"  # stored per dtype
     # the kernels run with the stored tiles and stay correct
     rng = np.random.default_rng(0)
@@ -106,11 +123,16 @@ def test_autotune_is_stored_used_and_reset(tmp_path, monkeypatch):
     assert key not in json.loads((tmp_path / "tiles.json").read_text())
 
 
+def test_autotune_candidates_cover_the_scans_winners():
+    # the fastest forward tiles benchmarks/scan_tiles.py found on the machines measured
+    assert {(256, 512), (256, 1024)} <= set(flash_numba._AUTOTUNE_TILES)
+
+
 def test_autotune_on_first_use(tmp_path, monkeypatch):
-    monkeypatch.setattr(flash_numba, "_AUTOTUNE_CANDIDATES",
-                        {"forward": [(32, 64)], "backward": [(32, 64)]})
+    monkeypatch.setattr(flash_numba, "_AUTOTUNE_TILES", [(32, 64)])
     monkeypatch.setattr(flash_numba, "_AUTOTUNE_SEQ_LEN", 128)
     monkeypatch.setenv("ATTENTION_REF_TILES", "autotune")
     choice = tile_sizes(np.float32)
-    assert (choice["block_q"], choice["block_k"], choice["source"]) == (32, 64, "autotune")
+    assert choice["source"] == "autotune"
+    assert (choice["block_q"], choice["block_k"]) in {(32, 64), _rule()}
     assert os.path.exists(tmp_path / "tiles.json")
