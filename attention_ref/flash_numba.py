@@ -1425,7 +1425,7 @@ def _run_backward(q, k, v, o, lse, do, scale, lengths, band, kernel):
     # recomputed in the same gemm call as in the forward pass, so it is the same float32 number
     # there, as lse needs. A BLAS may round a logit differently with the rows that share its call:
     # OpenBLAS 0.3.30's Haswell kernel (AVX2 CPUs) changed 2-17% of a product's logits when its
-    # rows went in parts, and its SkylakeX kernel 3-4% of those of 100-128 keys (100 rows against
+    # rows went in parts, and its SkylakeX kernel 3-5% of those of 100-128 keys (100 rows against
     # parts of 32, 203 against parts of 64), on a Zen 5 VM. On tiles of its own the backward's
     # float32 dV for amplified logits (q, k x 8) then had up to 2.5-4.7x the error of NumPy's tiles
     # (L = S = 100 with the rule's tiles: 3.2x); on the forward's, 1.0x.

@@ -799,9 +799,17 @@ def markdown_table(results: dict[str, dict]) -> str:
 def _markdown_one_machine(results: dict[str, dict]) -> str:
     """One machine's table for markdown_table."""
     names = list(results)
-    head = ["goal (N = 4096 unless stated)", "target"] + [
-        f"{results[n]['machine'].get('isa', '?').upper()}: {results[n]['machine'].get('llvm_cpu')},"
-        f" {results[n]['machine'].get('blas_kernel')}" for n in names]
+
+    def column(machine: dict) -> str:
+        label = f"{machine.get('isa', '?').upper()}: {machine.get('llvm_cpu')}, {machine.get('blas_kernel')}"
+        tiles = machine.get("tiles", {})
+        if any(t[2] != "rule" for t in tiles.values()):  # say so where the rule did not choose
+            label += ", tiles " + " / ".join(
+                f"{dt} {tiles[f'{dt}|forward'][0]}x{tiles[f'{dt}|forward'][1]} ({tiles[f'{dt}|forward'][2]})"
+                for dt in ("float32", "float64") if f"{dt}|forward" in tiles)
+        return label
+
+    head = ["goal (N = 4096 unless stated)", "target"] + [column(results[n]["machine"]) for n in names]
     rows = [head, ["---"] * len(head)]
     for key, goal, what in GOALS:
         row = [f"{what}: time / torch's", f"≤ {goal:.2f}×"]

@@ -261,12 +261,10 @@ cpu_info()
 #
 # $$\text{working set (forward)} = B_q B_k + 2 B_k E + 2 B_q E \text{ numbers.}$$
 #
-# The backward pass holds two tiles ($P$ and $dZ$) and, on each side, four blocks of $E$ columns
-# ($K_j, V_j, dK_j, dV_j$; $Q_i, dO_i$ and the partial $dQ_i$, with one to spare):
-# $2B_qB_k + 4B_kE + 4B_qE$. The rule: start from $B_k = 512$ keys (what PyTorch's CPU flash
-# kernel uses), halved while even 64 query rows would not fit; then take the largest $B_q \le 256$
-# (backward: $\le 128$, to keep float32 sums short) whose working set fits in twice the L2 cache
-# of one core, $2M$ numbers with $M$ = L2 size $/\,\nu$. Large $B_q$ means more FLOPs per byte
+# The rule: start from $B_k = 512$ keys (what PyTorch's CPU flash kernel uses), halved while even
+# 64 query rows would not fit; then take the largest $B_q \le 256$ whose working set fits in twice
+# the L2 cache of one core, $2M$ numbers with $M$ = L2 size $/\,\nu$. The backward pass runs on
+# the same tiles, for a reason that has to do with rounding (section 5). Large $B_q$ means more FLOPs per byte
 # (section 1) and longer BLAS calls, each of which packs $K_j$ and $V_j$ for more query rows. Why
 # twice the L2 and not the L2 itself: the exponential's pass reads the logit tile row after row, so
 # the part that does not fit in L2 streams back from the L3 cache, not from RAM. On an AMD Zen 5
@@ -282,15 +280,13 @@ print(inspect.getsource(_tile_rule))
 # The working sets of a few tiles ($B_k = 512$, $E = 64$), in KiB:
 
 # %%
-def working_set_kib(bq, bk, itemsize, direction, E=64):
-    numbers = bq * bk + 2 * bk * E + 2 * bq * E if direction == "forward" else 2 * bq * bk + 4 * bk * E + 4 * bq * E
-    return numbers * itemsize / 1024
+def working_set_kib(bq, bk, itemsize, E=64):
+    return (bq * bk + 2 * bk * E + 2 * bq * E) * itemsize / 1024
 
 
-print(f"{'B_q':>5} {'fwd f32':>9} {'fwd f64':>9} {'bwd f32':>9} {'bwd f64':>9}   (KiB, B_k = 512)")
+print(f"{'B_q':>5} {'float32':>9} {'float64':>9}   (KiB, B_k = 512)")
 for bq in (32, 64, 128, 256):
-    print(f"{bq:5d} " + " ".join(f"{working_set_kib(bq, 512, item, d):9.0f}"
-                                for d in ("forward", "backward") for item in (4, 8)))
+    print(f"{bq:5d} " + " ".join(f"{working_set_kib(bq, 512, item):9.0f}" for item in (4, 8)))
 
 # %% [markdown]
 # So the choice differs from machine to machine. The rule's answer for L2 sizes found on current
@@ -298,18 +294,18 @@ for bq in (32, 64, 128, 256):
 # Skylake–Ice Lake servers; 2 MiB: Intel Sapphire Rapids and later):
 
 # %%
-print(f"{'L2 per core':>12} {'fwd f32':>9} {'bwd f32':>9} {'fwd f64':>9} {'bwd f64':>9}   (B_q x B_k)")
+print(f"{'L2 per core':>12} {'float32':>9} {'float64':>9}   (B_q x B_k)")
 for l2_kib in (256, 512, 1024, 2048):
     cells = []
     for dtype in (np.float32, np.float64):
-        for direction in ("forward", "backward"):
-            bq, bk, _ = _tile_rule(np.dtype(dtype), direction, l2_kib * 1024, "avx2")
-            cells.append(f"{bq}x{bk}")
-    print(f"{l2_kib:>8} KiB " + " ".join(f"{cells[i]:>9}" for i in (0, 1, 2, 3)))
+        bq, bk, _ = _tile_rule(np.dtype(dtype), l2_kib * 1024, "avx2")
+        cells.append(f"{bq}x{bk}")
+    print(f"{l2_kib:>8} KiB " + " ".join(f"{cell:>9}" for cell in cells))
 
 # %% [markdown]
 # `tile_sizes(dtype, direction)` gives the choice on the machine running this notebook and where it
-# came from (`source`: `"rule"`, `"environment"` or `"autotune"`):
+# came from (`source`: `"rule"`, `"environment"` or `"autotune"`); the backward pass shows the
+# forward's:
 
 # %%
 # NBVAL_IGNORE_OUTPUT
@@ -324,8 +320,9 @@ for dtype in ("float32", "float64"):
 # tile is mostly padding. Two ways to override the rule:
 #
 # * the environment variable `ATTENTION_REF_TILES=BQxBK` fixes the tiles (for experiments);
-# * `tune_tile_sizes(dtype)` times a few candidates on this machine and stores the fastest per
-#   machine and dtype in a small JSON file, used from then on; `reset_tile_sizes()` forgets it
+# * `tune_tile_sizes(dtype)` times a dozen candidates and the rule's choice on this machine, each as
+#   a forward and a backward call (the tiles serve both), and stores the fastest per machine and
+#   dtype in a small JSON file, used from then on; `reset_tile_sizes()` forgets it
 #   (`ATTENTION_REF_TILES=autotune` tunes on first use).
 
 # %%
@@ -339,15 +336,17 @@ del os.environ["ATTENTION_REF_TILES"]
 # small problem ($N = 512$) so that it takes a second or two. At this size one call takes about a
 # millisecond, and a thread waking up late or other work on the machine costs as much: the winner
 # of such a tune means little (run the cell twice and compare). A real tune uses $N = 2048$ and
-# keeps the best of several calls; it is worth it on machines where the rule is clearly off.
+# keeps the best of several calls; it is worth it on machines where the rule is clearly off. On the
+# Zen 5 VM of section 5 it chose 256 × 128 tiles for float32: the forward pass alone took a little
+# longer with them (11.8 against 11.3 ms at $N = 4096$), forward + backward less (38.1 against
+# 41.2 ms). One choice serves both passes, so the tune weighs them together.
 
 # %%
 # NBVAL_IGNORE_OUTPUT
 with tempfile.TemporaryDirectory() as store:
     os.environ["ATTENTION_REF_CACHE_DIR"] = store
     tuned = tune_tile_sizes(np.float32, seq_len=512, repeats=2)
-    for direction, result in tuned.items():
-        print(f"{direction:8s}: fastest {result['block_q']} x {result['block_k']}; best four: {result['summary']}")
+    print(f"fastest {tuned['block_q']} x {tuned['block_k']}; {tuned['summary']}")
     print("now:", tile_sizes("float32", "forward")["source"])
     reset_tile_sizes()
     print("after reset_tile_sizes():", tile_sizes("float32", "forward")["source"])
@@ -625,10 +624,11 @@ plt.show()
 # * **AVX2, emulated:** with both sides held to 256-bit vectors and MKL's AVX2 path, the picture is
 #   much the same in float32: 0.95× torch's time without a mask, 0.62× with a causal mask, forward +
 #   backward 0.79×; float64 is closer to torch (0.88×, causal 0.57×), because with 256-bit vectors
-#   the tile products take a larger share of the kernel's time. On this machine the backward kernel
+#   the tile products take a larger share of the kernel's time. On the Xeon the backward kernel
 #   compiled for AVX2 runs at one of two speeds, fixed for a process but different between processes
 #   (57 or 76–85 ms at $N = 4096$): an earlier run of the benchmark drew the slow speed in its
 #   pairs and measured forward + backward at 1.00× — a reason to look at spreads, not at one number.
+#   (On the Zen 5 VM below it ran at one speed in every process.)
 #   Everything is slower than natively (the BLAS square-matmul rate drops from about 400 to 235
 #   GFLOP/s).
 # * **The same two with OpenBLAS:** the same loops with SciPy's OpenBLAS doing the tile products
@@ -644,14 +644,14 @@ plt.show()
 #   1.08× without a mask.
 # * **Zen 5, OpenBLAS (a third machine):** on this AMD CPU the library's own choice of BLAS is
 #   OpenBLAS, and the fast kernel is far ahead of torch: 0.51× torch's time without a mask, 0.34×
-#   causal, 0.54× and 0.35× in float64, 0.44× forward + backward. Part of that is torch's doing: its
+#   causal, 0.52× and 0.36× in float64, 0.41× forward + backward. Part of that is torch's doing: its
 #   MKL has no code path for this CPU either, and its square float32 product runs at about a quarter
 #   of OpenBLAS's rate.
-# * **Zen 5, AVX2 emulated:** 0.88×, 0.59×, 0.80× and 0.52× in float64, 0.83× forward + backward.
+# * **Zen 5, AVX2 emulated:** 0.90×, 0.59×, 0.80× and 0.51× in float64, 0.83× forward + backward.
 #   In float64 that is well ahead of the Xeon's AVX2 column (0.88× and 0.57×), with taller float64
 #   tiles (256 × 512: the tile rule's budget is twice the L2, section 3).
 # * **Zen 5, MKL** and **Zen 5, AVX2, MKL:** the same two runs with MKL forced behind the tiles:
-#   0.94× and 0.93× without a mask, 0.87× and 0.56× in float64 in both — the same loops, slowed by
+#   0.95× and 0.93× without a mask, 0.88–0.89× and 0.56× in float64 — the same loops, slowed by
 #   a BLAS running generic code. This is why the library uses MKL only where MKL's code is as wide
 #   as Numba's (`cpu_info()["blas_why"]`).
 # * **Zen 5 (earlier run, earlier kernel):** the fast kernel was faster than torch in every case
@@ -733,7 +733,7 @@ for name, run in runs.items():
 # $N = 4096$, 74% at $N = 8192$ and 79% at $N = 16384$ (in separate processes at $N = 4096$ about the
 # same); with AVX2 code 81–88% (the AVX2 BLAS is slower, so the same loops weigh less); with
 # OpenBLAS behind the tiles 60–67% natively, 72–74% with AVX2 code, and 57–71% on the Emerald Rapids
-# machine; on the Zen 5 VM 79–83% natively and 80–83% with AVX2 code with OpenBLAS, 43–44% natively
+# machine; on the Zen 5 VM 80–82% natively and 81–82% with AVX2 code with OpenBLAS, 42–45% natively
 # and 75–77% with AVX2 code with MKL forced; about half in the earlier Zen 5 run. The kernel's time at $N = 4096$ agrees whichever way
 # it was measured (in the pairs with torch, with the matmul, or in separate processes) to within the
 # VM's drift — one reason to quote such shares with the quartiles of the pairs, and always with the
@@ -834,12 +834,14 @@ numba.set_num_threads(threads)
 # The BLAS can matter for accuracy too. The backward pass recomputes the forward's logits, and the
 # forward pass takes lse at each row's largest logit *as it rounded it*, so that
 # $e^{\tau z - \mathrm{lse}}$ of that logit is exactly 1 again in the backward pass. That needs both
-# passes to get the same float32 logit. MKL and OpenBLAS's AVX-512 kernel give each logit the same
-# value whichever rows share the call; OpenBLAS's AVX2 (Haswell) kernel does not, and with the
-# backward's own tiles the float32 $dV$ for very large logits came out with about 4× the error of
-# stage 05's NumPy tiles. So the backward pass groups its rows as the forward pass does, and where
-# the library's check (made once per process) finds such a BLAS, it takes the forward's tiles as
-# well: each logit then comes from the same gemm call in both passes.
+# passes to get the same float32 logit, and a BLAS need not round a logit the same way whichever
+# rows share its call. OpenBLAS's AVX2 (Haswell) kernel changed 2–17% of the logits when the rows
+# of one product went in parts; its AVX-512 kernel changed 3–5% of those of products over at most
+# 128 keys (100 rows against parts of 32). When the backward pass had tiles of its own, the float32
+# $dV$ for very large logits came out with up to 4.7× the error of stage 05's NumPy tiles (3.2× with
+# the default tiles at $N = 100$). So the backward pass runs on the forward's tiles and groups its
+# rows as the forward pass does: each logit comes from the same gemm call in both passes, whatever
+# the BLAS.
 # Another experiment on the native Xeon ($N = 4096$, not
 # run in this notebook) changed nothing beyond the machine's noise, other tiles: an interleaved scan
 # of 16 shapes (`benchmarks/scan_tiles.py`, two heads on one thread each;
@@ -1009,46 +1011,40 @@ plt.show()
 
 # %% [markdown]
 # **1. A tile's working set, and the tiles that fit.** Write
-# `working_set_bytes(block_q, block_k, itemsize, direction="forward", E=64)`: the bytes a fast-kernel
-# work item keeps busy per step (section 3: forward $B_qB_k + 2B_kE + 2B_qE$ numbers, backward
-# $2B_qB_k + 4B_kE + 4B_qE$). Then `choose_tiles(l2_bytes, itemsize, direction="forward", E=64)`,
-# returning `(block_q, block_k)` by the library's rule: $B_k$ starts at 512 and is halved (not below
-# 128) while even $B_q = 64$ would not fit; then $B_q$ starts at 256 (backward: 128) and is halved
-# (not below 32) while the working set exceeds twice the L2 size. The check compares your rule with
-# the library's on L2 sizes from 128 KiB to 32 MiB.
+# `working_set_bytes(block_q, block_k, itemsize, E=64)`: the bytes a fast-kernel work item keeps
+# busy per step of the forward pass (section 3: $B_qB_k + 2B_kE + 2B_qE$ numbers). Then
+# `choose_tiles(l2_bytes, itemsize, E=64)`, returning `(block_q, block_k)` by the library's rule:
+# $B_k$ starts at 512 and is halved (not below 128) while even $B_q = 64$ would not fit; then $B_q$
+# starts at 256 and is halved (not below 32) while the working set exceeds twice the L2 size. The
+# check compares your rule with the library's on L2 sizes from 128 KiB to 32 MiB.
 
 # %% nbgrader={"grade": false, "grade_id": "tiles-solution", "locked": false, "schema_version": 3, "solution": true, "task": false}
-def working_set_bytes(block_q, block_k, itemsize, direction="forward", E=64):
+def working_set_bytes(block_q, block_k, itemsize, E=64):
     ### BEGIN SOLUTION
-    if direction == "forward":
-        numbers = block_q * block_k + 2 * block_k * E + 2 * block_q * E
-    else:
-        numbers = 2 * block_q * block_k + 4 * block_k * E + 4 * block_q * E
-    return itemsize * numbers
+    return itemsize * (block_q * block_k + 2 * block_k * E + 2 * block_q * E)
     ### END SOLUTION
 
 
-def choose_tiles(l2_bytes, itemsize, direction="forward", E=64):
+def choose_tiles(l2_bytes, itemsize, E=64):
     ### BEGIN SOLUTION
     budget = 2 * l2_bytes
     block_k = 512
-    while block_k > 128 and working_set_bytes(64, block_k, itemsize, direction, E) > budget:
+    while block_k > 128 and working_set_bytes(64, block_k, itemsize, E) > budget:
         block_k //= 2
-    block_q = 256 if direction == "forward" else 128
-    while block_q > 32 and working_set_bytes(block_q, block_k, itemsize, direction, E) > budget:
+    block_q = 256
+    while block_q > 32 and working_set_bytes(block_q, block_k, itemsize, E) > budget:
         block_q //= 2
     return block_q, block_k
     ### END SOLUTION
 
 # %% nbgrader={"grade": true, "grade_id": "tiles-check", "locked": true, "points": 2, "schema_version": 3, "solution": false, "task": false}
-assert working_set_bytes(256, 512, 4) == 917_504, "float32 forward, 256 x 512: 896 KiB"
-assert working_set_bytes(64, 512, 8, "backward") == 1_703_936, "float64 backward, 64 x 512: 1664 KiB"
+assert working_set_bytes(256, 512, 4) == 917_504, "float32, 256 x 512: 896 KiB"
+assert working_set_bytes(64, 512, 8) == 851_968, "float64, 64 x 512: 832 KiB"
 for l2_kib in (128, 256, 384, 512, 768, 1024, 1280, 2048, 32768):
     for dtype in (np.float32, np.float64):
-        for direction in ("forward", "backward"):
-            expected = _tile_rule(np.dtype(dtype), direction, l2_kib * 1024, "avx2")[:2]
-            got = tuple(choose_tiles(l2_kib * 1024, np.dtype(dtype).itemsize, direction))
-            assert got == expected, f"L2 {l2_kib} KiB, {np.dtype(dtype)} {direction}: you chose {got}, the rule {expected}"
+        expected = _tile_rule(np.dtype(dtype), l2_kib * 1024, "avx2")[:2]
+        got = tuple(choose_tiles(l2_kib * 1024, np.dtype(dtype).itemsize))
+        assert got == expected, f"L2 {l2_kib} KiB, {np.dtype(dtype)}: you chose {got}, the rule {expected}"
 print("your rule agrees with flash_numba's on every L2 size")
 
 # %% [markdown]
