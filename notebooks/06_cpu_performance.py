@@ -646,7 +646,9 @@ plt.show()
 #   OpenBLAS, and the fast kernel is far ahead of torch: 0.51× torch's time without a mask, 0.34×
 #   causal, 0.52× and 0.36× in float64, 0.41× forward + backward. Part of that is torch's doing: its
 #   MKL has no code path for this CPU either, and its square float32 product runs at about a quarter
-#   of OpenBLAS's rate.
+#   of OpenBLAS's rate. The forward + backward ratio also follows torch's own two speeds on this
+#   machine: its forward + backward takes about 79 or about 95 ms per call, the kernel's about 40 ms,
+#   so another run gave 0.51×.
 # * **Zen 5, AVX2 emulated:** 0.90×, 0.59×, 0.80× and 0.51× in float64, 0.83× forward + backward.
 #   In float64 that is well ahead of the Xeon's AVX2 column (0.88× and 0.57×), with taller float64
 #   tiles (256 × 512: the tile rule's budget is twice the L2, section 3).
